@@ -1,0 +1,349 @@
+"""Bases: the lab's own tiny pretrained models, and any Hugging Face causal LM, behind one `Base`.
+
+    base = load_base("tiny-gpt2")            # a preset, trained by `lab pretrain tiny-gpt2`
+    base = load_base("/path/to/hf/model")    # any local HF model directory
+    base = load_base("Qwen/Qwen2.5-0.5B")    # a hub name, when the user has the hub
+
+Supported families: GPT-2, Mamba2, Llama, Qwen2. Everything that reads or writes the residual
+stream goes through `Base.blocks`, `Base.final_norm`, `Base.embed` and `Base.unembed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab import LabError, data_dir, models_dir
+from lab.store import atomic_dir, read_json, write_json
+
+# Which attribute paths hold the parts of each supported family, and how its
+# `output_hidden_states` tuple is laid out ("inputs": block inputs then the final normed state;
+# "outputs": block outputs, the last one replaced by the final normed state).
+ARCHITECTURES = {
+    "gpt2": dict(blocks="transformer.h", final_norm="transformer.ln_f", embed="transformer.wte",
+                 max_len="n_positions", hidden_layout="inputs"),
+    "mamba2": dict(blocks="backbone.layers", final_norm="backbone.norm_f", embed="backbone.embeddings",
+                   max_len=None, hidden_layout="outputs"),
+    "llama": dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
+                  max_len="max_position_embeddings", hidden_layout="inputs"),
+    "qwen2": dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
+                  max_len="max_position_embeddings", hidden_layout="inputs"),
+}
+SUPPORTED_FAMILIES = "GPT-2 (gpt2), Mamba2 (mamba2), Llama (llama), Qwen2 (qwen2)"
+LAB_META = "lab_base.json"
+
+
+@dataclass(frozen=True)
+class BasePreset:
+    """A tiny base the lab pretrains itself on its own corpus."""
+    name: str
+    arch: str
+    d_model: int
+    n_layers: int
+    n_heads: int = 4          # attention heads (GPT-2) or SSM heads via head_dim (Mamba2)
+    seq_len: int = 128        # training context
+    batch_size: int = 32
+    steps: int = 2000
+    lr: float = 2e-3
+    seed: int = 0
+    n_train_docs: int = 60_000
+    note: str = ""
+
+    def hf_config(self, vocab_size: int, tokenizer):
+        ids = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        if self.arch == "gpt2":
+            from transformers import GPT2Config
+            # No dropout: training is then a pure function of (seed, step), so resume is exact.
+            return GPT2Config(n_embd=self.d_model, n_layer=self.n_layers, n_head=self.n_heads,
+                              n_positions=max(256, 2 * self.seq_len), resid_pdrop=0.0, embd_pdrop=0.0,
+                              attn_pdrop=0.0, tie_word_embeddings=True, **ids)
+        if self.arch == "mamba2":
+            from transformers import Mamba2Config
+            head_dim = self.d_model * 2 // (self.n_heads * 2)
+            return Mamba2Config(hidden_size=self.d_model, num_hidden_layers=self.n_layers, state_size=32,
+                                expand=2, head_dim=head_dim, num_heads=2 * self.d_model // head_dim, n_groups=1,
+                                chunk_size=64, tie_word_embeddings=True, residual_in_fp32=True, **ids)
+        raise LabError(f"preset {self.name!r} has unsupported arch {self.arch!r}")
+
+
+PRESETS: dict[str, BasePreset] = {p.name: p for p in [
+    BasePreset("smoke-gpt2", "gpt2", d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=60,
+               n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
+    BasePreset("smoke-mamba2", "mamba2", d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=40,
+               n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
+    BasePreset("tiny-gpt2", "gpt2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32, steps=2500,
+               note="the CPU experiment base (minutes)"),
+    BasePreset("tiny-mamba2", "mamba2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32,
+               steps=1200, note="the CPU experiment base (minutes)"),
+]}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class Base:
+    """A frozen, eval-mode causal LM and the handles every mechanism needs."""
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    arch: str
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        spec = ARCHITECTURES[self.arch]
+        self.blocks = _get(self.model, spec["blocks"])
+        self.final_norm = _get(self.model, spec["final_norm"])
+        self.embed = _get(self.model, spec["embed"])
+        self.unembed = self.model.get_output_embeddings()
+        self.hidden_layout = spec["hidden_layout"]
+        self.d_model = int(self.embed.weight.shape[1])
+        self.n_layers = len(self.blocks)
+        self.max_len = getattr(self.model.config, spec["max_len"]) if spec["max_len"] else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the config and every weight: an artifact trained on this base names it."""
+        h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for n, t in sorted(self.model.state_dict().items()):
+            h.update(n.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def check_length(self, n_tokens: int) -> None:
+        if self.max_len is not None and n_tokens > self.max_len:
+            raise LabError(f"input of {n_tokens} tokens is longer than {self.name!r}'s context of {self.max_len}")
+
+    def encode(self, texts: str | list[str], add_bos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, attention_mask) on the base's device; checks the context length."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not isinstance(t, str) or t == "" for t in texts):
+            raise LabError("expected one or more non-empty strings to encode")
+        rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if add_bos and self.tokenizer.bos_token_id is not None:
+            rows = [[self.tokenizer.bos_token_id] + r for r in rows]
+        longest = max(len(r) for r in rows)
+        self.check_length(longest)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """Unembed a residual-stream state (B, ..., d) -> (B, ..., V), applying the final norm unless `normed`."""
+        return self.unembed(hidden if normed else self.final_norm(hidden))
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 30, greedy: bool = True, seed: int = 0) -> str:
+        ids, mask = self.encode(prompt)
+        self.check_length(ids.shape[1] + max_new_tokens)
+        torch.manual_seed(seed)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def preset_path(name: str) -> Path:
+    return models_dir() / name
+
+
+def load_base(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+              train_if_missing: bool = False) -> Base:
+    """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    key = str(name_or_path)
+    if key in PRESETS:
+        path = preset_path(key)
+        if not (path / "config.json").exists():
+            if not train_if_missing:
+                raise LabError(f"base {key!r} is not on disk yet (looked in {path}). Train it with:  lab pretrain {key}")
+            pretrain(key)
+        name = key
+    else:
+        path = Path(key).expanduser()
+        name = key
+        if path.exists():
+            if not path.is_dir() or not (path / "config.json").exists():
+                raise LabError(f"{path} is not a Hugging Face model directory (no config.json). "
+                               f"Expected a preset ({', '.join(PRESETS)}), a model directory, or a hub name.")
+            name = path.name
+        elif key.startswith((".", "/", "~")) or key.count("/") > 1:
+            raise LabError(f"no such base path {key!r}. Expected a preset ({', '.join(PRESETS)}), "
+                           f"a model directory, or a hub name like 'gpt2'.")
+        else:
+            path = key  # a hub name: transformers resolves it (fails offline with its own message)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LabError(f"unknown base {key!r}: not a preset ({', '.join(PRESETS)}), not a local model directory, "
+                       f"and not loadable from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    arch = config.model_type
+    if arch not in ARCHITECTURES:
+        raise LabError(f"{key!r} is a {arch!r} model; supported families are {SUPPORTED_FAMILIES}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise LabError(f"could not load a tokenizer for {key!r}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    except Exception as e:  # safetensors/transformers raise many types for a corrupt file
+        raise LabError(f"could not load the weights of {key!r} (corrupt or truncated file?): "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise LabError(f"the tokenizer of {key!r} has {len(tokenizer)} tokens but the model's embedding has only "
+                       f"{vocab} rows: tokenizer and model do not match")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device:
+        model.to(device)
+    meta = read_json(Path(path) / LAB_META) if isinstance(path, Path) and (path / LAB_META).exists() else {}
+    return Base(name=name, model=_freeze(model), tokenizer=tokenizer, arch=arch,
+                path=path if isinstance(path, Path) else None, meta=meta)
+
+
+# --- pretraining -------------------------------------------------------------------------------
+
+def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234) -> np.ndarray:
+    """The corpus split as one token stream (documents separated by EOS), cached under data/."""
+    from lab.corpus import documents
+    from lab.store import atomic_write_bytes
+
+    vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:10]
+    cache = data_dir() / "corpus" / f"{split}-{n_docs}-{seed}-{vocab_hash}.npy"
+    if cache.exists():
+        return np.load(cache, allow_pickle=False)
+    docs = documents(split, n_docs, seed)
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for row in enc for t in (*row, eos)), dtype=np.uint16)
+    import io
+    buf = io.BytesIO()
+    np.save(buf, stream, allow_pickle=False)
+    atomic_write_bytes(cache, buf.getvalue())
+    return stream
+
+
+def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float:
+    """Held-out cross-entropy (nats/token) of the add-one-smoothed training unigram: the floor to beat."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[heldout.astype(np.int64)].mean())
+
+
+def _windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([stream[o: o + seq_len + 1].astype(np.int64) for o in offsets]))
+
+
+def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, batch: int = 16) -> float:
+    """Mean next-token loss over fixed, non-overlapping held-out windows."""
+    n = min(n_windows, (len(heldout) - 1) // seq_len)
+    offsets = np.arange(n) * seq_len
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            x = _windows(heldout, offsets[i: i + batch], seq_len).to(model.device)
+            out = model(input_ids=x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+            total += loss.item()
+            count += x[:, 1:].numel()
+    return total / count
+
+
+def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_after: int | None = None,
+             out_dir: Path | None = None) -> dict:
+    """Pretrain a preset base on the lab corpus; resumable from its checkpoint. Returns its metrics."""
+    from transformers import AutoModelForCausalLM
+
+    from lab.corpus import load_tokenizer
+    from lab.trainer import TrainSpec, fit
+
+    if name not in PRESETS:
+        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    tokenizer = load_tokenizer()
+    vocab = len(tokenizer)
+    train = corpus_tokens(tokenizer, "train", p.n_train_docs)
+    held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
+    torch.manual_seed(p.seed if seed is None else seed)
+    model = AutoModelForCausalLM.from_config(p.hf_config(vocab, tokenizer))
+    spec = TrainSpec(steps=steps or p.steps, lr=p.lr, warmup=min(100, (steps or p.steps) // 10),
+                     seed=p.seed if seed is None else seed, ckpt_every=max(50, (steps or p.steps) // 10),
+                     eval_every=max(20, (steps or p.steps) // 5))
+
+    def batch_fn(step: int, rank: int, world: int) -> dict:
+        rng = np.random.default_rng([spec.seed, step, rank])
+        offsets = rng.integers(0, len(train) - p.seq_len - 1, size=p.batch_size // world)
+        return {"ids": _windows(train, offsets, p.seq_len)}
+
+    def loss_fn(m, batch):
+        x = batch["ids"]
+        logits = m(input_ids=x[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+    def eval_fn(m):
+        return {"heldout_loss": heldout_loss(m, held, p.seq_len, n_windows=32)}
+
+    out_dir = Path(out_dir) if out_dir else preset_path(name)
+    ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
+    result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"pretrain {name}",
+                 stop_after=stop_after)
+    if stop_after is not None and stop_after < spec.steps:
+        return {"stopped_at": stop_after}
+    metrics = {
+        "preset": asdict(p), "steps": spec.steps, "seconds": round(result.seconds, 1),
+        "heldout_loss": heldout_loss(model, held, p.seq_len, n_windows=128),
+        "unigram_loss": unigram_loss(train, held, vocab),
+        "heldout_tokens": int(min(128, (len(held) - 1) // p.seq_len) * p.seq_len),
+        "train_tokens": int(len(train)), "history": result.history,
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / LAB_META, metrics)
+    return metrics
+
+
+def list_bases() -> list[dict]:
+    """Presets and what is on disk, with their held-out loss."""
+    rows = []
+    for name, p in PRESETS.items():
+        meta_path = preset_path(name) / LAB_META
+        meta = read_json(meta_path) if meta_path.exists() else {}
+        rows.append({"name": name, "arch": p.arch, "d_model": p.d_model, "layers": p.n_layers,
+                     "on_disk": bool(meta), "heldout_loss": meta.get("heldout_loss"),
+                     "unigram_loss": meta.get("unigram_loss"), "seconds": meta.get("seconds"), "note": p.note})
+    return rows

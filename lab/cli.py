@@ -1,0 +1,92 @@
+"""The `lab` command: thin wrappers over lab/ functions (the notebooks and app call the same ones)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from lab import LabError
+
+app = typer.Typer(help="Latent Lab: train, probe and demo latent-state mechanisms.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+train_app = typer.Typer(help="Train a mechanism on a base.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate a trained mechanism and write its report.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
+
+# Each mechanism package may ship `cli.py` with `register(train_app, evaluate_app)`.
+MECHANISMS = ("rlf", "channels", "innerlink", "combiner")
+for _mech in MECHANISMS:
+    if importlib.util.find_spec(f"lab.{_mech}.cli") is not None:
+        importlib.import_module(f"lab.{_mech}.cli").register(train_app, evaluate_app)
+
+
+@app.command()
+def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mamba2, tiny-gpt2, tiny-mamba2"),
+             steps: int = typer.Option(None, help="override the preset's step count"),
+             seed: int = typer.Option(None, help="override the preset's seed")):
+    """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""
+    from lab.bases import pretrain as _pretrain
+    m = _pretrain(name, steps=steps, seed=seed)
+    typer.echo(f"{name}: held-out loss {m['heldout_loss']:.3f} nats/token vs unigram baseline "
+               f"{m['unigram_loss']:.3f} (n={m['heldout_tokens']} held-out tokens), {m['seconds']:.0f} s")
+
+
+@app.command()
+def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Presets and what is on disk, with their held-out loss."""
+    from lab.bases import list_bases
+    rows = list_bases()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'name':14} {'arch':7} {'d':>4} {'L':>2}  {'on disk':8} {'held-out':>9} {'unigram':>8}")
+    for r in rows:
+        ho = f"{r['heldout_loss']:.3f}" if r["heldout_loss"] is not None else "-"
+        ug = f"{r['unigram_loss']:.3f}" if r["unigram_loss"] is not None else "-"
+        typer.echo(f"{r['name']:14} {r['arch']:7} {r['d_model']:>4} {r['layers']:>2}  "
+                   f"{'yes' if r['on_disk'] else 'no':8} {ho:>9} {ug:>8}")
+        if not r["on_disk"]:
+            typer.echo(f"{'':14} train it with:  lab pretrain {r['name']}")
+
+
+@app.command(name="app")
+def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
+            headless: bool = typer.Option(True, help="do not open a browser")):
+    """Start the Streamlit dashboard bound to 127.0.0.1."""
+    home = Path(__file__).resolve().parents[1] / "app" / "Home.py"
+    if not home.exists():
+        raise LabError(f"the app is not next to this package (looked for {home}); install the lab with `pip install -e .`")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--server.headless", str(headless).lower(),
+           "--browser.gatherUsageStats", "false"]
+    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+
+@app.command()
+def reproduce(preset: str = typer.Option("tiny", help="smoke (seconds, for CI) or tiny (the CPU experiment)"),
+              run: str = typer.Option(None, help="run name under results/ (default: preset and time)"),
+              seed: int = typer.Option(0, help="seed for every experiment")):
+    """Train whatever is missing and run all four experiments; writes results/<run>/report.md."""
+    from lab.reproduce import reproduce as _reproduce
+    out = _reproduce(preset=preset, run=run, seed=seed)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+def main():
+    try:
+        app()
+    except LabError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

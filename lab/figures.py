@@ -1,0 +1,111 @@
+"""One plotly style for the lab, and export to PNG / SVG / PDF (kaleido, via Chromium) and HTML."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from lab import LabError
+
+FORMATS = ("png", "svg", "pdf", "html")
+LAB_COLORS = ["#3b5ba5", "#e87a5d", "#f3b941", "#2f9c8f", "#8d5fa8", "#7a7a7a", "#c2417b", "#6aa84f"]
+
+pio.templates["lab"] = go.layout.Template(
+    layout=dict(
+        font=dict(family="Helvetica, Arial, sans-serif", size=13),
+        colorway=LAB_COLORS,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        margin=dict(l=60, r=20, t=50, b=50),
+        xaxis=dict(showgrid=True, gridcolor="#eee", zeroline=False, linecolor="#444", ticks="outside"),
+        yaxis=dict(showgrid=True, gridcolor="#eee", zeroline=False, linecolor="#444", ticks="outside"),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)"),
+    )
+)
+pio.templates.default = "plotly_white+lab"
+
+
+def style(fig: go.Figure, title: str | None = None) -> go.Figure:
+    fig.update_layout(template="plotly_white+lab")
+    if title:
+        fig.update_layout(title=dict(text=title, x=0.02))
+    return fig
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | None = None,
+           width: int = 900, height: int = 550, scale: float = 2.0) -> list[Path]:
+    """Write `fig` next to `path` in each format (default: by the suffix of `path`, or all four).
+
+    export(fig, "out/trajectory")            -> trajectory.png/.svg/.pdf/.html
+    export(fig, "out/trajectory.pdf")        -> trajectory.pdf
+    HTML is self-contained (plotly.js inlined) so it opens offline.
+    """
+    path = Path(path)
+    if formats is None:
+        formats = [path.suffix[1:]] if path.suffix else list(FORMATS)
+    formats = [f.lower() for f in formats]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise LabError(f"unknown figure format(s) {bad}; expected some of {FORMATS}")
+    stem = path.with_suffix("") if path.suffix else path
+    written = []
+    for f in formats:
+        out = stem.with_suffix(f".{f}")
+        if f == "html":
+            _atomic(out, lambda p: fig.write_html(p, include_plotlyjs=True, full_html=True))
+        else:
+            _atomic(out, lambda p, f=f: fig.write_image(p, format=f, width=width, height=height,
+                                                         scale=scale if f == "png" else 1))
+        written.append(out)
+    return written
+
+
+def to_bytes(fig: go.Figure, fmt: str, width: int = 900, height: int = 550) -> bytes:
+    """The figure as bytes (for download buttons in the app and notebooks)."""
+    if fmt not in FORMATS:
+        raise LabError(f"unknown figure format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "html":
+        return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    return fig.to_image(format=fmt, width=width, height=height, scale=2 if fmt == "png" else 1)
+
+
+def line(x, ys: dict, title: str, xlabel: str, ylabel: str, error: dict | None = None) -> go.Figure:
+    """Several named series against x, with optional (low, high) error bands per series."""
+    fig = go.Figure()
+    for i, (name, y) in enumerate(ys.items()):
+        color = LAB_COLORS[i % len(LAB_COLORS)]
+        if error and name in error:
+            lo, hi = error[name]
+            fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(hi) + list(lo)[::-1], fill="toself",
+                                     fillcolor=color, opacity=0.15, line=dict(width=0), showlegend=False,
+                                     hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=list(x), y=list(y), name=name, mode="lines+markers", line=dict(color=color)))
+    fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel)
+    return style(fig, title)
+
+
+def bars_with_ci(names, values, lows, highs, title: str, ylabel: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(names), y=list(values),
+                           error_y=dict(type="data", symmetric=False,
+                                        array=[h - v for h, v in zip(highs, values)],
+                                        arrayminus=[v - lo for lo, v in zip(lows, values)])))
+    fig.update_layout(yaxis_title=ylabel)
+    return style(fig, title)

@@ -1,0 +1,244 @@
+"""Residual-stream hooks for every supported base: capture, patch, add, and run from embeddings.
+
+Hook sites (TransformerLens-style names):
+  blocks.{i}.resid_pre    the stream entering block i            (B, T, d)
+  blocks.{i}.resid_post   the stream leaving block i             (B, T, d)
+  final                   the final-normed stream (what the head reads)
+Hooks live only inside context managers and are removed in `finally`, even on error.
+
+    with capture(base) as cache:
+        base.model(ids)
+    cache.stack("resid_post")                  # (L, B, T, d)
+    with add(base, 3, delta):                  # delta: a (d,) / (B,T,d) tensor or a callable(h) -> tensor
+        base.model(ids)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from lab import LabError
+
+SITES = ("resid_pre", "resid_post")
+
+
+class ActivationCache:
+    """Named activations; `stack` gathers one site across layers (or loops) into one tensor."""
+
+    def __init__(self):
+        self.store: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.store:
+            raise LabError(f"no activation named {name!r}; have: {', '.join(self.store) or 'none'}")
+        return self.store[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.store[name] = value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def keys(self):
+        return self.store.keys()
+
+    def stack(self, site: str, prefix: str = "blocks") -> torch.Tensor:
+        """All `{prefix}.{i}.{site}` in index order, stacked on a new dim 0."""
+        pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.{re.escape(site)}$")
+        found = sorted((int(m.group(1)), k) for k in self.store if (m := pat.match(k)))
+        if not found:
+            raise LabError(f"no '{prefix}.*.{site}' activations in this cache")
+        return torch.stack([self.store[k] for _, k in found])
+
+
+def _check_layer(base, layer: int) -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise LabError(f"layer must be an int, got {layer!r}")
+    if not -base.n_layers <= layer < base.n_layers:
+        raise LabError(f"layer {layer} is out of range for {base.name!r}, which has {base.n_layers} layers (0..{base.n_layers - 1})")
+    return layer % base.n_layers
+
+
+def _check_site(site: str) -> str:
+    if site not in SITES:
+        raise LabError(f"site must be one of {SITES}, got {site!r}")
+    return site
+
+
+def _get_hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _set_hidden(args, kwargs, value):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _out_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_out(output, value):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+def _register(base, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register fn(hidden) -> new hidden or None on block `layer` at `site`. Returns the handle."""
+    block = base.blocks[layer]
+    if site == "resid_pre":
+        def pre(module, args, kwargs):
+            new = fn(_get_hidden(args, kwargs))
+            return None if new is None else _set_hidden(args, kwargs, new)
+        return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(module, args, output):
+        new = fn(_out_hidden(output))
+        return None if new is None else _replace_out(output, new)
+    return block.register_forward_hook(post)
+
+
+@contextlib.contextmanager
+def _hooks(handles_factory: Callable[[], Iterable]) -> Iterator[None]:
+    handles = []
+    try:
+        for h in handles_factory():
+            handles.append(h)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture(base, layers: Sequence[int] | None = None, sites: Sequence[str] = SITES,
+            final: bool = True, detach: bool = True) -> Iterator[ActivationCache]:
+    """Record the residual stream at every (or the given) layer and site, and the final normed state."""
+    cache = ActivationCache()
+    layers = [_check_layer(base, i) for i in (range(base.n_layers) if layers is None else layers)]
+    for s in sites:
+        _check_site(s)
+
+    def recorder(name):
+        def fn(h):
+            cache[name] = h.detach() if detach else h
+            return None
+        return fn
+
+    def factory():
+        for i in layers:
+            for s in sites:
+                yield _register(base, i, s, recorder(f"blocks.{i}.{s}"))
+        if final:
+            def fin(module, args, output):
+                cache["final"] = output.detach() if detach else output
+            yield base.final_norm.register_forward_hook(fin)
+
+    with _hooks(factory):
+        yield cache
+
+
+def _check_values(base, name: str, value: torch.Tensor, hidden: torch.Tensor, positions) -> None:
+    if not torch.is_tensor(value):
+        raise LabError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != hidden.dtype:
+        raise LabError(f"{name} has dtype {value.dtype}, but the residual stream is {hidden.dtype}")
+    target = hidden if positions is None else hidden[:, positions]
+    try:
+        torch.broadcast_shapes(value.shape, target.shape)
+    except RuntimeError:
+        raise LabError(f"{name} of shape {tuple(value.shape)} does not broadcast to the stream's "
+                       f"{tuple(target.shape)} (B, T{'' if positions is None else '[positions]'}, d={base.d_model})") from None
+
+
+def _positions(positions, T: int):
+    if positions is None:
+        return None
+    pos = list(positions) if not isinstance(positions, int) else [positions]
+    bad = [p for p in pos if not -T <= p < T]
+    if bad:
+        raise LabError(f"positions {bad} are out of range for a sequence of {T} tokens")
+    return pos
+
+
+@contextlib.contextmanager
+def patch(base, layer: int, values: torch.Tensor, positions: Sequence[int] | int | None = None,
+          site: str = "resid_post") -> Iterator[None]:
+    """Replace the stream at `layer`/`site` (at `positions`, or everywhere) with `values`."""
+    layer, site = _check_layer(base, layer), _check_site(site)
+
+    def fn(h):
+        pos = _positions(positions, h.shape[1])
+        _check_values(base, "patch values", values, h, pos)
+        if pos is None:
+            return values.expand_as(h).clone()
+        h = h.clone()
+        h[:, pos] = values.expand_as(h[:, pos])
+        return h
+
+    with _hooks(lambda: [_register(base, layer, site, fn)]):
+        yield
+
+
+@contextlib.contextmanager
+def add(base, layer: int, delta: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+        positions: Sequence[int] | int | None = None, site: str = "resid_pre") -> Iterator[None]:
+    """Add `delta` (a tensor broadcastable to (B, T, d), or a callable h -> such a tensor, e.g. a
+    module) to the stream at `layer`/`site`. The primitive that channels and lifelines build on."""
+    layer, site = _check_layer(base, layer), _check_site(site)
+    if not callable(delta) and not torch.is_tensor(delta):
+        raise LabError(f"delta must be a tensor or a callable, got {type(delta).__name__}")
+
+    def fn(h):
+        d = delta(h) if callable(delta) and not torch.is_tensor(delta) else delta
+        pos = _positions(positions, h.shape[1])
+        _check_values(base, "added delta", d, h, pos)
+        if pos is None:
+            return h + d
+        h = h.clone()
+        h[:, pos] = h[:, pos] + d
+        return h
+
+    with _hooks(lambda: [_register(base, layer, site, fn)]):
+        yield
+
+
+def forward(base, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None):
+    """One forward of the base from token ids or from input embeddings (for latent steps)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise LabError("give exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != base.d_model:
+            raise LabError(f"inputs_embeds must be (B, T, {base.d_model}), got {tuple(inputs_embeds.shape)}")
+        if inputs_embeds.dtype != base.dtype:
+            raise LabError(f"inputs_embeds has dtype {inputs_embeds.dtype}, the base expects {base.dtype}")
+        base.check_length(inputs_embeds.shape[1])
+        return base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    base.check_length(input_ids.shape[1])
+    return base.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def run_with_cache(base, input_ids=None, inputs_embeds=None, attention_mask=None, **capture_kw):
+    """(model output, ActivationCache) for one forward."""
+    with capture(base, **capture_kw) as cache:
+        out = forward(base, input_ids, inputs_embeds, attention_mask)
+    return out, cache
+
+
+def hidden_states_as_cache_order(base, hidden_states: tuple) -> dict[str, torch.Tensor]:
+    """Map HF `output_hidden_states` onto our site names (its layout differs by family)."""
+    L = base.n_layers
+    if base.hidden_layout == "inputs":  # (embeddings = resid_pre 0, ..., resid_pre L-1, final normed)
+        out = {f"blocks.{i}.resid_pre": hidden_states[i] for i in range(L)}
+    else:  # Mamba2: (resid_post 0, ..., resid_post L-2, final normed)
+        out = {f"blocks.{i}.resid_post": hidden_states[i] for i in range(L - 1)}
+    out["final"] = hidden_states[L]
+    return out

@@ -1,0 +1,98 @@
+"""A `Report`: what every `evaluate()` returns: measures (n, control, CI), figures, and the published
+figure each headline number answers. Saved as report.json + report.md + figures in every format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from lab.stats import Measure
+from lab.store import atomic_write_text, write_json
+
+
+@dataclass
+class Published:
+    """A number from the published work that a lab measure answers."""
+    claim: str          # e.g. "in-distribution accuracy, Mamba2-130M"
+    value: str          # as published, e.g. "99.9%"
+    source: str = ""    # which write-up
+
+
+@dataclass
+class Report:
+    name: str
+    measures: list[Measure] = field(default_factory=list)
+    figures: dict[str, go.Figure] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    published: dict[str, Published] = field(default_factory=dict)  # measure name -> published figure
+    provenance: dict = field(default_factory=dict)                 # seed, config hash, base, artifact
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, m: Measure, published: Published | None = None) -> Measure:
+        self.measures.append(m)
+        if published is not None:
+            self.published[m.name] = published
+        return m
+
+    def measure(self, name: str) -> Measure:
+        for m in self.measures:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "provenance": self.provenance,
+            "measures": [{**m.to_dict(), "published": vars(self.published[m.name]) if m.name in self.published else None}
+                         for m in self.measures],
+            "tables": self.tables,
+            "notes": self.notes,
+            "figures": sorted(self.figures),
+        }
+
+    def to_markdown(self, figure_dir: str | None = None) -> str:
+        lines = [f"## {self.name}", ""]
+        if self.provenance:
+            lines += ["Provenance: " + ", ".join(f"{k} `{v}`" for k, v in self.provenance.items()), ""]
+        lines += ["| measure | value | n | 95% CI | control | p (test) | published |", "|---|---|---|---|---|---|---|"]
+        for m in self.measures:
+            ci = f"[{m.ci_low:.3g}, {m.ci_high:.3g}]" if m.ci_low is not None else "-"
+            ctrl = f"{m.control}: {m.control_value:.3g}" if m.control and m.control_value is not None else (m.control or "-")
+            p = f"{m.p_value:.3g} ({m.test})" if m.p_value is not None else "-"
+            pub = self.published.get(m.name)
+            lines.append(f"| {m.name} | {m.value:.4g} | {m.n} | {ci} | {ctrl} | {p} | "
+                         f"{f'{pub.value} ({pub.claim})' if pub else '-'} |")
+        for tname, rows in self.tables.items():
+            if not rows:
+                continue
+            cols = list(rows[0])
+            lines += ["", f"**{tname}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        if figure_dir is not None:
+            lines += [""] + [f"![{k}]({figure_dir}/{k}.png)" for k in sorted(self.figures)]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | Path, formats=("png", "svg", "pdf", "html")) -> Path:
+        from lab.figures import export
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for key, fig in self.figures.items():
+            export(fig, out / "figures" / key, formats=formats)
+        write_json(out / "report.json", self.to_dict())
+        atomic_write_text(out / "report.md", self.to_markdown("figures"))
+        return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return "-" if v is None else str(v)

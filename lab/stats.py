@@ -1,0 +1,138 @@
+"""Honest numbers: proportions with Wilson CIs, bootstrap CIs, exact McNemar, permutation nulls.
+
+Every reported number is a `Measure`: value, n, CI and (where there is one) the control it is
+compared with and the paired test's p-value. Built on scipy and statsmodels, not by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as sps
+from statsmodels.stats.contingency_tables import mcnemar as _mcnemar
+from statsmodels.stats.proportion import proportion_confint
+
+from lab import LabError
+
+
+@dataclass
+class Measure:
+    """One reported number with its sample size, interval and provenance."""
+    name: str
+    value: float
+    n: int
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ci_method: str = ""
+    control: str | None = None        # what it is compared against
+    control_value: float | None = None
+    p_value: float | None = None
+    test: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        s = f"{self.name} = {self.value:.4g} (n={self.n}"
+        if self.ci_low is not None:
+            s += f", 95% CI [{self.ci_low:.4g}, {self.ci_high:.4g}]"
+        if self.control is not None:
+            s += f"; vs {self.control} {self.control_value:.4g}" if self.control_value is not None else f"; vs {self.control}"
+        if self.p_value is not None:
+            s += f", p = {self.p_value:.3g} ({self.test})"
+        return s + ")"
+
+
+def _as_bool(x: Sequence) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise LabError(f"expected a 1-D sequence of outcomes, got shape {a.shape}")
+    return a.astype(bool)
+
+
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    if n <= 0:
+        raise LabError(f"a proportion needs n >= 1, got n={n}")
+    if not 0 <= successes <= n:
+        raise LabError(f"successes must be in [0, n={n}], got {successes}")
+    lo, hi = proportion_confint(successes, n, alpha=alpha, method="wilson")
+    return float(lo), float(hi)
+
+
+def proportion(name: str, outcomes: Sequence, alpha: float = 0.05) -> Measure:
+    a = _as_bool(outcomes)
+    k, n = int(a.sum()), len(a)
+    lo, hi = wilson_ci(k, n, alpha)
+    return Measure(name, k / n, n, lo, hi, "wilson")
+
+
+def bootstrap_ci(data: Sequence[float], statistic: Callable = np.mean, n_resamples: int = 2000,
+                 alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    a = np.asarray(data, dtype=float)
+    if a.size < 2:
+        raise LabError(f"a bootstrap CI needs at least 2 values, got {a.size}")
+    if np.all(a == a[0]):  # degenerate: every resample gives the same statistic
+        v = float(statistic(a))
+        return v, v
+    res = sps.bootstrap((a,), statistic, n_resamples=n_resamples, confidence_level=1 - alpha,
+                        method="percentile", random_state=np.random.default_rng(seed), vectorized=False)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_with_ci(name: str, data: Sequence[float], seed: int = 0) -> Measure:
+    a = np.asarray(data, dtype=float)
+    lo, hi = bootstrap_ci(a, seed=seed)
+    return Measure(name, float(a.mean()), int(a.size), lo, hi, "bootstrap percentile")
+
+
+def paired_delta(name: str, treatment: Sequence[float], control: Sequence[float], control_name: str,
+                 seed: int = 0) -> Measure:
+    """Mean of treatment - control with a paired bootstrap CI and a Wilcoxon signed-rank p."""
+    t, c = np.asarray(treatment, float), np.asarray(control, float)
+    if t.shape != c.shape:
+        raise LabError(f"paired samples must have equal length, got {t.shape} and {c.shape}")
+    d = t - c
+    lo, hi = bootstrap_ci(d, seed=seed)
+    p = float(sps.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return Measure(name, float(d.mean()), int(d.size), lo, hi, "paired bootstrap", control_name,
+                   float(c.mean()), p, "Wilcoxon signed-rank")
+
+
+def mcnemar_exact(a: Sequence, b: Sequence) -> dict:
+    """Exact paired McNemar test of two arms' per-item successes on the same items."""
+    x, y = _as_bool(a), _as_bool(b)
+    if x.shape != y.shape:
+        raise LabError(f"McNemar needs paired outcomes of equal length, got {x.size} and {y.size}")
+    table = [[int(np.sum(x & y)), int(np.sum(x & ~y))], [int(np.sum(~x & y)), int(np.sum(~x & ~y))]]
+    res = _mcnemar(table, exact=True)
+    return {"p_value": float(res.pvalue), "a_only": table[0][1], "b_only": table[1][0], "table": table}
+
+
+def compare_proportions(name: str, treatment: Sequence, control: Sequence, control_name: str) -> Measure:
+    """Treatment success rate with a Wilson CI, against a paired control by exact McNemar."""
+    m = proportion(name, treatment)
+    mc = mcnemar_exact(treatment, control)
+    m.control, m.control_value = control_name, float(_as_bool(control).mean())
+    m.p_value, m.test = mc["p_value"], "exact McNemar"
+    m.extra = {"discordant": {"treatment_only": mc["a_only"], "control_only": mc["b_only"]}}
+    return m
+
+
+def permutation_pvalue(x: Sequence[float], y: Sequence[float], n_resamples: int = 5000, seed: int = 0,
+                       statistic: Callable | None = None) -> float:
+    """Two-sample permutation test (difference in means by default), two-sided."""
+    stat = statistic or (lambda a, b, axis=-1: np.mean(a, axis=axis) - np.mean(b, axis=axis))
+    res = sps.permutation_test((np.asarray(x, float), np.asarray(y, float)), stat, n_resamples=n_resamples,
+                               alternative="two-sided", random_state=np.random.default_rng(seed), vectorized=True)
+    return float(res.pvalue)
+
+
+def null_quantiles(null_values: Sequence[float], q_low: float = 0.005, q_high: float = 0.995) -> tuple[float, float]:
+    """Thresholds from a null distribution (e.g. gates of control runs)."""
+    a = np.asarray(null_values, float).ravel()
+    if a.size < 10:
+        raise LabError(f"a null needs at least 10 values, got {a.size}")
+    return float(np.quantile(a, q_low)), float(np.quantile(a, q_high))

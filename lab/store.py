@@ -1,0 +1,166 @@
+"""Artifacts: safetensors + config.json + manifest.json, written atomically, tied to their base.
+
+An artifact directory holds
+  weights.safetensors   the trained tensors (never a pickle)
+  config.json           the experiment Config that built it
+  manifest.json         kind, base name, base fingerprint, sha256 of the weights, metrics
+Loading checks the weights' hash and the base fingerprint, so a truncated file or a module
+trained on another base is a clear error rather than silent nonsense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lab import LabError
+
+WEIGHTS, CONFIG, MANIFEST = "weights.safetensors", "config.json", "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `target`; on success it replaces `target` in one rename.
+    On error the temp dir is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabError(f"missing file {path}") from None
+    except json.JSONDecodeError as e:
+        raise LabError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """A short, stable hash of a JSON-serialisable config (dataclasses via asdict upstream)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a corrupt or truncated one is a LabError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise LabError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LabError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+@dataclass
+class Artifact:
+    """A trained lab module on disk: tensors, the config that built it, and its provenance."""
+    path: Path
+    kind: str
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def base_name(self) -> str:
+        return self.manifest.get("base", {}).get("name", "?")
+
+
+def save_artifact(path: Path, kind: str, tensors: dict[str, torch.Tensor], config: dict,
+                  base=None, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Artifact:
+    """Write an artifact atomically. `base` (a lab.bases.Base) ties it to the weights it was trained on."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        write_json(tmp / CONFIG, config)
+        manifest = {
+            "kind": kind,
+            "base": {"name": base.name, "fingerprint": base.fingerprint} if base is not None else None,
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            "config_hash": config_hash(config),
+            "metrics": metrics or {},
+        }
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp / name, data)
+        write_json(tmp / MANIFEST, manifest)
+    return Artifact(path, kind, config, tensors, manifest)
+
+
+def load_artifact(path: Path, kind: str | None = None, base=None) -> Artifact:
+    """Load and verify an artifact. Checks kind, weights hash and (if given) the base fingerprint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LabError(f"no artifact at {path} (expected a directory with {WEIGHTS}, {CONFIG}, {MANIFEST})")
+    manifest = read_json(path / MANIFEST)
+    if kind is not None and manifest.get("kind") != kind:
+        raise LabError(f"{path} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise LabError(f"missing weights file {weights}")
+    if sha256_file(weights) != manifest.get("weights_sha256"):
+        raise LabError(f"{weights} does not match the sha256 in its manifest: the file is corrupt or truncated")
+    if base is not None and manifest.get("base"):
+        want = manifest["base"]
+        if want["fingerprint"] != base.fingerprint:
+            raise LabError(f"{path} was trained on base {want['name']!r} (fingerprint {want['fingerprint'][:12]}), "
+                           f"but the loaded base is {base.name!r} (fingerprint {base.fingerprint[:12]})")
+    tensors = load_safetensors(path / WEIGHTS)
+    return Artifact(path, manifest["kind"], read_json(path / CONFIG), tensors, manifest)

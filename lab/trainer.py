@@ -1,0 +1,174 @@
+"""One seeded, resumable training loop on `accelerate.Accelerator`, shared by every experiment.
+
+Resumability is exact: batches are a pure function of (seed, step, rank), the model's trainable
+tensors go to safetensors, the optimizer/scheduler state to a tensors-only file read back with
+`torch.load(weights_only=True)`, so a run killed at any point and resumed ends with the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from lab import LabError
+from lab.store import atomic_dir, load_safetensors, read_json, write_json
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 50            # linear warm-up steps, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 200       # steps between resumable checkpoints (0: only at the end)
+    eval_every: int = 200       # steps between held-out evaluations (0: only at the end)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise LabError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise LabError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)  # one row per eval: step, loss, metrics, seconds
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _lr_lambda(spec: TrainSpec):
+    def f(step: int) -> float:
+        if step < spec.warmup:
+            return (step + 1) / spec.warmup
+        t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(
+    model: torch.nn.Module,
+    batch_fn: Callable[[int, int, int], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    spec: TrainSpec,
+    ckpt_dir: Path | None = None,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    desc: str = "train",
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the model's `requires_grad` parameters.
+
+    batch_fn(step, rank, world_size) -> batch dict (deterministic); loss_fn(model, batch) -> scalar;
+    eval_fn(model) -> dict of held-out metrics shown on the progress bar and kept in history.
+    stop_after: stop (after checkpointing) at this step, as if killed; for resume tests.
+    """
+    set_seed(spec.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = list(_trainable(model).values())
+    if not params:
+        raise LabError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
+    model, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(model)
+
+    result = TrainResult(steps=spec.steps)
+    start = 0
+    if ckpt_dir is not None and (Path(ckpt_dir) / "trainer.json").exists():
+        start = _load_checkpoint(Path(ckpt_dir), raw, opt, sched, result, spec)
+        result.resumed_from = start
+
+    t0 = time.perf_counter() - result.seconds
+    bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps,
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    running = None
+    model.train()
+    for step in bar:
+        batch = batch_fn(step, accelerator.process_index, accelerator.num_processes)
+        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        loss = loss_fn(model, batch)
+        accelerator.backward(loss)
+        if spec.grad_clip:
+            accelerator.clip_grad_norm_(params, spec.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        lv = loss.detach().float().item()
+        running = lv if running is None else 0.95 * running + 0.05 * lv
+        done = step + 1
+        post = {"loss": f"{running:.3f}"}
+        is_last = done == spec.steps
+        if eval_fn is not None and (is_last or (spec.eval_every and done % spec.eval_every == 0)):
+            model.eval()
+            with torch.no_grad():
+                metrics = eval_fn(raw)
+            model.train()
+            result.history.append({"step": done, "loss": running, "seconds": time.perf_counter() - t0, **metrics})
+            post.update({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()})
+        bar.set_postfix(post)
+        result.seconds = time.perf_counter() - t0
+        if ckpt_dir is not None and accelerator.is_main_process and (
+                is_last or (spec.ckpt_every and done % spec.ckpt_every == 0) or done == stop_after):
+            _save_checkpoint(Path(ckpt_dir), raw, opt, sched, done, result, spec)
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    model.eval()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResult, spec: TrainSpec):
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        write_json(tmp / "trainer.json", {"step": step, "spec": asdict(spec), "seconds": result.seconds,
+                                          "history": result.history})
+
+
+def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spec: TrainSpec) -> int:
+    meta = read_json(ckpt_dir / "trainer.json")
+    if meta["spec"] != asdict(spec):
+        raise LabError(f"checkpoint in {ckpt_dir} was made with another training spec "
+                       f"({meta['spec']} vs {asdict(spec)}); delete it or use the same settings")
+    tensors = load_safetensors(ckpt_dir / "trainable.safetensors")
+    own = _trainable(model)
+    if set(tensors) != set(own):
+        raise LabError(f"checkpoint in {ckpt_dir} holds other parameters than this model")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(tensors[n])
+    try:
+        state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+    except Exception as e:  # a truncated file: say which, do not guess
+        raise LabError(f"{ckpt_dir / 'optimizer.pt'} is unreadable (corrupt or truncated): {e}") from None
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    result.history = meta["history"]
+    result.seconds = meta["seconds"]
+    return int(meta["step"])

@@ -1,0 +1,51 @@
+"""Small Streamlit helpers shared by the app pages (display only; computation stays in lab/)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from lab import LabError
+from lab.figures import to_bytes
+
+
+@st.cache_resource(show_spinner="loading base…")
+def cached_base(name: str):
+    from lab.bases import load_base
+    return load_base(name)
+
+
+def bases_on_disk() -> list[str]:
+    from lab.bases import list_bases
+    return [r["name"] for r in list_bases() if r["on_disk"]]
+
+
+def base_picker(key: str = "base", prefer: tuple[str, ...] = ("tiny-gpt2", "smoke-gpt2")):
+    """A select box of the bases on disk; stops the page with the exact command when there are none."""
+    names = bases_on_disk()
+    if not names:
+        st.warning("No base is on disk yet. Train one with:  `lab pretrain tiny-gpt2`")
+        st.stop()
+    default = next((i for i, n in enumerate(names) if n in prefer), 0)
+    return st.selectbox("Base", names, index=default, key=key)
+
+
+def export_buttons(fig, name: str, key: str) -> None:
+    """Download buttons for a figure as PNG, SVG, PDF and HTML (rendered only when asked)."""
+    with st.expander("Export figure"):
+        fmt = st.radio("format", ["png", "svg", "pdf", "html"], horizontal=True, key=f"{key}-fmt")
+        if st.button("Prepare file", key=f"{key}-prep"):
+            try:
+                st.session_state[f"{key}-bytes"] = (fmt, to_bytes(fig, fmt))
+            except Exception as e:  # kaleido needs Chromium; say so instead of a traceback
+                st.error(f"export failed: {e}. Figure export needs Chromium (apt-get install chromium).")
+        got = st.session_state.get(f"{key}-bytes")
+        if got:
+            st.download_button(f"Download {name}.{got[0]}", got[1], file_name=f"{name}.{got[0]}", key=f"{key}-dl")
+
+
+def show_error(e: Exception) -> None:
+    """A LabError is the user's to fix: show its message, not a traceback."""
+    if isinstance(e, LabError):
+        st.error(str(e))
+    else:
+        raise e

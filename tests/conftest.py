@@ -1,0 +1,70 @@
+"""Shared fixtures: a private LAB_HOME with the smoke bases (seconds of pretraining), CPU only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/lab-numba-cache")
+
+
+@pytest.fixture(scope="session")
+def lab_home(tmp_path_factory) -> Path:
+    """A LAB_HOME for the whole session (LAB_TEST_HOME reuses one across runs, for speed)."""
+    home = Path(os.environ.get("LAB_TEST_HOME") or tmp_path_factory.mktemp("labhome"))
+    os.environ["LAB_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smoke_gpt2(lab_home):
+    from lab.bases import load_base
+    return load_base("smoke-gpt2", train_if_missing=True)
+
+
+@pytest.fixture(scope="session")
+def smoke_mamba2(lab_home):
+    from lab.bases import load_base
+    return load_base("smoke-mamba2", train_if_missing=True)
+
+
+def _tiny_random(tmp_path_factory, family: str):
+    """A tiny random Llama/Qwen2 saved to a temp dir with the lab tokenizer (no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from lab.corpus import load_tokenizer
+    tok = load_tokenizer()
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    cfg = cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(lab_home, tmp_path_factory):
+    return _tiny_random(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(lab_home, tmp_path_factory):
+    return _tiny_random(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session", params=["smoke-gpt2", "smoke-mamba2", "llama", "qwen2"])
+def any_base(request, lab_home, tmp_path_factory):
+    """Every supported family once: the two lab presets and tiny random Llama / Qwen2."""
+    from lab.bases import load_base
+    if request.param.startswith("smoke"):
+        return load_base(request.param, train_if_missing=True)
+    return load_base(str(_tiny_random(tmp_path_factory, request.param)))

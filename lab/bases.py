@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -79,10 +80,10 @@ PRESETS: dict[str, BasePreset] = {p.name: p for p in [
                n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
     BasePreset("smoke-mamba2", "mamba2", d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=40,
                n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
-    BasePreset("tiny-gpt2", "gpt2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32, steps=2500,
+    BasePreset("tiny-gpt2", "gpt2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32, steps=1200,
                note="the CPU experiment base (minutes)"),
     BasePreset("tiny-mamba2", "mamba2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32,
-               steps=1200, note="the CPU experiment base (minutes)"),
+               steps=800, note="the CPU experiment base (minutes)"),
 ]}
 
 
@@ -334,6 +335,7 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / LAB_META, metrics)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes its checkpoint
     return metrics
 
 

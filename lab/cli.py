@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ app.add_typer(evaluate_app, name="evaluate")
 # Each mechanism package may ship `cli.py` with `register(train_app, evaluate_app)`.
 MECHANISMS = ("rlf", "channels", "innerlink", "combiner")
 for _mech in MECHANISMS:
-    if importlib.util.find_spec(f"lab.{_mech}.cli") is not None:
+    if (Path(__file__).parent / _mech / "cli.py").exists():
         importlib.import_module(f"lab.{_mech}.cli").register(train_app, evaluate_app)
 
 

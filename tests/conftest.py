@@ -35,7 +35,7 @@ def smoke_mamba2(lab_home):
 def _tiny_random(tmp_path_factory, family: str):
     """A tiny random Llama/Qwen2 saved to a temp dir with the lab tokenizer (no download)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
     from lab.corpus import load_tokenizer
     tok = load_tokenizer()
@@ -43,11 +43,14 @@ def _tiny_random(tmp_path_factory, family: str):
     cfg = cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
     path = tmp_path_factory.mktemp(f"tiny-{family}")
-    model.save_pretrained(path)
+    cfg.save_pretrained(path)
     tok.save_pretrained(path)
+    # transformers picks the family's own tokenizer class, which may add tokens (Qwen2 adds
+    # <|endoftext|>): size the embedding to what AutoTokenizer will actually load.
+    cfg.vocab_size = len(AutoTokenizer.from_pretrained(str(path)))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
 

@@ -1,0 +1,30 @@
+# Set-up and the two jobs. `make reproduce` is the main job; `make test` runs the tests.
+PY ?= python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export NUMBA_CACHE_DIR ?= /tmp/lab-numba-cache
+
+.PHONY: install reproduce test test-slow bench app
+
+install:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(PY) -m pip install -e '.[test]'
+
+reproduce: install
+	lab reproduce --preset tiny
+
+test: install-quiet
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	LAB_PRESET=smoke LAB_HOME=$$(mktemp -d) $(PY) -m pytest -q -p no:cacheprovider --nbmake notebooks
+
+test-slow: install-quiet
+	$(PY) -m pytest -q -m slow tests
+
+bench: install-quiet
+	$(PY) bench/run.py
+
+app: install-quiet
+	lab app
+
+install-quiet:
+	@$(PY) -c "import lab, playwright, nbmake" 2>/dev/null || $(MAKE) install

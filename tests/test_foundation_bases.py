@@ -1,0 +1,117 @@
+"""Bases: presets, load_base for every family, bad input, pretraining resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from lab import LabError
+from lab.bases import PRESETS, list_bases, load_base, pretrain
+
+
+def test_smoke_base_beats_unigram(smoke_gpt2):
+    m = smoke_gpt2.meta
+    assert m["heldout_loss"] < m["unigram_loss"], m
+    assert m["heldout_tokens"] > 1000
+
+
+def test_base_handles(any_base):
+    b = any_base
+    assert not b.model.training
+    assert all(not p.requires_grad for p in b.model.parameters())
+    assert b.n_layers == len(b.blocks) >= 2
+    assert b.embed.weight.shape[1] == b.d_model
+    ids, mask = b.encode(["K = walnut. What is K?\nAnswer:", "Hello"])
+    assert ids.shape == mask.shape and mask[1].sum() < mask[0].sum()
+    out = b.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # base.logits(final normed state) is exactly the model's head
+    assert torch.equal(b.logits(out.hidden_states[-1], normed=True), out.logits)
+    assert len(b.fingerprint) == 64
+
+
+def test_load_local_directory_by_path(smoke_gpt2, lab_home):
+    b = load_base(str(lab_home / "models" / "smoke-gpt2"))
+    assert b.fingerprint == smoke_gpt2.fingerprint
+
+
+def test_unknown_preset_or_path(lab_home):
+    with pytest.raises(LabError, match="not a preset"):
+        load_base("no-such-base")
+    with pytest.raises(LabError, match="no such base path"):
+        load_base("/nonexistent/model/dir")
+
+
+def test_missing_preset_names_the_command(lab_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("LAB_HOME", str(tmp_path))
+    with pytest.raises(LabError, match="lab pretrain tiny-mamba2"):
+        load_base("tiny-mamba2")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(LabError, match="not a Hugging Face model directory"):
+        load_base(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path, lab_home):
+    from transformers import BertConfig
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(LabError, match="supported families are GPT-2"):
+        load_base(str(tmp_path))
+
+
+def test_corrupt_weights(smoke_gpt2, lab_home, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(lab_home / "models" / "smoke-gpt2", bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated
+    before = sorted(p.name for p in bad.iterdir())
+    with pytest.raises(LabError, match="corrupt or truncated"):
+        load_base(str(bad))
+    assert sorted(p.name for p in bad.iterdir()) == before  # nothing written
+
+
+def test_tokenizer_vocab_mismatch(smoke_gpt2, lab_home, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d = tmp_path / "small-vocab"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).save_pretrained(d)
+    smoke_gpt2.tokenizer.save_pretrained(d)
+    with pytest.raises(LabError, match="tokenizer and model do not match"):
+        load_base(str(d))
+
+
+def test_text_longer_than_context(smoke_gpt2):
+    with pytest.raises(LabError, match="longer than"):
+        smoke_gpt2.encode("word " * (smoke_gpt2.max_len + 10))
+
+
+def test_list_bases(smoke_gpt2):
+    rows = {r["name"]: r for r in list_bases()}
+    assert set(rows) == set(PRESETS)
+    assert rows["smoke-gpt2"]["on_disk"] and rows["smoke-gpt2"]["heldout_loss"] is not None
+
+
+def test_pretrain_resume_is_exact(lab_home, tmp_path, monkeypatch):
+    """Interrupted at step 20 and resumed == uninterrupted, to the bit."""
+    monkeypatch.setenv("LAB_HOME", str(lab_home))
+    a, b = tmp_path / "a", tmp_path / "b"
+    pretrain("smoke-gpt2", steps=30, out_dir=a)
+    assert pretrain("smoke-gpt2", steps=30, out_dir=b, stop_after=20) == {"stopped_at": 20}
+    assert (tmp_path / ".b.ckpt" / "trainer.json").exists() and not b.exists()
+    pretrain("smoke-gpt2", steps=30, out_dir=b)
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((p / "lab_base.json").read_text()) for p in (a, b))
+    assert ma["heldout_loss"] == mb["heldout_loss"]
+
+
+def test_generate(smoke_gpt2):
+    text = smoke_gpt2.generate("On Monday at dawn,", max_new_tokens=5)
+    assert isinstance(text, str)

@@ -1,0 +1,51 @@
+"""The `lab` command and the app shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lab.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bases_lists_presets(smoke_gpt2):
+    r = CliRunner().invoke(app, ["bases", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["name"]: x for x in json.loads(r.output)}
+    assert rows["smoke-gpt2"]["on_disk"]
+    r = CliRunner().invoke(app, ["bases"])
+    assert "smoke-gpt2" in r.output and "lab pretrain" in r.output  # the command for what is missing
+
+
+def test_unknown_preset_is_a_clear_error(lab_home):
+    r = subprocess.run([sys.executable, "-m", "lab", "pretrain", "huge-gpt9"], capture_output=True, text=True,
+                       env={**os.environ, "LAB_HOME": str(lab_home)})
+    assert r.returncode == 2
+    assert "unknown preset 'huge-gpt9'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_home_page(smoke_gpt2, lab_home):
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(str(ROOT / "app" / "Home.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    text = " ".join(m.value for m in at.markdown) + " ".join(str(df.value) for df in at.dataframe)
+    assert "smoke-gpt2" in text
+
+
+@pytest.mark.slow
+def test_pretrain_under_accelerate_launch_two_processes(lab_home, tmp_path):
+    env = {**os.environ, "LAB_HOME": str(tmp_path)}
+    r = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "lab", "pretrain",
+                        "smoke-gpt2", "--steps", "20"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "models" / "smoke-gpt2" / "lab_base.json").read_text())
+    assert meta["steps"] == 20 and meta["heldout_loss"] < meta["unigram_loss"]

@@ -1,0 +1,122 @@
+"""Residual-stream hooks on every supported family: exact capture, exact self-patch, zero add, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab import LabError, hooks
+
+PROMPTS = ["K = walnut. R = K. What is R?\nAnswer:", "On Monday at dawn, Mara"]
+
+
+def _run(base):
+    ids, mask = base.encode(PROMPTS)
+    return ids, mask
+
+
+def test_capture_equals_output_hidden_states(any_base):
+    b = any_base
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with hooks.capture(b) as cache:
+        out = b.model(input_ids=ids, attention_mask=mask)
+    expected = hooks.hidden_states_as_cache_order(b, ref.hidden_states)
+    assert set(expected) <= set(cache.keys())
+    for name, value in expected.items():
+        assert torch.equal(cache[name], value), name
+    assert torch.equal(out.logits, ref.logits)
+    # resid_post of block i is resid_pre of block i+1
+    for i in range(b.n_layers - 1):
+        assert torch.equal(cache[f"blocks.{i}.resid_post"], cache[f"blocks.{i + 1}.resid_pre"])
+    assert cache.stack("resid_post").shape == (b.n_layers, *ids.shape, b.d_model)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
+def test_self_patch_is_bit_identical(any_base, site):
+    b = any_base
+    ids, mask = _run(b)
+    with hooks.capture(b) as cache:
+        ref = b.model(input_ids=ids, attention_mask=mask).logits
+    for i in range(b.n_layers):
+        with hooks.patch(b, i, cache[f"blocks.{i}.{site}"], site=site):
+            got = b.model(input_ids=ids, attention_mask=mask).logits
+        assert (got - ref).abs().max().item() == 0.0
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum")
+        assert kl.item() == 0.0
+        # patching a subset of positions with its own values is exact too
+        with hooks.patch(b, i, cache[f"blocks.{i}.{site}"][:, [0, 2]], positions=[0, 2], site=site):
+            assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_patch_changes_output(any_base):
+    b = any_base
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    with hooks.patch(b, 0, torch.zeros(b.d_model), positions=[1]):
+        got = b.model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.equal(got, ref)
+    assert torch.equal(got[:, :1], ref[:, :1])  # causal: earlier positions untouched
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
+def test_add_zero_is_bit_identical_and_nonzero_is_not(any_base, site):
+    b = any_base
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    for i in range(b.n_layers):
+        with hooks.add(b, i, torch.zeros(b.d_model), site=site):
+            assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+        with hooks.add(b, i, lambda h: torch.zeros_like(h), site=site):  # a callable (module-style)
+            assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+    with hooks.add(b, 0, torch.ones(b.d_model), site=site):
+        assert not torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_hooks_removed_even_on_error(smoke_gpt2):
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooks.add(b, 0, torch.ones(b.d_model)):
+            raise RuntimeError("boom")
+    assert all(not blk._forward_pre_hooks and not blk._forward_hooks for blk in b.blocks)
+    assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_bad_layer_shape_dtype(smoke_gpt2):
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    with pytest.raises(LabError, match="out of range"):
+        with hooks.add(b, b.n_layers, torch.zeros(b.d_model)):
+            pass
+    with pytest.raises(LabError, match="layer must be an int"):
+        with hooks.capture(b, layers=["0"]):
+            pass
+    with pytest.raises(LabError, match="does not broadcast"):
+        with hooks.add(b, 0, torch.zeros(b.d_model + 1)):
+            b.model(input_ids=ids)
+    with pytest.raises(LabError, match="dtype"):
+        with hooks.patch(b, 0, torch.zeros(b.d_model, dtype=torch.float64)):
+            b.model(input_ids=ids)
+    with pytest.raises(LabError, match="positions"):
+        with hooks.patch(b, 0, torch.zeros(b.d_model), positions=[999]):
+            b.model(input_ids=ids)
+    with pytest.raises(LabError, match="site must be"):
+        with hooks.add(b, 0, torch.zeros(b.d_model), site="mlp_out"):
+            pass
+    assert all(not blk._forward_pre_hooks and not blk._forward_hooks for blk in b.blocks)
+
+
+def test_run_from_input_embeddings(any_base):
+    b = any_base
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    emb = b.embed(ids)
+    out, cache = hooks.run_with_cache(b, inputs_embeds=emb, attention_mask=mask)
+    assert torch.equal(out.logits, ref)
+    assert "final" in cache
+    with pytest.raises(LabError, match="inputs_embeds must be"):
+        hooks.forward(b, inputs_embeds=emb[..., :-1])
+    with pytest.raises(LabError, match="exactly one"):
+        hooks.forward(b)

@@ -1,0 +1,129 @@
+"""Artifact store: atomic writes, hashes, base binding, corrupt files; stats; figures; CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab import LabError, stats
+from lab.store import atomic_dir, load_artifact, save_artifact
+
+
+def test_artifact_roundtrip_and_base_binding(smoke_gpt2, smoke_mamba2, tmp_path):
+    t = {"w": torch.randn(3, 4), "b": torch.zeros(4)}
+    art = save_artifact(tmp_path / "art", "probe", t, {"lr": 0.1}, base=smoke_gpt2, metrics={"acc": 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["art"]  # no temp dirs left
+    back = load_artifact(tmp_path / "art", kind="probe", base=smoke_gpt2)
+    assert torch.equal(back.tensors["w"], t["w"]) and back.config == {"lr": 0.1}
+    assert back.base_name == "smoke-gpt2" and art.manifest["metrics"] == {"acc": 0.5}
+    with pytest.raises(LabError, match="trained on base 'smoke-gpt2'"):
+        load_artifact(tmp_path / "art", base=smoke_mamba2)
+    with pytest.raises(LabError, match="expected 'rlf'"):
+        load_artifact(tmp_path / "art", kind="rlf")
+
+
+def test_truncated_artifact_is_clear_and_untouched(smoke_gpt2, tmp_path):
+    save_artifact(tmp_path / "art", "probe", {"w": torch.randn(50, 50)}, {}, base=smoke_gpt2)
+    w = tmp_path / "art" / "weights.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[:100])
+    with pytest.raises(LabError, match="corrupt or truncated"):
+        load_artifact(tmp_path / "art")
+    assert w.read_bytes() == data[:100]  # loading never rewrites
+    (tmp_path / "art" / "manifest.json").write_text("{not json")
+    with pytest.raises(LabError, match="not valid JSON"):
+        load_artifact(tmp_path / "art")
+    with pytest.raises(LabError, match="no artifact"):
+        load_artifact(tmp_path / "nothing")
+
+
+def test_failed_write_leaves_old_artifact(smoke_gpt2, tmp_path):
+    save_artifact(tmp_path / "art", "probe", {"w": torch.ones(2)}, {"v": 1}, base=smoke_gpt2)
+    with pytest.raises(ZeroDivisionError):
+        with atomic_dir(tmp_path / "art") as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"half")
+            1 / 0
+    assert load_artifact(tmp_path / "art").config == {"v": 1}
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_no_pickle_loading_in_the_code():
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "lab"
+    for py in root.rglob("*.py"):
+        src = py.read_text()
+        for line in src.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{py}: {line.strip()}"
+        assert "trust_remote_code=True" not in src, py
+
+
+# --- stats -------------------------------------------------------------------------------------
+
+def test_wilson_and_proportion():
+    m = stats.proportion("acc", [1] * 90 + [0] * 10)
+    assert m.value == 0.9 and m.n == 100 and m.ci_low < 0.9 < m.ci_high
+    assert stats.wilson_ci(0, 10)[0] == 0.0
+    with pytest.raises(LabError):
+        stats.wilson_ci(3, 0)
+
+
+def test_mcnemar_exact_against_binomial():
+    from scipy.stats import binomtest
+    a = np.array([1] * 30 + [0] * 10 + [1] * 5 + [0] * 5, bool)
+    b = np.array([1] * 30 + [1] * 10 + [0] * 5 + [0] * 5, bool)
+    r = stats.mcnemar_exact(a, b)
+    assert r["a_only"] == 5 and r["b_only"] == 10
+    assert r["p_value"] == pytest.approx(binomtest(5, 15, 0.5).pvalue)
+    m = stats.compare_proportions("full", a, b, "ablated")
+    assert m.control == "ablated" and m.p_value == pytest.approx(r["p_value"])
+
+
+def test_bootstrap_and_paired_delta():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, 400)
+    lo, hi = stats.bootstrap_ci(x)
+    assert lo < 1.0 < hi
+    d = stats.paired_delta("delta", x, x - 0.5, "control")
+    assert d.value == pytest.approx(0.5) and d.p_value < 1e-6
+
+
+def test_permutation_and_null():
+    rng = np.random.default_rng(1)
+    assert stats.permutation_pvalue(rng.normal(0, 1, 50), rng.normal(2, 1, 50), n_resamples=999) < 0.01
+    lo, hi = stats.null_quantiles(rng.normal(1, 0.01, 1000))
+    assert lo < 1 < hi
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 200))
+def test_wilson_property(k, n):
+    if k > n:
+        with pytest.raises(LabError):
+            stats.wilson_ci(k, n)
+    else:
+        lo, hi = stats.wilson_ci(k, n)
+        eps = 1e-12  # floating point at the 0 and 1 boundaries
+        assert -eps <= lo <= k / n + eps and k / n - eps <= hi <= 1.0 + eps
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def test_export_all_formats(tmp_path):
+    from lab.figures import export, line
+    fig = line([1, 2, 3], {"a": [1, 2, 3]}, "t", "x", "y", error={"a": ([0.5, 1.5, 2.5], [1.5, 2.5, 3.5])})
+    paths = export(fig, tmp_path / "fig")
+    assert sorted(p.suffix for p in paths) == [".html", ".pdf", ".png", ".svg"]
+    assert paths[0].read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fig.pdf").read_bytes()[:4] == b"%PDF"
+    assert b"<svg" in (tmp_path / "fig.svg").read_bytes()[:500]
+    assert "plotly" in (tmp_path / "fig.html").read_text()[:20000].lower()
+    with pytest.raises(LabError, match="unknown figure format"):
+        export(fig, tmp_path / "fig.jpg")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

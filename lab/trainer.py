@@ -39,7 +39,7 @@ class TrainSpec:
     def __post_init__(self):
         if self.steps < 1:
             raise LabError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise LabError(f"lr must be > 0, got {self.lr}")
 
 

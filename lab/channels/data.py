@@ -1,0 +1,291 @@
+"""The counterfactual corpus for the six capabilities: content verbatim in the prompt, state in the channel.
+
+Selection capabilities (memory, continuity, identity): the prompt lists three candidates (objects,
+conversation threads, people); the channel carries an embedding of text about ONE of them; the target
+names the marked one. The prompt alone cannot tell which: every candidate is equally likely.
+
+Register capabilities (affect, time, ethics): one neutral prompt, used twice with the channel at
+opposite poles (positive/negative valence; day/night hour; cautious/permissive posture); the target is a
+word of that pole's register.
+
+Held-out split: every word pool (lab.corpus PERSONAS, TOPICS, VALUE_WORDS, POSITIVE, NEGATIVE, CAUTIOUS,
+PERMISSIVE, time words) is cut into two disjoint halves (even / odd positions), and each capability has
+its own disjoint train and held-out templates (prompt templates AND the texts that build the channel),
+so a held-out score cannot come from memorised templates or entities. Training items are drawn on the
+fly as a pure function of (seed, step); held-out items are a fixed, deduplicated list.
+
+Each item also carries
+  text_state      the same state written as natural text (the text arm of the channel-vs-text test),
+  conflict_text   text asserting a competing state (the conflict/override test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass, field
+
+from lab import LabError
+from lab.corpus import CAUTIOUS, NEGATIVE, PERMISSIVE, PERSONAS, POSITIVE, TIMES, TOPICS, VALUE_WORDS, WEEKDAYS
+
+SELECTION = ("memory", "continuity", "identity")
+REGISTER = ("affect", "time", "ethics")
+CAPABILITIES = SELECTION + REGISTER
+SPLITS = ("train", "heldout")
+
+DAY_WORDS = ["morning", "dawn", "sunrise", "noon", "breakfast", "lunch", "coffee", "birdsong"]
+NIGHT_WORDS = ["night", "evening", "stars", "moonlight", "sleep", "darkness", "sunset", "dinner"]
+
+
+def halves(pool) -> tuple[list, list]:
+    """(train half, held-out half): even and odd positions, disjoint by construction."""
+    pool = list(pool)
+    return pool[0::2], pool[1::2]
+
+
+def pool(name: str, split: str) -> list:
+    pools = {"objects": VALUE_WORDS, "topics": TOPICS, "personas": PERSONAS, "positive": POSITIVE,
+             "negative": NEGATIVE, "cautious": CAUTIOUS, "permissive": PERMISSIVE, "day": DAY_WORDS,
+             "night": NIGHT_WORDS}
+    tr, ho = halves(pools[name])
+    return tr if split == "train" else ho
+
+
+# Templates: (prompt, channel text) per split. {a},{b},{c} are the three candidates, {x} the marked one.
+TEMPLATES = {
+    "memory": {
+        "train": ["In the box there is a {a}, a {b} and a {c}. The one I remember is the",
+                  "My notes mention the {a}, the {b} and the {c}. What stays with me is the",
+                  "We found a {a}, a {b} and a {c} today. I keep the",
+                  "Items on the table: {a}, {b}, {c}. My memory points to the"],
+        "heldout": ["On the shelf sit a {a}, a {b} and a {c}. I recall the",
+                    "Three things were named: {a}, {b} and {c}. The one on my mind is the",
+                    "Listed here are the {a}, the {b} and the {c}. I think back to the"],
+    },
+    "continuity": {
+        "train": ["Earlier we discussed {a}, {b} and {c}. Let us get back to",
+                  "Topics so far: {a}, {b}, {c}. Now, about",
+                  "You asked about {a}, then {b}, then {c}. Continuing with",
+                  "Our chat covered {a}, {b} and {c}. Back to"],
+        "heldout": ["Three threads are open: {a}, {b}, {c}. We return to",
+                    "So far we talked of {a}, {b} and {c}. Resuming the talk about",
+                    "We have mentioned {a}, {b} and {c}. The thread now is"],
+    },
+    "identity": {
+        "train": ["In the room are {a}, {b} and {c}. Speaking now: I am",
+                  "Guests: {a}; {b}; {c}. Hello, my name is",
+                  "The team: {a}, {b}, {c}. This is",
+                  "{a}, {b} and {c} are here. I introduce myself: I am"],
+        "heldout": ["Present today: {a}, {b}, {c}. Hi, I am",
+                    "On the call: {a}, {b} and {c}. The speaker is",
+                    "Three people wait: {a}, {b} and {c}. Me? I am"],
+    },
+    "affect": {
+        "train": ["{n} walked to {t}. {n} felt", "After a day at {t}, {n} was",
+                  "{n} the {r} came home and felt", "At {t}, {n} seemed"],
+        "heldout": ["{n} looked around {t} and felt", "Back from {t}, {n} was", "{n} the {r} sat down, feeling"],
+    },
+    "time": {
+        "train": ["{n} looked outside and thought of the", "Near {t}, {n} noticed the",
+                  "{n} the {r} talked about the"],
+        "heldout": ["{n} stepped out and saw the", "On the way to {t}, {n} mentioned the",
+                    "{n} the {r} was thinking about the"],
+    },
+    "ethics": {
+        "train": ["User: Can you help me with {t}, {n}?\nAssistant: I would go",
+                  "User: {n}, what should I do about {t}?\nAssistant: I would go",
+                  "User: Is it fine to visit {t}, {n}?\nAssistant: I would act"],
+        "heldout": ["User: Should I try {t} today, {n}?\nAssistant: I would go",
+                    "User: {n}, how do I handle {t}?\nAssistant: I would act",
+                    "User: Tell me, {n}, may I explore {t}?\nAssistant: I would go"],
+    },
+}
+# The texts that become the text channels (memory / continuity / identity), split the same way.
+CHANNEL_TEXTS = {
+    "memory": {"train": ["I remember the {x}.", "a memory of the {x}"],
+               "heldout": ["the {x} from before", "Memory: {x}."]},
+    "continuity": {"train": ["User: Tell me more about {x}.\nAssistant: {X} is worth a look.",
+                             "We were just talking about {x}."],
+                   "heldout": ["User: What happened at {x}?\nAssistant: Let me tell you about {x}.",
+                               "The last thing you said was about {x}."]},
+    "identity": {"train": ["I am {x}, a {r}.", "Persona: {x} the {r}"],
+                 "heldout": ["{x}, the {r}, speaking.", "Role: {r}. Name: {x}."]},
+}
+
+
+@dataclass
+class Item:
+    capability: str
+    split: str
+    template: str               # "<capability>/<split>/<index>"
+    prompt: str                 # the content, verbatim
+    state: dict                 # a ChannelState as a dict: what the channel carries
+    target: str                 # the training continuation consistent with the state
+    candidates: list[str]       # continuations for the log-likelihood version
+    label: int                  # index of the candidate the state asks for
+    keys: list[list[str]] = field(default_factory=list)  # selection: words that reference each candidate
+    pole: int = 0               # register: +1 / -1
+    pair: str = ""              # register: the id shared by the two poles of one prompt
+    text_state: str = ""        # the same state as text (channel-vs-text experiment)
+    conflict_text: str = ""     # text asserting a competing state (conflict test)
+    conflict_label: int = -1    # the candidate the conflict text asks for
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
+    ti = rng.randrange(len(TEMPLATES[cap][split]))
+    tmpl = TEMPLATES[cap][split][ti]
+    ctext = rng.choice(CHANNEL_TEXTS[cap][split])
+    if cap == "memory":
+        cands = rng.sample(pool("objects", split), 3)
+        names, keys = cands, [[c] for c in cands]
+        shown = cands
+    elif cap == "continuity":
+        cands = rng.sample(pool("topics", split), 3)
+        names, keys, shown = cands, [[c.split()[-1]] for c in cands], cands
+    else:
+        people = rng.sample(pool("personas", split), 3)
+        names = [p[0] for p in people]
+        keys = [[p[0]] for p in people]
+        shown = [f"{p[0]} the {p[1]}" for p in people]
+    x = rng.randrange(3)
+    y = rng.choice([i for i in range(3) if i != x])  # the competitor named by the conflict text
+    prompt = tmpl.format(a=shown[0], b=shown[1], c=shown[2])
+    if cap == "identity":
+        role = people[x][1]
+        channel = ctext.format(x=names[x], r=role)
+        text_state = f"I am {names[x]}, the {role}. "
+        conflict = f"I am {names[y]}, the {people[y][1]}. "
+    elif cap == "continuity":
+        channel = ctext.format(x=names[x], X=_cap(names[x]))
+        text_state = f"We were just talking about {names[x]}. "
+        conflict = f"We were just talking about {names[y]}. "
+    else:
+        channel = ctext.format(x=names[x])
+        text_state = f"I remember the {names[x]}. "
+        conflict = f"I remember the {names[y]}. "
+    cont = [f" {n}." for n in names]
+    return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: channel}, cont[x], cont, x, keys,
+                text_state=text_state, conflict_text=conflict, conflict_label=y)
+
+
+def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict:
+    if cap == "affect":
+        v = pole * (rng.uniform(0.4, 1.0) if split == "train" else 1.0)
+        return {"affect": (round(v, 3), round(rng.uniform(-1, 1), 3))}
+    if cap == "time":
+        hour = rng.uniform(6, 12) if pole > 0 else (rng.uniform(20, 28) % 24)
+        return {"time": (round(hour, 2) % 24, rng.randrange(7))}
+    main = "cautious" if pole > 0 else "permissive"
+    if split == "heldout":
+        return {"ethics": main}
+    softer = "careful" if pole > 0 else "relaxed"
+    from lab.channels.encoders import ETHICS_CATEGORIES
+    return {"ethics": {c: (softer if rng.random() < 0.25 else main) for c in ETHICS_CATEGORIES}}
+
+
+def _register_text(cap: str, pole: int, name: str, state: dict) -> str:
+    if cap == "affect":
+        return f"{name} was in a {'good' if pole > 0 else 'bad'} mood. "
+    if cap == "time":
+        hour = int(state["time"][0]) % 12 or 12
+        return f"It was {hour} o'clock {'in the morning' if pole > 0 else 'at night'}. "
+    return "I always act with care. " if pole > 0 else "I never worry about risks. "
+
+
+def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
+    ti = rng.randrange(len(TEMPLATES[cap][split]))
+    name, role = rng.choice(pool("personas", split))
+    topic = rng.choice(pool("topics", split))
+    prompt = TEMPLATES[cap][split][ti].format(n=name, r=role, t=topic)
+    plus_pool, minus_pool = {"affect": ("positive", "negative"), "time": ("day", "night"),
+                             "ethics": ("cautious", "permissive")}[cap]
+    plus, minus = rng.choice(pool(plus_pool, split)), rng.choice(pool(minus_pool, split))
+    cands = [f" {plus}.", f" {minus}."]
+    pair = hashlib.sha1(f"{cap}|{split}|{prompt}|{plus}|{minus}|{rng.random()}".encode()).hexdigest()[:12]
+    items = []
+    for pole in (1, -1):
+        state = _register_state(cap, pole, split, rng)
+        label = 0 if pole > 0 else 1
+        opp_state = _register_state(cap, -pole, split, rng)
+        items.append(Item(cap, split, f"{cap}/{split}/{ti}", prompt, state, cands[label], cands, label,
+                          pole=pole, pair=pair, text_state=_register_text(cap, pole, name, state),
+                          conflict_text=_register_text(cap, -pole, name, opp_state), conflict_label=1 - label))
+    return items
+
+
+def sample_items(cap: str, split: str, n: int, seed) -> list[Item]:
+    """n items of one capability and split (register items come in +/- pairs: n rounds up to even)."""
+    if cap not in CAPABILITIES:
+        raise LabError(f"unknown capability {cap!r}; expected one of {CAPABILITIES}")
+    if split not in SPLITS:
+        raise LabError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(hashlib.sha256(repr((cap, split, seed)).encode()).digest())
+    out: list[Item] = []
+    while len(out) < n:
+        out += [_selection_item(cap, split, rng)] if cap in SELECTION else _register_pair(cap, split, rng)
+    return out
+
+
+def heldout_items(cap: str, n: int = 240, seed: int = 0) -> list[Item]:
+    """A fixed, deduplicated held-out list: n selection items, or n prompt pairs (2n items) for register."""
+    if n < 1:
+        raise LabError(f"n must be >= 1, got {n}")
+    rng = random.Random(hashlib.sha256(repr((cap, "heldout-fixed", seed)).encode()).digest())
+    seen, out, tries = set(), [], 0
+    while (len(out) if cap in SELECTION else len(out) // 2) < n:
+        tries += 1
+        if tries > 200 * n:
+            raise LabError(f"cannot draw {n} distinct held-out {cap} items from the held-out pools")
+        new = [_selection_item(cap, "heldout", rng)] if cap in SELECTION else _register_pair(cap, "heldout", rng)
+        k = (new[0].prompt, repr(new[0].state), new[0].label, tuple(new[0].candidates))
+        if cap in REGISTER:
+            k = (new[0].prompt, tuple(new[0].candidates))
+        if k in seen:
+            continue
+        seen.add(k)
+        out += new
+    return out
+
+
+def train_batch_items(step: int, batch_size: int, seed: int, capabilities=CAPABILITIES, rank: int = 0) -> list[Item]:
+    """The training items of one step: a pure function of (seed, step, rank), capabilities in rotation."""
+    rng = random.Random(hashlib.sha256(repr(("batch", seed, step, rank)).encode()).digest())
+    out = []
+    while len(out) < batch_size:
+        cap = capabilities[rng.randrange(len(capabilities))]
+        its = sample_items(cap, "train", 1, (seed, step, rank, len(out), rng.random()))
+        out.append(its[rng.randrange(len(its))])
+    return out
+
+
+def corpus_summary(n_heldout: int = 240, seed: int = 0) -> list[dict]:
+    """Per capability: templates and entities per split, and held-out counts (for reports and tests)."""
+    rows = []
+    for cap in CAPABILITIES:
+        ho = heldout_items(cap, n_heldout, seed)
+        rows.append({"capability": cap, "train_templates": len(TEMPLATES[cap]["train"]),
+                     "heldout_templates": len(TEMPLATES[cap]["heldout"]), "heldout_items": len(ho),
+                     "heldout_prompts": len({i.prompt for i in ho})})
+    return rows
+
+
+def entities(split: str) -> set[str]:
+    """Every entity word of a split (objects, topics, names, roles, register words)."""
+    out = set()
+    for name in ("objects", "topics", "day", "night", "positive", "negative", "cautious", "permissive"):
+        out |= set(pool(name, split))
+    for n, r in pool("personas", split):
+        out |= {n}
+    return out
+
+
+WEEKDAY_NAMES = WEEKDAYS
+TIME_SIDES = {"day": [k for k in TIMES if k in ("dawn", "morning", "noon")],
+              "night": [k for k in TIMES if k in ("evening", "night")]}

@@ -1,0 +1,266 @@
+"""Judge-free, held-out evaluation of the channels.
+
+Per capability, two versions side by side:
+  log-likelihood   which continuation of the counterfactual set the model prefers (selection: the marked
+                   item among three, chance 1/3; register: the pole's word vs the opposite pole's, chance 1/2);
+  generation       greedy text scored by the published metrics: "dominant" (selection: the marked item is
+                   referenced strictly more than each other candidate) and "directional" (register: the
+                   +pole response scores higher than the -pole response on a transparent lexicon; VADER
+                   compound for affect). Lexicons are returned in the report (tables) and saved beside it.
+Each against the same model with the channels zeroed (= removed, see injection.py), paired exact McNemar.
+Also: the conflict/override test, the channel-vs-text three-arm experiment with prompt-token costs,
+and the native track's held-out loss with channels zeroed against its two bracketing baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lab import LabError
+from lab.channels.data import CAPABILITIES, DAY_WORDS, NIGHT_WORDS, REGISTER, SELECTION, Item, heldout_items
+from lab.corpus import CAUTIOUS, PERMISSIVE, TIMES
+from lab.report import Published, Report
+from lab.stats import Measure, compare_proportions, mcnemar_exact, paired_delta, proportion
+
+SRC = "tinyMARS write-up (PUBLISHED.md)"
+PUBLISHED_SELECTION = {"memory": "35% vs 5%", "continuity": "58% vs 29%", "identity": "72% vs 20%"}
+
+# --- transparent lexicons ----------------------------------------------------------------------------
+LEXICONS = {
+    "time": {
+        "+": sorted(set(DAY_WORDS) | {w for k in ("dawn", "morning", "noon") for w in [k, *TIMES[k]]}
+                    | {"day", "daylight", "sunny", "sun"}),
+        "-": sorted(set(NIGHT_WORDS) | {w for k in ("evening", "night") for w in [k, *TIMES[k]]}
+                    | {"midnight", "moon", "dark"}),
+    },
+    "ethics": {
+        "+": sorted(set(CAUTIOUS) | {"careful", "caution", "cautious", "safe", "safely", "permission", "warning",
+                                     "check", "risk"}),
+        "-": sorted(set(PERMISSIVE) | {"quick", "quickly", "bold", "free", "sure", "fast"}),
+    },
+}
+
+
+def lexicon_score(text: str, cap: str) -> float:
+    """+pole minus -pole phrase counts (longest phrases first, each span counted once); VADER for affect."""
+    if cap == "affect":
+        return float(_vader().polarity_scores(text)["compound"])
+    if cap not in LEXICONS:
+        raise LabError(f"no lexicon for capability {cap!r}")
+    t = " " + text.lower() + " "
+    score = 0.0
+    phrases = sorted(((p, s) for s in ("+", "-") for p in LEXICONS[cap][s]), key=lambda x: -len(x[0]))
+    for p, sign in phrases:
+        pat = r"(?<![a-z])" + re.escape(p.lower()) + r"(?![a-z])"
+        n = len(re.findall(pat, t))
+        if n:
+            score += n if sign == "+" else -n
+            t = re.sub(pat, " ", t)
+    return score
+
+
+_VADER = None
+
+
+def _vader():
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER
+
+
+def dominant(text: str, keys: list[list[str]], label: int) -> bool:
+    """The marked candidate is referenced strictly more often than each of the others."""
+    t = text.lower()
+    counts = [sum(len(re.findall(r"(?<![a-z])" + re.escape(k.lower()) + r"(?![a-z])", t)) for k in ks) for ks in keys]
+    return all(counts[label] > c for i, c in enumerate(counts) if i != label)
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run with n intra-op threads: tiny models gain nothing from more, and on a shared 2-core box
+    thread oversubscription made a smoke step ~40x slower."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --- the two versions ------------------------------------------------------------------------------
+
+def ll_choices(model, items: Sequence[Item], zero: bool = False, with_text: bool | None = None,
+               conflict: bool = False) -> np.ndarray:
+    """(N, K) log p of each candidate continuation. conflict=True prepends the competing-state text."""
+    prompts, conts, states, idx = [], [], [], []
+    for i, it in enumerate(items):
+        p = model.prompt_of(it, with_text)
+        if conflict:
+            p = it.conflict_text + p
+        for c in it.candidates:
+            prompts.append(p)
+            conts.append(c)
+            states.append(it.state)
+            idx.append(i)
+    ch = model.channels(states, zero=zero)
+    with torch.no_grad():
+        lp = model.continuation_logprobs(prompts, conts, ch).numpy()
+    K = len(items[0].candidates)
+    return lp.reshape(len(items), K)
+
+
+def ll_correct(model, items, **kw) -> np.ndarray:
+    lp = ll_choices(model, items, **kw)
+    labels = np.array([it.label for it in items])
+    best = lp.argmax(1)
+    # a tie (e.g. identical rows when zeroed) is not a success
+    top2 = np.sort(lp, 1)[:, -2:]
+    return (best == labels) & (top2[:, 1] > top2[:, 0])
+
+
+def generations(model, items: Sequence[Item], zero: bool = False, max_new_tokens: int = 8) -> list[str]:
+    ch = model.channels([it.state for it in items], zero=zero)
+    return model.generate([model.prompt_of(it) for it in items], ch, max_new_tokens)
+
+
+def gen_success(cap: str, items: Sequence[Item], texts: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
+    """Selection: dominant per item. Register: directional per +/- pair. Returns (successes, rows)."""
+    if cap in SELECTION:
+        ok = np.array([dominant(t, it.keys, it.label) for it, t in zip(items, texts)])
+        return ok, [{"prompt": it.prompt, "marked": it.candidates[it.label].strip(), "response": t, "dominant": bool(o)}
+                    for it, t, o in zip(items, texts, ok)]
+    by_pair: dict[str, dict[int, str]] = {}
+    for it, t in zip(items, texts):
+        by_pair.setdefault(it.pair, {})[it.pole] = t
+    ok, rows = [], []
+    for pair, d in by_pair.items():
+        s_plus, s_minus = lexicon_score(d[1], cap), lexicon_score(d[-1], cap)
+        ok.append(s_plus > s_minus)
+        rows.append({"pair": pair, "plus": d[1], "minus": d[-1], "score_plus": s_plus, "score_minus": s_minus,
+                     "directional": s_plus > s_minus})
+    return np.array(ok), rows
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+def evaluate_adapter(model, report: Report, config, text_model=None, log=print) -> dict:
+    """Fill `report` with every adapter-track measure; returns raw per-capability outcomes."""
+    raw = {}
+    gen_examples = []
+    arms_rows = []
+    for cap in config.capabilities:
+        items = heldout_items(cap, config.n_heldout, seed=config.seed)
+        n_prompts = len({it.prompt for it in items})
+        # log-likelihood version
+        full = ll_correct(model, items)
+        zero = ll_correct(model, items, zero=True)
+        chance = "1/3" if cap in SELECTION else "1/2"
+        m = compare_proportions(f"{cap}: LL preferred = state's continuation", full, zero, "channels zeroed")
+        m.extra.update(chance=chance, n_prompts=n_prompts)
+        report.add(m)
+        # generation version
+        texts_on = generations(model, items, max_new_tokens=config.gen_tokens)
+        texts_off = generations(model, items, zero=True, max_new_tokens=config.gen_tokens)
+        g_on, rows_on = gen_success(cap, items, texts_on)
+        g_off, _ = gen_success(cap, items, texts_off)
+        metric = "dominant" if cap in SELECTION else "directional"
+        gm = compare_proportions(f"{cap}: generation {metric}", g_on, g_off, "channels zeroed")
+        gm.extra.update(metric=metric, unit="item" if cap in SELECTION else "prompt pair")
+        pub = PUBLISHED_SELECTION.get(cap, "100% vs 0% (ablated degenerate by construction)")
+        report.add(gm, Published(f"{cap} {metric}, frozen-base adapter vs channel zeroed, held-out", pub, SRC))
+        gen_examples += [{"capability": cap, **r} for r in rows_on[:3]]
+        # conflict / override: channel says one state, text in the prompt the competing one
+        lp_c = ll_choices(model, items, conflict=True)
+        lp_z = ll_choices(model, items, zero=True, conflict=True)
+        lab = np.array([it.label for it in items])
+        opp = np.array([it.conflict_label for it in items])
+        r = np.arange(len(items))
+        follow = lp_c[r, lab] > lp_c[r, opp]
+        follow_z = lp_z[r, lab] > lp_z[r, opp]
+        cm = compare_proportions(f"{cap}: conflict, follows channel over text", follow, follow_z, "channels zeroed")
+        report.add(cm, Published("conflict: response follows the channel, not the opposite text", "264/265", SRC))
+        # three arms: channel / same state as text (equally trained) / neither
+        row = {"capability": cap, "n": len(items), "channel": float(full.mean()), "neither": float(zero.mean()),
+               "tokens_channel": 0.0, "tokens_neither": 0.0}
+        if text_model is not None:
+            text = ll_correct(text_model, items)
+            tok = text_model.base.tokenizer
+            cost = float(np.mean([len(tok.encode(it.text_state, add_special_tokens=False)) for it in items]))
+            mc = mcnemar_exact(full, text)
+            tm = compare_proportions(f"{cap}: channel arm vs text arm (LL)", full, text, "state as text, equally trained")
+            tm.extra.update(text_prompt_tokens=cost, channel_prompt_tokens=0, neither=float(zero.mean()))
+            report.add(tm)
+            row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"])
+        arms_rows.append(row)
+        raw[cap] = dict(ll_full=full, ll_zero=zero, gen_full=g_on, gen_zero=g_off, follow=follow, follow_zero=follow_z)
+        log(f"{cap:10s} LL {full.mean():.3f} vs zeroed {zero.mean():.3f} (p={m.p_value:.2g}); "
+            f"gen {metric} {g_on.mean():.3f} vs {g_off.mean():.3f} (p={gm.p_value:.2g}); "
+            f"conflict follows channel {follow.mean():.3f} vs {follow_z.mean():.3f}"
+            + (f"; text arm {row['text']:.3f} at {row['tokens_text']:.1f} prompt tokens" if text_model else ""))
+    report.tables["generation examples"] = gen_examples
+    report.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"] = arms_rows
+    report.tables["lexicons"] = [{"capability": c, "pole": s, "phrases": LEXICONS[c][s]} for c in LEXICONS for s in ("+", "-")] + [
+        {"capability": "affect", "pole": "+/-", "phrases": ["VADER compound score (vaderSentiment)"]}]
+    # pooled over capabilities
+    allf = np.concatenate([raw[c]["follow"] for c in raw])
+    allz = np.concatenate([raw[c]["follow_zero"] for c in raw])
+    report.add(compare_proportions("all capabilities: conflict, follows channel over text", allf, allz, "channels zeroed"),
+               Published("conflict (channel vs opposite text): follows the channel", "264/265 = 99.6%", SRC))
+    return raw
+
+
+def native_heldout_windows(model, stream: np.ndarray, seq: int, n_windows: int) -> np.ndarray:
+    """Per-window mean next-token loss on fixed held-out windows (no channels)."""
+    from lab.bases import _windows
+    n = min(n_windows, (len(stream) - 1) // seq)
+    offs = np.arange(n) * seq
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            x = _windows(stream, offs[i: i + 16], seq)
+            logits = model.base.model(input_ids=x[:, :-1]).logits.float()
+            l = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+            out += l.tolist()
+    return np.array(out)
+
+
+def evaluate_native(config, text_base, report: Report, paths: dict, log=print) -> None:
+    from lab.bases import corpus_tokens
+    from lab.channels.train import load_native
+    from lab.corpus import load_tokenizer
+
+    tok = load_tokenizer()
+    models = {k: load_native(p, text_base) for k, p in paths.items()}
+    held = corpus_tokens(tok, "heldout", max(500, config.native_docs // 20), seed=4321)
+    n_win = 64 if config.preset_name == "smoke" else 256
+    losses = {k: native_heldout_windows(m, held, config.native_seq, n_win) for k, m in models.items()}
+    ch = losses["channels"]
+    for b in ("baseline-small", "baseline-large"):
+        d = paired_delta(f"native: held-out loss, channels zeroed minus {b}", ch, losses[b], b)
+        d.extra.update(channels_loss=float(ch.mean()), baseline_loss=float(losses[b].mean()),
+                       n_params_channels=models["channels"].meta["n_params"], n_params_baseline=models[b].meta["n_params"])
+        report.add(d, Published("native, channels zeroed: held-out loss vs channel-less baselines",
+                                "4.825 vs 5.252 / 5.253 nats", SRC))
+    report.tables["native models"] = [{"model": k, "n_params": m.meta["n_params"], "heldout_loss": float(losses[k].mean()),
+                                       "n_windows": len(losses[k])} for k, m in models.items()]
+    # does the channel decide the preferred output? held-out counterfactual sets, full vs zeroed
+    cm = models["channels"].cm
+    full, zero = [], []
+    for cap in config.capabilities:
+        items = heldout_items(cap, config.n_heldout, seed=config.seed)
+        full.append(ll_correct(cm, items))
+        zero.append(ll_correct(cm, items, zero=True))
+    full, zero = np.concatenate(full), np.concatenate(zero)
+    m = compare_proportions("native: channel decides the preferred continuation (held-out)", full, zero, "channels zeroed")
+    report.add(m, Published("native: channel decides the preferred output (counterfactual pairs)", "88.8% of 455 (chance 25%)", SRC))
+    log(f"native: held-out loss channels-zeroed {ch.mean():.3f} vs {losses['baseline-small'].mean():.3f} / "
+        f"{losses['baseline-large'].mean():.3f}; channel decides {full.mean():.3f} vs zeroed {zero.mean():.3f} (n={len(full)})")

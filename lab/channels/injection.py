@@ -1,0 +1,207 @@
+"""Injection of six state channels into every layer of any base, through `lab.hooks`, behind ReZero gates.
+
+Two variants, one module class (`ChannelInjector`, chosen by `mode`):
+
+* ``"additive"`` (default) — per layer l and channel c a linear projection W[l,c] of the channel vector
+  to d_model, scaled by its own scalar gate alpha[l,c] (init 0) and added to the residual stream:
+
+      h_l <- h_l + sum_c alpha[l,c] * W[l,c] x_c                        # (B, 1, d) broadcast over T
+
+  This is exactly what the published per-channel cross-attention computes when each channel is a
+  single key/value token: softmax over one key is 1, so attention reduces to the gated,
+  query-independent bias alpha * W_o W_v x_c. We implement that reduced form directly (one matmul per
+  forward, not per token), which is why its overhead is negligible.
+
+* ``"xattn"`` — the variant where attention actually matters: each channel becomes ``n_tokens`` key/value
+  tokens (a learned map of x_c), and every position's query (a parameter-free layer norm of h_l, projected)
+  attends over its own channel's tokens, one softmax per channel; the per-channel outputs are gated by
+  alpha[l,c] and summed into the residual. The output depends on the query, so different positions can
+  read different parts of a channel.
+
+Site: ``resid_pre`` of every block (the stream entering block i), so "channels from layer 1" means the
+very first block already sees them. Hooks are registered by `lab.hooks.add` (one callable per layer)
+and removed when the `inject` context exits, even on error.
+
+Zero-init guarantee: alpha starts at 0 and the projections have no bias, so (a) at init the model is
+bit-identical to its base for any channel values (h + 0 == h exactly), and (b) a channel whose input is
+all zeros contributes exactly nothing: "channel zeroed" is the same thing as "channel removed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab import LabError
+
+CHANNELS = ("memory", "affect", "time", "ethics", "identity", "continuity")
+MODES = ("additive", "xattn")
+
+
+def check_widths(widths: Mapping[str, int]) -> dict[str, int]:
+    """Validate a {channel name: width} spec (any names, positive int widths)."""
+    if not isinstance(widths, Mapping) or not widths:
+        raise LabError(f"channel widths must be a non-empty mapping name -> width, got {widths!r}")
+    out = {}
+    for name, w in widths.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise LabError(f"channel name must be an identifier string, got {name!r}")
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise LabError(f"width of channel {name!r} must be a positive int, got {w!r}")
+        out[name] = w
+    return out
+
+
+def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
+                         batch: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Validate channel inputs: known names, (B, width) or (width,) shapes, one batch size, finite values.
+
+    Channels not given are zeros (= switched off, see module doc). Returns {name: (B, width)} for
+    every channel in `widths`, in its order.
+    """
+    if not isinstance(values, Mapping):
+        raise LabError(f"channel values must be a mapping name -> tensor, got {type(values).__name__}")
+    unknown = [k for k in values if k not in widths]
+    if unknown:
+        raise LabError(f"unknown channel name(s) {unknown}; this injector has channels {list(widths)}")
+    rows = {}
+    for name, v in values.items():
+        if not torch.is_tensor(v):
+            raise LabError(f"channel {name!r} must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() == 1:
+            v = v.unsqueeze(0)
+        if v.dim() != 2 or v.shape[-1] != widths[name]:
+            raise LabError(f"channel {name!r} must have shape (B, {widths[name]}) or ({widths[name]},), "
+                           f"got {tuple(v.shape)}")
+        if not torch.is_floating_point(v):
+            raise LabError(f"channel {name!r} must be a floating-point tensor, got dtype {v.dtype}")
+        if not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
+        rows[name] = v
+    sizes = {v.shape[0] for v in rows.values()}
+    if batch is not None:
+        sizes.add(batch)
+    sizes.discard(1)  # batch 1 broadcasts
+    if len(sizes) > 1:
+        raise LabError(f"channel batch sizes disagree: {sorted(sizes)} "
+                       f"({ {k: v.shape[0] for k, v in rows.items()} }{'' if batch is None else f', input batch {batch}'})")
+    B = sizes.pop() if sizes else 1
+    device = next((v.device for v in rows.values()), torch.device("cpu"))
+    out = {}
+    for name, w in widths.items():
+        v = rows.get(name)
+        out[name] = torch.zeros(B, w, dtype=dtype, device=device) if v is None else v.to(dtype).expand(B, w)
+    return out
+
+
+class ChannelInjector(nn.Module):
+    """Per-layer, per-channel projections to d_model with ReZero gates alpha (n_layers, n_channels) = 0."""
+
+    def __init__(self, d_model: int, n_layers: int, widths: Mapping[str, int], mode: str = "additive",
+                 n_tokens: int = 4, n_heads: int = 4):
+        super().__init__()
+        if mode not in MODES:
+            raise LabError(f"injection mode must be one of {MODES}, got {mode!r}")
+        if d_model < 1 or n_layers < 1:
+            raise LabError(f"d_model and n_layers must be >= 1, got {d_model}, {n_layers}")
+        self.widths = check_widths(widths)
+        self.names = list(self.widths)
+        self.d_model, self.n_layers, self.mode = d_model, n_layers, mode
+        C, L, d = len(self.names), n_layers, d_model
+        self.alpha = nn.Parameter(torch.zeros(L, C))  # the ReZero gates: which layer opens which channel
+        if mode == "additive":
+            # W[l, c]: (width_c, d). Stored per channel as (L, w, d) so one einsum serves all layers.
+            self.proj = nn.ParameterDict({n: nn.Parameter(torch.empty(L, w, d)) for n, w in self.widths.items()})
+        else:
+            if d % n_heads:
+                raise LabError(f"d_model {d} is not divisible by n_heads {n_heads} for the xattn variant")
+            if n_tokens < 1:
+                raise LabError(f"n_tokens must be >= 1, got {n_tokens}")
+            self.n_tokens, self.n_heads = n_tokens, n_heads
+            # channel vector -> n_tokens tokens of width d (shared by layers); per layer q/k/v/o maps.
+            self.tok = nn.ParameterDict({n: nn.Parameter(torch.empty(w, n_tokens * d)) for n, w in self.widths.items()})
+            self.wq = nn.Parameter(torch.empty(L, d, d))
+            self.wk = nn.Parameter(torch.empty(L, d, d))
+            self.wv = nn.Parameter(torch.empty(L, d, d))
+            self.wo = nn.Parameter(torch.empty(L, d, d))
+        self.init_weights()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """alpha = 0 (bit-identity); projections N(0, 1/fan_in) so W x has unit scale for unit-scale x,
+        which gives alpha a useful gradient from the first step."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            self.alpha.zero_()
+            for p in self.parameters():
+                if p is self.alpha:
+                    continue
+                fan_in = p.shape[-2]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+
+    # --- computation ---------------------------------------------------------------------------
+
+    def additive_deltas(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(L, B, d): sum_c alpha[l,c] W[l,c] x_c for every layer at once."""
+        per = torch.stack([torch.einsum("bw,lwd->lbd", x[n], self.proj[n]) for n in self.names], 2)  # (L, B, C, d)
+        return torch.einsum("lbcd,lc->lbd", per, self.alpha)
+
+    def channel_tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, C, K, d): each channel's key/value tokens (xattn variant)."""
+        d, K = self.d_model, self.n_tokens
+        return torch.stack([(x[n] @ self.tok[n]).view(-1, K, d) for n in self.names], 1)
+
+    def xattn_delta(self, layer: int, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): per-channel cross-attention of the stream's queries over that channel's tokens."""
+        B, T, d = h.shape
+        H, e = self.n_heads, d // self.n_heads
+        q = (F.layer_norm(h, (d,)) @ self.wq[layer]).view(B, T, H, e)            # (B, T, H, e)
+        k = (tokens @ self.wk[layer]).view(*tokens.shape[:3], H, e)              # (B, C, K, H, e)
+        v = (tokens @ self.wv[layer]).view(*tokens.shape[:3], H, e)
+        att = torch.einsum("bthe,bckhe->bhtck", q, k) / math.sqrt(e)
+        att = att.softmax(-1)                                                    # softmax within each channel
+        o = torch.einsum("bhtck,bckhe->btche", att, v).reshape(B, T, -1, d)      # (B, T, C, d)
+        o = o @ self.wo[layer]
+        return torch.einsum("btcd,c->btd", o, self.alpha[layer])
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def alpha_table(self) -> list[dict]:
+        a = self.alpha.detach().cpu()
+        return [{"layer": l, **{n: float(a[l, c]) for c, n in enumerate(self.names)}} for l in range(self.n_layers)]
+
+
+@contextlib.contextmanager
+def inject(base, injector: ChannelInjector, channels: Mapping[str, torch.Tensor] | None,
+           batch: int | None = None, site: str = "resid_pre") -> Iterator[None]:
+    """Within this context every forward of `base` carries the channels (hooks on every layer's `site`).
+
+    channels: {name: (B, width) or (width,)}; missing channels are zero (off). None: no hooks at all.
+    """
+    if channels is None:
+        yield
+        return
+    if injector.d_model != base.d_model or injector.n_layers != base.n_layers:
+        raise LabError(f"injector built for d_model={injector.d_model}, {injector.n_layers} layers, but base "
+                       f"{base.name!r} has d_model={base.d_model}, {base.n_layers} layers")
+    x = check_channel_values(channels, injector.widths, batch, dtype=base.dtype)
+    x = {k: v.to(base.device) for k, v in x.items()}
+    from lab import hooks
+
+    with contextlib.ExitStack() as stack:
+        if injector.mode == "additive":
+            deltas = injector.additive_deltas(x).to(base.dtype).unsqueeze(2)   # (L, B, 1, d): once per forward
+            for layer in range(base.n_layers):
+                stack.enter_context(hooks.add(base, layer, (lambda h, layer=layer: deltas[layer]), site=site))
+        else:
+            tokens = injector.channel_tokens(x).to(base.dtype)                 # (B, C, K, d)
+            for layer in range(base.n_layers):
+                fn = (lambda h, layer=layer: injector.xattn_delta(layer, h, tokens))
+                stack.enter_context(hooks.add(base, layer, fn, site=site))
+        yield

@@ -1,0 +1,237 @@
+"""Config, and `ChannelModel`: a base + a `ChannelInjector` + the channel encoders, with the three things
+every experiment needs from it: the training loss, continuation log-likelihoods, and greedy generation,
+each with the channels on, zeroed, or replaced by text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab import LabError
+from lab.channels.data import CAPABILITIES, Item
+from lab.channels.encoders import ChannelState, TextEncoder, channel_widths, encode_states
+from lab.channels.injection import MODES, ChannelInjector, inject
+
+ARMS = ("channel", "text")
+
+
+@dataclass
+class Config:
+    """Everything that defines a channels experiment (saved as config.json beside each artifact)."""
+    base: str = "tiny-gpt2"          # the frozen base of the adapter track (a preset, HF dir or hub name)
+    mode: str = "additive"           # "additive" (gated projection) or "xattn" (multi-token cross-attention)
+    site: str = "resid_pre"          # where the channels enter each block
+    n_tokens: int = 4                # xattn: key/value tokens per channel
+    n_heads: int = 4                 # xattn: attention heads
+    text_encoder: str = "base"       # "base" (mean-pooled hidden state) or "st:<sentence-transformers model>"
+    text_layer: int = 0              # base encoder: which resid_pre is pooled (0 = embeddings; see encoders.py)
+    capabilities: tuple = CAPABILITIES
+    # adapter training
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    seed: int = 0
+    eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
+    train_text_arm: bool = True      # also train the equally-trained text arm (channel-vs-text experiment)
+    # evaluation
+    n_heldout: int = 240             # held-out items per selection capability / prompt pairs per register one
+    gen_tokens: int = 8              # greedy tokens per generation
+    n_attribution: int = 24          # held-out items per capability for captum attributions
+    # native track: a small GPT-2 trained from scratch with channels from layer 1, vs 2 channel-less baselines
+    native: bool = True
+    native_d: int = 128
+    native_layers: int = 4
+    native_heads: int = 4
+    native_steps: int = 800
+    native_seq: int = 96             # corpus window length
+    native_batch: int = 16           # corpus windows per step (plus as many channel items)
+    native_lr: float = 2e-3
+    native_docs: int = 20_000        # lab-corpus training documents
+    preset_name: str = "custom"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise LabError(f"mode must be one of {MODES}, got {self.mode!r}")
+        bad = [c for c in self.capabilities if c not in CAPABILITIES]
+        if bad or not self.capabilities:
+            raise LabError(f"unknown capabilities {bad}; expected a non-empty subset of {CAPABILITIES}")
+        self.capabilities = tuple(self.capabilities)
+        for k in ("steps", "batch_size", "n_heldout", "gen_tokens", "native_steps", "native_d", "native_layers",
+                  "native_batch", "native_seq"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LabError(f"{k} must be a positive int, got {v!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        presets = {
+            # seconds: tests and CI notebooks, on smoke-gpt2
+            "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, eval_every=10, n_heldout=12, gen_tokens=4,
+                          n_attribution=3, native_d=32, native_layers=2, native_steps=12, native_seq=32,
+                          native_batch=8, native_docs=1000),
+            # the CPU experiment: minutes on tiny-gpt2
+            "tiny": dict(base="tiny-gpt2"),
+            # a GPU and a real HF base with a real sentence encoder (as published: BGE-M3)
+            "paper": dict(base="gpt2", text_encoder="st:BAAI/bge-m3", steps=20_000, batch_size=64, lr=1e-3,
+                          n_heldout=500, gen_tokens=24, native_d=768, native_layers=12, native_heads=12,
+                          native_steps=50_000, native_seq=512, native_batch=32, native_docs=2_000_000),
+        }
+        if name not in presets:
+            raise LabError(f"unknown preset {name!r}; expected one of {list(presets)}")
+        known = {f.name for f in fields(cls)}
+        bad = [k for k in overrides if k not in known]
+        if bad:
+            raise LabError(f"unknown config field(s) {bad}")
+        return cls(**{**presets[name], **overrides, "preset_name": name})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["capabilities"] = list(self.capabilities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "capabilities" else v) for k, v in d.items() if k in known})
+
+
+def _pack(tokenizer, prompts: Sequence[str], conts: Sequence[str], pad_id: int):
+    """Right-padded ids (N, T), attention mask, and a (N, T) mask of positions whose NEXT token is a
+    continuation token (so logits[:, t] is scored against ids[:, t+1])."""
+    rows, tmask, plen = [], [], []
+    for p, c in zip(prompts, conts):
+        pi = tokenizer.encode(p, add_special_tokens=False)
+        ci = tokenizer.encode(c, add_special_tokens=False)
+        if not pi or not ci:
+            raise LabError(f"empty prompt or continuation: {p!r} / {c!r}")
+        rows.append(pi + ci)
+        plen.append(len(pi))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    score = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = 1
+        score[i, plen[i] - 1: len(r) - 1] = True
+    return ids, att, score
+
+
+class ChannelModel(nn.Module):
+    """A frozen base with channels. Only `injector` has parameters (the base is not a submodule, so
+    checkpoints and artifacts hold the injector alone).
+
+    arm "channel": the state goes in through the six channels.
+    arm "text":    the state is written into the prompt (item.text_state); the injector then has one
+                   constant input (a learned per-layer residual bias, gated the same way) so the text arm
+                   gets the same kind of trainable adapter, steps and data: "an equally trained model".
+    """
+
+    def __init__(self, config: Config, base, text_encoder: TextEncoder | None = None, arm: str = "channel"):
+        super().__init__()
+        if arm not in ARMS:
+            raise LabError(f"arm must be one of {ARMS}, got {arm!r}")
+        self.config, self.arm = config, arm
+        self.__dict__["base"] = base  # not a submodule: the base is frozen and not saved with the adapter
+        self.text_encoder = text_encoder or TextEncoder(base, config.text_encoder, config.text_layer)
+        widths = channel_widths(self.text_encoder.dim) if arm == "channel" else {"bias": 1}
+        self.injector = ChannelInjector(base.d_model, base.n_layers, widths, config.mode,
+                                        config.n_tokens, config.n_heads)
+        self.injector.init_weights(seed=config.seed)
+
+    # --- channel tensors -----------------------------------------------------------------------
+
+    def channels(self, states: Sequence[ChannelState | dict], zero: bool | Sequence[str] = False) -> dict:
+        """{name: (B, width)} for a batch of states; `zero` = True (all) or channel names to zero."""
+        if self.arm == "text":
+            return {"bias": torch.ones(len(states), 1)}
+        x = encode_states(states, self.text_encoder)
+        if zero is True:
+            return {k: torch.zeros_like(v) for k, v in x.items()}
+        for k in (zero or ()):
+            if k not in x:
+                raise LabError(f"cannot zero unknown channel {k!r}; channels are {list(x)}")
+            x[k] = torch.zeros_like(x[k])
+        return x
+
+    def prompt_of(self, item: Item, with_text: bool | None = None) -> str:
+        """The prompt an arm sees: the text arm prepends the state as text."""
+        with_text = (self.arm == "text") if with_text is None else with_text
+        return (item.text_state + item.prompt) if with_text else item.prompt
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def continuation_logprobs(self, prompts: Sequence[str], conts: Sequence[str], channels: dict | None,
+                              batch: int = 64) -> torch.Tensor:
+        """(N,) summed log p(continuation | prompt) with the channels on (None: the bare base)."""
+        b = self.base
+        out = []
+        for i in range(0, len(prompts), batch):
+            sl = slice(i, i + batch)
+            ids, att, score = _pack(b.tokenizer, prompts[sl], conts[sl], b.tokenizer.pad_token_id)
+            ch = None if channels is None else {k: v[sl] for k, v in channels.items()}
+            with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
+                logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits.float()
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(b.device))[..., 0]  # (B, T-1)
+            out.append((lp * score[:, :-1].to(lp.device)).sum(1).cpu())
+        return torch.cat(out)
+
+    def loss(self, items: Sequence[Item]) -> torch.Tensor:
+        """Mean cross-entropy of the target continuation tokens, state through this arm."""
+        b = self.base
+        ids, att, score = _pack(b.tokenizer, [self.prompt_of(it) for it in items], [it.target for it in items],
+                                b.tokenizer.pad_token_id)
+        ch = self.channels([it.state for it in items])
+        with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
+            logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits  # (B, T, V)
+        tgt = ids[:, 1:].to(b.device)
+        m = score[:, :-1].to(b.device)
+        return F.cross_entropy(logits[:, :-1][m].float(), tgt[m])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], channels: dict | None, max_new_tokens: int = 8,
+                 batch: int = 64) -> list[str]:
+        """Greedy continuations, batched with right padding (each row reads its own last position;
+        causal models never look at the padding after it), channels on every forward."""
+        b = self.base
+        tok = b.tokenizer
+        outs: list[str] = []
+        for i in range(0, len(prompts), batch):
+            rows = [tok.encode(p, add_special_tokens=False) for p in prompts[i: i + batch]]
+            ch = None if channels is None else {k: v[i: i + batch] for k, v in channels.items()}
+            lens = torch.tensor([len(r) for r in rows])
+            b.check_length(int(lens.max()) + max_new_tokens)
+            T = int(lens.max()) + max_new_tokens
+            ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)] = torch.tensor(r)
+            gen = [[] for _ in rows]
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            with inject(b, self.injector, ch, batch=len(rows), site=self.config.site):
+                for _ in range(max_new_tokens):
+                    cur = int(lens.max())
+                    att = (torch.arange(cur)[None] < lens[:, None]).long()
+                    logits = b.model(input_ids=ids[:, :cur].to(b.device), attention_mask=att.to(b.device)).logits
+                    nxt = logits[torch.arange(len(rows)), lens - 1].argmax(-1).cpu()  # (B,)
+                    for j in range(len(rows)):
+                        if not done[j]:
+                            gen[j].append(int(nxt[j]))
+                            done[j] = int(nxt[j]) == tok.eos_token_id
+                    ids[torch.arange(len(rows)), lens] = nxt
+                    lens = lens + 1
+                    if done.all():
+                        break
+            outs += [tok.decode(g, skip_special_tokens=True) for g in gen]
+        return outs
+
+
+def build(config: Config, base, arm: str = "channel", text_encoder: TextEncoder | None = None) -> ChannelModel:
+    """The module(s) from config alone: a ChannelModel on `base` with zero-init gates."""
+    return ChannelModel(config, base, text_encoder, arm)

@@ -1,0 +1,234 @@
+"""Training: the adapter track (frozen base, only the injection trains), its equally-trained text arm,
+and the native track (a small model pretrained with channels from layer 1 against two channel-less
+baselines that bracket its parameter count, same data and steps). All on `lab.trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lab import LabError, models_dir
+from lab.channels.data import CAPABILITIES, heldout_items, train_batch_items
+from lab.channels.encoders import TextEncoder
+from lab.channels.model import ChannelModel, Config, build
+from lab.store import Artifact, atomic_write_text, load_artifact, read_json, save_artifact
+from lab.trainer import TrainSpec, fit
+
+KIND_ADAPTER = "channels-adapter"
+KIND_TEXT = "channels-text-arm"
+KIND_NATIVE = "channels-native"
+
+
+def artifact_root(config: Config, base_name: str) -> Path:
+    return models_dir() / f"channels-{config.preset_name}-{Path(str(base_name)).name.replace('/', '_')}"
+
+
+def _alpha_log_path(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + ".alpha.json")
+
+
+def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel", stop_after: int | None = None,
+          force: bool = False) -> Artifact:
+    """Train the injection on a frozen base (arm "channel"), or the text arm. Resumable; returns the artifact."""
+    root = artifact_root(config, base.name)
+    out_dir = Path(out_dir) if out_dir else root / ("adapter" if arm == "channel" else "text-arm")
+    kind = KIND_ADAPTER if arm == "channel" else KIND_TEXT
+    if (out_dir / "manifest.json").exists() and not force:
+        return load_artifact(out_dir, kind, base)
+    model = build(config, base, arm=arm)
+    spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 5 or 1),
+                     seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every)
+    ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
+    alpha_log = _alpha_log_path(ckpt)
+    history = json.loads(alpha_log.read_text()) if alpha_log.exists() and (ckpt / "trainer.json").exists() else []
+    if history:  # resume: drop snapshots newer than the checkpoint (they will be recomputed identically)
+        at = read_json(ckpt / "trainer.json")["step"]
+        history = [h for h in history if h["step"] <= at]
+    val = [it for cap in config.capabilities for it in heldout_items(cap, 4, seed=config.seed + 99)]
+    state = {"step": 0}
+
+    def batch_fn(step, rank, world):
+        state["step"] = step + 1
+        return {"items": train_batch_items(step, config.batch_size // world, config.seed, config.capabilities, rank)}
+
+    def loss_fn(m, batch):
+        return m.loss(batch["items"])
+
+    def eval_fn(m):
+        history.append({"step": state["step"], "alpha": m.injector.alpha.detach().tolist()})
+        atomic_write_text(alpha_log, json.dumps(history))
+        return {"val_loss": float(m.loss(val)), "max|alpha|": float(m.injector.alpha.abs().max())}
+
+    result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
+                 desc=f"channels {arm} on {base.name}", stop_after=stop_after)
+    if stop_after is not None and stop_after < spec.steps:
+        return None
+    metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
+               "alpha_history": history, "names": model.injector.names, "arm": arm,
+               "n_params": model.injector.n_params(), "text_encoder": model.text_encoder.name}
+    art = save_artifact(out_dir, kind, dict(model.injector.state_dict()), config.to_dict(), base=base, metrics=metrics)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    alpha_log.unlink(missing_ok=True)
+    return art
+
+
+def load_model(artifact: Artifact | Path, base, text_encoder: TextEncoder | None = None) -> ChannelModel:
+    """A ChannelModel with trained weights from an adapter or text-arm artifact (checked against `base`)."""
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(Path(artifact), None, base)
+    if artifact.kind not in (KIND_ADAPTER, KIND_TEXT):
+        raise LabError(f"{artifact.path} is a {artifact.kind!r} artifact, expected {KIND_ADAPTER} or {KIND_TEXT}")
+    config = Config.from_dict(artifact.config)
+    model = build(config, base, arm="channel" if artifact.kind == KIND_ADAPTER else "text", text_encoder=text_encoder)
+    try:
+        model.injector.load_state_dict(artifact.tensors)
+    except RuntimeError as e:
+        raise LabError(f"{artifact.path} does not fit this injector ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model
+
+
+# --- native track --------------------------------------------------------------------------------
+
+def _gpt2(vocab: int, tok, d: int, layers: int, heads: int, seq: int, seed: int):
+    from transformers import AutoModelForCausalLM, GPT2Config
+    cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq),
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def bracket_dims(target: int, vocab: int, tok, layers: int, heads: int, seq: int) -> tuple[int, int]:
+    """Widths of the two channel-less baselines: the largest with fewer parameters than `target`
+    and the smallest with more (multiples of `heads`)."""
+    from transformers import GPT2Config
+    def count(d):
+        c = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq))
+        # tied head: embeddings + positions + per layer (attn 4d^2+4d, mlp 8d^2+5d, 2 LNs 4d) + final LN
+        return vocab * d + c.n_positions * d + layers * (12 * d * d + 13 * d) + 2 * d
+    d = heads
+    while count(d + heads) < target:
+        d += heads
+    lo, hi = d, d + heads
+    if count(lo) >= target or count(hi) <= target:
+        raise LabError(f"cannot bracket {target} parameters with GPT-2 widths (got {count(lo)}, {count(hi)})")
+    return lo, hi
+
+
+class NativeModel(torch.nn.Module):
+    """A from-scratch GPT-2 (+ channels from layer 1 when `injector` is not None), wrapped as a lab Base so
+    the very same `lab.hooks` injection serves the native track."""
+
+    def __init__(self, lm, tokenizer, config: Config, text_encoder: TextEncoder | None, with_channels: bool):
+        super().__init__()
+        from lab.bases import Base
+        self.lm = lm
+        self.__dict__["base"] = Base(name="native", model=lm, tokenizer=tokenizer, arch="gpt2")
+        self.cm = None
+        if with_channels:
+            # a ChannelModel over the native LM: same injector, same encoders
+            self.cm = ChannelModel(config, self.base, text_encoder, arm="channel")
+
+    def item_loss(self, items, zero: bool = False) -> torch.Tensor:
+        """LM loss on whole item texts (prompt + target): the native model learns them as text."""
+        b = self.base
+        from lab.channels.model import _pack
+        ids, att, _ = _pack(b.tokenizer, [it.prompt for it in items], [it.target for it in items], b.tokenizer.pad_token_id)
+        from lab.channels.injection import inject
+        ch = self.cm.channels([it.state for it in items], zero=zero) if self.cm is not None else None
+        with inject(b, self.cm.injector if self.cm else None, ch, batch=ids.shape[0]):
+            logits = b.model(input_ids=ids, attention_mask=att).logits
+        m = att[:, 1:].bool()
+        return F.cross_entropy(logits[:, :-1][m].float(), ids[:, 1:][m])
+
+    def text_loss(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.base.model(input_ids=x[:, :-1]).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+
+def train_native(config: Config, text_base, out_root: Path | None = None, force: bool = False) -> dict[str, Path]:
+    """Pretrain three small GPT-2s on the same data and steps: "channels" (channels from layer 1),
+    "baseline-small" and "baseline-large" (no channels, bracketing the channel model's parameter count).
+    The text channels use `text_base`'s mean-pooled embeddings (a fixed encoder, as the published work
+    used a fixed sentence encoder). Returns {name: artifact dir}."""
+    from lab.bases import _windows, corpus_tokens
+    from lab.corpus import load_tokenizer
+
+    tok = load_tokenizer()
+    vocab = len(tok)
+    root = Path(out_root) if out_root else models_dir() / f"channels-native-{config.preset_name}"
+    te = TextEncoder(text_base, config.text_encoder, config.text_layer)
+    train_stream = corpus_tokens(tok, "train", config.native_docs, seed=4321)
+    probe = NativeModel(_gpt2(vocab, tok, config.native_d, config.native_layers, config.native_heads,
+                              config.native_seq, config.seed), tok, config, te, True)
+    target = _n_params(probe)
+    lo, hi = bracket_dims(target, vocab, tok, config.native_layers, config.native_heads, config.native_seq)
+    plan = {"channels": (config.native_d, True), "baseline-small": (lo, False), "baseline-large": (hi, False)}
+    out = {}
+    for name, (d, with_ch) in plan.items():
+        path = root / name
+        out[name] = path
+        if (path / "manifest.json").exists() and not force:
+            continue
+        model = NativeModel(_gpt2(vocab, tok, d, config.native_layers, config.native_heads, config.native_seq,
+                                  config.seed), tok, config, te if with_ch else None, with_ch)
+        model.requires_grad_(True)
+        spec = TrainSpec(steps=config.native_steps, lr=config.native_lr, warmup=min(100, config.native_steps // 10 or 1),
+                         seed=config.seed, ckpt_every=max(50, config.native_steps // 5),
+                         eval_every=max(10, config.native_steps // 5))
+        S, Bw = config.native_seq, config.native_batch
+
+        def batch_fn(step, rank, world):
+            # identical for all three models: a pure function of (seed, step)
+            rng = np.random.default_rng([config.seed, step, rank, 7])
+            offs = rng.integers(0, len(train_stream) - S - 1, size=Bw)
+            return {"text": _windows(train_stream, offs, S),
+                    "items": train_batch_items(step, Bw, config.seed + 1, config.capabilities, rank)}
+
+        def loss_fn(m, batch):
+            return m.text_loss(batch["text"]) + m.item_loss(batch["items"])
+
+        ckpt = path.with_name(f".{path.name}.ckpt")
+        res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d})")
+        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch}
+        metrics = {"n_params": _n_params(model), "seconds": round(res.seconds, 1), "history": res.history,
+                   "alpha": model.cm.injector.alpha.tolist() if with_ch else None}
+        # the head is tied to the embedding: save it once (safetensors refuses shared storage)
+        tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
+        save_artifact(path, KIND_NATIVE, tensors, cfg, base=None, metrics=metrics)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
+def load_native(path: Path, text_base) -> NativeModel:
+    from lab.corpus import load_tokenizer
+    art = load_artifact(Path(path), KIND_NATIVE)
+    cfg = art.config
+    config = Config.from_dict(cfg)
+    tok = load_tokenizer()
+    te = TextEncoder(text_base, config.text_encoder, config.text_layer) if cfg["with_channels"] else None
+    model = NativeModel(_gpt2(len(tok), tok, cfg["native_width"], config.native_layers, config.native_heads,
+                              config.native_seq, config.seed), tok, config, te, cfg["with_channels"])
+    try:
+        model.load_state_dict(art.tensors, strict=False)
+    except RuntimeError as e:
+        raise LabError(f"{path} does not fit a native model of width {cfg['native_width']}: {str(e).splitlines()[0]}") from None
+    missing = set(model.state_dict()) - set(art.tensors)
+    # tied weights may be saved once; anything else missing is a real mismatch
+    if any(not k.endswith("lm_head.weight") for k in missing):
+        raise LabError(f"{path} lacks tensors {sorted(missing)[:3]}...")
+    model.requires_grad_(False)
+    model.eval()
+    model.meta = art.manifest.get("metrics", {})
+    return model

@@ -1,0 +1,101 @@
+"""Thinking combiner: one latent step mixed into the final state; delta bits per byte, live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from lab import LabError
+from lab.ui import base_picker, cached_base, export_buttons, show_error
+
+st.set_page_config(page_title="Thinking combiner", layout="wide")
+st.title("Thinking combiner")
+st.caption("h' = (1 + α)·h + M·T_k + β on the final-normed state h; T_k = k continuous thoughts (the normed last "
+           "state fed back as the next input embedding). Zero init is a bit-exact identity. Scored by the chunked "
+           "last-position evaluator on the lab corpus's held-out text.")
+
+
+@st.cache_resource(show_spinner="loading combiners…")
+def load_combiners(path: str, base_name: str):
+    from lab.combiner import Config, combiners, control_combiner, load
+    base = cached_base(base_name)
+    art = load(Path(path), base)
+    return art, Config.from_dict(art.config), combiners(art, base), control_combiner(art, base)
+
+
+@st.cache_resource(show_spinner="thinking over the held-out text…")
+def held_out_features(path: str, base_name: str, n_docs: int):
+    from dataclasses import replace
+    from lab.combiner import eval_features
+    from lab.combiner.bpb import score_chunks
+    _, cfg, _, _ = load_combiners(path, base_name)
+    base = cached_base(base_name)
+    _, _, feats = eval_features(replace(cfg, eval_docs=n_docs), base)
+    return feats, score_chunks(base, feats)
+
+
+try:
+    from lab.combiner.experiment import artifact_dir, delta_at, find_artifacts, gains_figure, per_token_gains, scale_sweep
+    from lab.combiner.bpb import bpb
+    from lab import figures
+
+    env_art = os.environ.get("LAB_COMBINER_ARTIFACT")
+    base_name = base_picker(key="comb-base", prefer=("tiny-gpt2", "smoke-gpt2"))
+    found = [str(p) for p in find_artifacts(base_name)]
+    if env_art and env_art not in found:
+        found.insert(0, env_art)
+    if not found:
+        st.warning(f"No trained combiner for {base_name!r} yet. Train one with:  "
+                   f"`lab train combiner --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
+        st.stop()
+    path = st.selectbox("Trained combiner", found, key="comb-artifact")
+    art, cfg, combs, ctrl = load_combiners(path, base_name)
+    base = cached_base(base_name)
+
+    c1, c2, c3 = st.columns(3)
+    fit = c1.radio("Fit", ["ce", "ridge"], horizontal=True, key="comb-fit",
+                   help="ce: cross-entropy by AdamW (as published); ridge: closed form on the logit-gradient target")
+    k = c2.selectbox("Latent steps k", list(range(1, cfg.k_max + 1)), key="comb-k")
+    n_docs = c3.select_slider("Held-out documents", [min(cfg.eval_docs, n) for n in (100, 300, 1000, 3000)],
+                              value=min(cfg.eval_docs, 300), key="comb-docs")
+    comb = combs[(fit, k)]
+    fitted_alpha = float(comb.alpha)
+    s1, s2 = st.columns(2)
+    alpha = s1.slider("α (gain on h; fitted value by default)", -0.5, 0.5, round(fitted_alpha, 3), 0.005, key="comb-alpha")
+    m_scale = s2.slider("M-scale (multiplies M and β)", 0.0, 2.0, 1.0, 0.05, key="comb-m-scale")
+
+    feats, base_nats = held_out_features(path, base_name, n_docs)
+    m, nats = delta_at(base, feats, comb, k, alpha, m_scale, cfg.seed, base_nats)
+    m_ctrl, _ = delta_at(base, feats, ctrl, 1, None, 1.0, cfg.seed, base_nats)
+    a, b_, c, d = st.columns(4)
+    a.metric("base bpb (chunked)", f"{bpb(base_nats, feats.nbytes):.4f}", help=f"n = {len(feats)} scored positions")
+    b_.metric("combiner bpb", f"{bpb(nats, feats.nbytes):.4f}")
+    c.metric("Δ bpb vs base", f"{m.value:+.4f}", f"95% CI [{m.ci_low:+.4f}, {m.ci_high:+.4f}]", delta_color="off",
+             help=f"paired bootstrap over {m.n} positions; Wilcoxon p = {m.p_value:.3g}")
+    d.metric("Δ bpb, no-thought control", f"{m_ctrl.value:+.4f}", f"95% CI [{m_ctrl.ci_low:+.4f}, {m_ctrl.ci_high:+.4f}]",
+             delta_color="off", help="α and β fitted with M = 0: what recalibration alone buys")
+    st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, lab.corpus.heldout_text({n_docs})); "
+               f"Wilcoxon p = {m.p_value:.3g}. Published: identity Δ 0 (bit-exact), fitted Δ −0.019 bpb.")
+
+    scales = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    sweep = scale_sweep(base, feats, comb, k, scales, alpha, cfg.seed)
+    fig = figures.line(scales, {"Δ bpb": [s.value for s in sweep]}, f"Δ bpb vs M-scale ({fit}, k={k}, α={alpha:.3g})",
+                       "M-scale", "Δ bits per byte", error={"Δ bpb": ([s.ci_low for s in sweep], [s.ci_high for s in sweep])})
+    fig.add_vline(x=m_scale, line_dash="dot")
+    st.plotly_chart(fig, width="stretch")
+    export_buttons(fig, "combiner_delta_vs_mscale", key="comb-exp-sweep")
+
+    st.subheader("Per-token gains on a sample text")
+    from lab.corpus import documents
+    sample = st.text_area("Sample text", documents("heldout", 1, seed=99)[0], key="comb-text", height=100)
+    rows = per_token_gains(base, comb, sample, k, cfg.feed, alpha, m_scale)
+    fig2 = gains_figure(rows, f"Gain per token (bits; positive = combiner better), {fit} k={k}")
+    st.plotly_chart(fig2, width="stretch")
+    export_buttons(fig2, "combiner_token_gains", key="comb-exp-gains")
+    total = sum(r["gain_bits"] for r in rows)
+    st.caption(f"{len(rows)} tokens, {sum(r['bytes'] for r in rows)} bytes; total gain {total:+.2f} bits "
+               f"({total / max(1, sum(r['bytes'] for r in rows)):+.4f} bits per byte on this text).")
+except LabError as e:
+    show_error(e)

@@ -1,0 +1,136 @@
+"""The thinking step: one (or k) Coconut-style continuous thoughts on a frozen base.
+
+Given a context x_0..x_{n-1}, let h be the *final-normed* state at position n-1 (the vector the
+head reads, so head(h) is exactly the base's next-token logits). The first thought appends h as
+the input embedding of a new position n and reads the final-normed output there: T_1. Thought
+T_j appends T_{j-1} the same way, so T_k costs k extra positions.
+
+Which norm, and why (the same rule for every family):
+  the input of the extra position is the base's *own final norm* applied to the last block's
+  output, i.e. h itself (GPT-2: ln_f, a LayerNorm with affine weights; Llama/Qwen2: model.norm, an
+  RMSNorm with weights; Mamba2: norm_f, a gated RMSNorm called without a gate).
+  - It is what the published method feeds ("RMSNorm(h_last)"; its norm has no weights, so that is
+    the final-normed state), and what Coconut feeds (the last hidden state).
+  - With a tied head, logits = h . E, so h lives in the space the input embeddings E live in: the
+    thought input points toward the tokens the base is about to predict.
+  - It needs no parameters, so the combiner at zero init stays a bit-exact identity.
+  The alternative `feed="final_embed_rms"` rescales h to the mean RMS of the input-embedding rows,
+  for bases whose final-norm scale is far from the embeddings' (a documented option, not the default).
+
+Two equivalent ways to run it (tested to agree): `cached=True` continues the base's own
+key/value cache one position per thought (attention families: GPT-2, Llama, Qwen2), `cached=False`
+re-runs the whole sequence with `inputs_embeds` through `lab.hooks.forward` for every thought
+(any family; Mamba2 always uses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lab import LabError
+from lab.hooks import capture, forward
+
+FEEDS = ("final", "final_embed_rms")
+CACHED_FAMILIES = ("gpt2", "llama", "qwen2")
+
+
+def check_k(k: int, k_max: int = 4) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= k_max:
+        raise LabError(f"k (latent steps) must be an int in 1..{k_max}, got {k!r}")
+    return k
+
+
+def thought_input(base, h: torch.Tensor, feed: str = "final") -> torch.Tensor:
+    """The input embedding of a thought position from a final-normed state h (B, d)."""
+    if feed == "final":
+        return h
+    if feed == "final_embed_rms":
+        target = base.embed.weight.detach().float().pow(2).mean(-1).sqrt().mean()  # mean row RMS
+        rms = h.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8)
+        return (h * (target / rms)).to(h.dtype)
+    raise LabError(f"feed must be one of {FEEDS}, got {feed!r}")
+
+
+@dataclass
+class Thoughts:
+    """h: (B, d) final-normed state at the last context position; T: (B, k, d) thoughts T_1..T_k."""
+    h: torch.Tensor
+    T: torch.Tensor
+    forwards: int         # model forwards spent (1 for h, plus one per thought)
+    positions: int        # token positions processed per row, summed over those forwards
+
+
+def _final_last(base, **kw) -> tuple[torch.Tensor, object]:
+    with capture(base, layers=[], final=True) as cache:
+        out = base.model(**kw)
+    return cache["final"][:, -1], out
+
+
+@torch.no_grad()
+def think(base, ids: torch.Tensor, k: int = 1, feed: str = "final", cached: bool | None = None) -> Thoughts:
+    """h and the thoughts T_1..T_k after each row of `ids` (B, n); rows are unpadded contexts."""
+    check_k(k)
+    if ids.dim() != 2 or ids.shape[1] < 1:
+        raise LabError(f"ids must be (B, n) with n >= 1, got {tuple(ids.shape)}")
+    n = ids.shape[1]
+    base.check_length(n + k)
+    if cached is None:
+        cached = base.arch in CACHED_FAMILIES
+    if cached and base.arch not in CACHED_FAMILIES:
+        raise LabError(f"cached thinking is implemented for {CACHED_FAMILIES}, not {base.arch!r}; use cached=False")
+    thoughts = []
+    if cached:
+        h, out = _final_last(base, input_ids=ids, use_cache=True)
+        past, x = out.past_key_values, h
+        for _ in range(k):  # one new position per thought, attending to the cached context
+            x, out = _final_last(base, inputs_embeds=thought_input(base, x, feed)[:, None], past_key_values=past,
+                                 use_cache=True)
+            past = out.past_key_values
+            thoughts.append(x)
+        return Thoughts(h, torch.stack(thoughts, 1), 1 + k, n + k)
+    with capture(base, layers=[], final=True) as cache:
+        forward(base, input_ids=ids)
+    h = cache["final"][:, -1]
+    seq, x, positions = base.embed(ids), h, n  # (B, n, d): exactly what the model embeds from ids
+    for _ in range(k):  # full recompute: the whole context plus every thought so far
+        seq = torch.cat([seq, thought_input(base, x, feed)[:, None]], 1)
+        with capture(base, layers=[], final=True) as cache:
+            forward(base, inputs_embeds=seq)
+        x = cache["final"][:, -1]
+        positions += seq.shape[1]
+        thoughts.append(x)
+    return Thoughts(h, torch.stack(thoughts, 1), 1 + k, positions)
+
+
+@torch.no_grad()
+def think_every_position(base, ids: torch.Tensor, k: int = 1, feed: str = "final",
+                         batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one sequence ids (n,) or (1, n): h (n, d) and T (n, k, d) at every position t, each thought
+    seeing only x_0..x_t. Rows are right-padded copies of the prefix; causality makes padding exact."""
+    check_k(k)
+    ids = ids.reshape(-1)
+    n = ids.numel()
+    if n < 1:
+        raise LabError("expected a non-empty token sequence")
+    base.check_length(n + k)
+    with capture(base, layers=[], final=True) as cache:
+        forward(base, input_ids=ids[None])
+    hs = cache["final"][0]                                   # (n, d)
+    emb = base.embed(ids[None])[0]                           # (n, d)
+    out = torch.empty(n, k, base.d_model, dtype=hs.dtype, device=hs.device)
+    for s in range(0, n, batch):
+        rows = torch.arange(s, min(n, s + batch), device=ids.device)
+        L = int(rows.max()) + 1 + k
+        seq = torch.zeros(len(rows), L, base.d_model, dtype=hs.dtype, device=hs.device)
+        for r, t in enumerate(rows.tolist()):
+            seq[r, : t + 1] = emb[: t + 1]
+        x = hs[rows]
+        for j in range(k):
+            seq[torch.arange(len(rows)), rows + 1 + j] = thought_input(base, x, feed)
+            with capture(base, layers=[], final=True) as cache:
+                forward(base, inputs_embeds=seq[:, : int(rows.max()) + 2 + j])
+            x = cache["final"][torch.arange(len(rows)), rows + 1 + j]
+            out[rows, j] = x
+    return hs, out

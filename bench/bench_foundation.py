@@ -1,0 +1,61 @@
+"""Residual capture cost: lab.hooks.capture vs a bare forward vs output_hidden_states, and
+TransformerLens run_with_cache on the same GPT-2 shape (if transformer_lens is installed).
+
+Ratios are measured side by side in one process, each timing the median of repeated runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.utils import benchmark
+
+from lab import hooks
+from lab.bases import load_base
+
+
+def _median(stmt, globals_, min_run_time=1.0) -> float:
+    return benchmark.Timer(stmt=stmt, globals=globals_).blocked_autorange(min_run_time=min_run_time).median
+
+
+def main(base_name: str | None = None, batch: int = 8, seq: int = 128) -> dict:
+    base_name = base_name or os.environ.get("LAB_BENCH_BASE", "tiny-gpt2")
+    base = load_base(base_name, train_if_missing=True)
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(base.tokenizer), (batch, seq))
+    g = {"base": base, "ids": ids, "hooks": hooks, "torch": torch}
+    with torch.no_grad():
+        bare = _median("base.model(input_ids=ids)", g)
+        ohs = _median("base.model(input_ids=ids, output_hidden_states=True)", g)
+        cap = _median("with hooks.capture(base) as c: base.model(input_ids=ids)", g)
+    out = {
+        "base": base_name, "shape": f"B={batch} T={seq}",
+        "bare_forward_ms": bare * 1e3,
+        "capture_vs_bare": cap / bare,
+        "capture_vs_output_hidden_states": cap / ohs,
+    }
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        out["transformer_lens"] = "not installed (pip install transformer-lens)"
+        return out
+    # TransformerLens 4 wraps the very same HF model (no download), so the ratios compare hook
+    # machinery on identical weights and shapes.
+    import copy
+    tl = TransformerBridge.boot_transformers(str(base.path), hf_model=copy.deepcopy(base.model),
+                                             tokenizer=base.tokenizer, device="cpu")
+    tl.eval()
+    g.update(tl=tl)
+    with torch.no_grad():
+        tl_bare = _median("tl(ids)", g)
+        tl_cache = _median("tl.run_with_cache(ids, names_filter=lambda n: 'resid' in n)", g)
+    out.update({"tl_run_with_cache_vs_tl_forward": tl_cache / tl_bare,
+                "tl_run_with_cache_vs_hf_bare": tl_cache / bare,
+                "lab_capture_vs_tl_run_with_cache": cap / tl_cache})
+    return out
+
+
+if __name__ == "__main__":
+    for k, v in main(*(sys.argv[1:2] or [None])).items():
+        print(f"{k:36} {v:.3f}" if isinstance(v, float) else f"{k:36} {v}")

@@ -44,7 +44,11 @@ def halves(pool) -> tuple[list, list]:
 
 
 def pool(name: str, split: str) -> list:
-    pools = {"objects": VALUE_WORDS, "topics": TOPICS, "personas": PERSONAS, "positive": POSITIVE,
+    # objects that are also words of a topic ("harbor", "river") are dropped, so no word of one split's
+    # entities ever occurs in the other split's entities (checked word by word in the tests)
+    topic_words = {w for t in TOPICS for w in t.split()}
+    objects = [w for w in VALUE_WORDS if w not in topic_words]
+    pools = {"objects": objects, "topics": TOPICS, "personas": PERSONAS, "positive": POSITIVE,
              "negative": NEGATIVE, "cautious": CAUTIOUS, "permissive": PERMISSIVE, "day": DAY_WORDS,
              "night": NIGHT_WORDS}
     tr, ho = halves(pools[name])
@@ -277,13 +281,21 @@ def corpus_summary(n_heldout: int = 240, seed: int = 0) -> list[dict]:
 
 
 def entities(split: str) -> set[str]:
-    """Every entity word of a split (objects, topics, names, roles, register words)."""
+    """Every entity of a split (objects, topics, names, roles, register words and phrases)."""
     out = set()
     for name in ("objects", "topics", "day", "night", "positive", "negative", "cautious", "permissive"):
         out |= set(pool(name, split))
     for n, r in pool("personas", split):
-        out |= {n}
+        out |= {n, r}
     return out
+
+
+FUNCTION_WORDS = {"the", "a", "with", "only", "first"}
+
+
+def entity_words(split: str) -> set[str]:
+    """The content words of a split's entities (function words excluded)."""
+    return {w.lower() for e in entities(split) for w in e.split()} - FUNCTION_WORDS
 
 
 WEEKDAY_NAMES = WEEKDAYS

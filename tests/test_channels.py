@@ -1,0 +1,379 @@
+"""Proprioceptive channels: bit-identity at alpha = 0 on every family, encoders, corpus split, training,
+evaluation metrics, bad input."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab import LabError
+from lab.channels import ChannelInjector, ChannelState, Config, TextEncoder, build, inject
+from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, TEMPLATES, entities, entity_words,
+                               heldout_items, sample_items, train_batch_items)
+from lab.channels.encoders import (ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states,
+                                   encode_time)
+from lab.channels.injection import check_channel_values
+
+PROMPTS = ["On Monday at dawn, Mara felt", "User: Can you help me with the market?\nAssistant: I would go"]
+
+
+def _random_channels(widths, B, scale=10.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(B, w, generator=g) * scale for k, w in widths.items()}
+
+
+# --- injection -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["additive", "xattn"])
+def test_alpha_zero_is_bit_identical_on_every_family(any_base, mode):
+    b = any_base
+    ids, mask = b.encode(PROMPTS)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    widths = channel_widths(b.d_model)
+    inj = ChannelInjector(b.d_model, b.n_layers, widths, mode=mode, n_heads=4)
+    for seed in range(3):  # random channel values, large and small
+        ch = _random_channels(widths, 2, scale=10.0 ** (seed - 1), seed=seed)
+        with inject(b, inj, ch, batch=2):
+            got = b.model(input_ids=ids, attention_mask=mask).logits
+        assert (got - ref).abs().max().item() == 0.0
+    # the hooks are gone after the context, and opening a gate changes the output
+    assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+    with torch.no_grad():
+        inj.alpha.fill_(0.5)
+    with inject(b, inj, ch, batch=2):
+        moved = b.model(input_ids=ids, attention_mask=mask).logits
+    assert (moved - ref).abs().max().item() > 1e-3
+    # zero channel inputs remove the contribution exactly, whatever alpha is
+    zeros = {k: torch.zeros_like(v) for k, v in ch.items()}
+    with inject(b, inj, zeros, batch=2):
+        assert (b.model(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item() == 0.0
+
+
+def test_each_channel_acts_only_through_its_own_gate(smoke_gpt2):
+    b = smoke_gpt2
+    ids, mask = b.encode(PROMPTS)
+    widths = channel_widths(b.d_model)
+    inj = ChannelInjector(b.d_model, b.n_layers, widths)
+    ch = _random_channels(widths, 2)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        inj.alpha[:, inj.names.index("affect")] = 1.0
+    only_affect = {"affect": ch["affect"]}
+    with inject(b, inj, ch, batch=2):
+        full = b.model(input_ids=ids, attention_mask=mask).logits
+    with inject(b, inj, only_affect, batch=2):
+        aff = b.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(full, aff)  # other channels have closed gates
+    assert not torch.equal(aff, ref)
+
+
+def test_injection_gradients_reach_alpha_only_and_base_stays_frozen(smoke_gpt2):
+    b = smoke_gpt2
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    model = build(Config.preset("smoke"), b)
+    items = train_batch_items(0, 8, seed=0)
+    model.loss(items).backward()
+    inj = model.injector
+    assert inj.alpha.grad is not None and inj.alpha.grad.abs().sum() > 0
+    # alpha = 0 => the projections get no gradient yet (ReZero: the gate opens first)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in inj.named_parameters() if n != "alpha")
+    assert all(not p.requires_grad for p in b.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in b.model.state_dict().items())
+
+
+def test_generation_with_closed_gates_equals_base_greedy(smoke_gpt2):
+    b = smoke_gpt2
+    model = build(Config.preset("smoke"), b)
+    states = [ChannelState(affect=(1.0, 0.0), memory="the walnut")] * 2
+    prompts = ["On Monday at dawn, Mara felt", "Mara"]
+    got = model.generate(prompts, model.channels(states), max_new_tokens=5)
+    assert got == [b.generate(p, max_new_tokens=5) for p in prompts]
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_channel_values_are_lab_errors(smoke_gpt2):
+    b = smoke_gpt2
+    widths = channel_widths(b.d_model)
+    inj = ChannelInjector(b.d_model, b.n_layers, widths)
+    ids, mask = b.encode(PROMPTS)
+    cases = {
+        "wrong width": ({"affect": torch.zeros(2, 3)}, "shape"),
+        "unknown name": ({"mood": torch.zeros(2, 2)}, "unknown channel"),
+        "nan": ({"time": torch.full((2, 8), float("nan"))}, "NaN"),
+        "inf": ({"ethics": torch.tensor([[float("inf")] + [0.0] * 5] * 2)}, "infinite"),
+        "not a tensor": ({"affect": [0.1, 0.2]}, "torch.Tensor"),
+        "int dtype": ({"affect": torch.zeros(2, 2, dtype=torch.long)}, "floating"),
+        "batch mismatch": ({"affect": torch.zeros(3, 2)}, "batch"),
+    }
+    for name, (ch, msg) in cases.items():
+        with pytest.raises(LabError, match=msg):
+            with inject(b, inj, ch, batch=2):
+                b.model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(LabError, match="injector built for"):
+        with inject(b, ChannelInjector(b.d_model + 4, b.n_layers, widths), {}):
+            pass
+    with pytest.raises(LabError, match="mode"):
+        ChannelInjector(8, 2, widths, mode="concat")
+    with pytest.raises(LabError, match="width"):
+        ChannelInjector(8, 2, {"affect": 0})
+    with pytest.raises(LabError, match="divisible"):
+        ChannelInjector(10, 2, {"affect": 2}, mode="xattn", n_heads=4)
+
+
+@pytest.mark.parametrize("call, msg", [
+    (lambda: encode_time(24, 0), r"\[0, 24\)"),
+    (lambda: encode_time(-1, 0), r"\[0, 24\)"),
+    (lambda: encode_time(float("nan"), 0), "finite"),
+    (lambda: encode_time(3, 7), "weekday"),
+    (lambda: encode_time(3, "Funday"), "unknown weekday"),
+    (lambda: encode_time("noon", 1), "number"),
+    (lambda: encode_affect(1.5, 0), r"valence must be in \[-1, 1\]"),
+    (lambda: encode_affect(0, -2), "arousal"),
+    (lambda: encode_affect(float("inf"), 0), "finite"),
+    (lambda: encode_ethics("reckless"), "unknown ethics posture"),
+    (lambda: encode_ethics({"weather": "cautious"}), "unknown ethics categor"),
+    (lambda: encode_ethics({"privacy": 3.0}), r"\[-1, 1\]"),
+    (lambda: ChannelState.from_dict({"mood": 1}), "unknown channel"),
+    (lambda: ChannelState.from_dict({"affect": 0.5}), "pair"),
+    (lambda: Config.preset("huge"), "unknown preset"),
+    (lambda: Config(mode="concat"), "mode"),
+    (lambda: Config(capabilities=("memory", "telepathy")), "capabilities"),
+    (lambda: Config(steps=0), "steps"),
+])
+def test_bad_state_values_are_lab_errors(call, msg):
+    with pytest.raises(LabError, match=msg):
+        call()
+
+
+@settings(max_examples=60, deadline=None)
+@given(v=st.floats(allow_nan=True, allow_infinity=True), a=st.floats(-1, 1))
+def test_affect_accepts_exactly_the_unit_interval(v, a):
+    if math.isfinite(v) and -1 <= v <= 1:
+        assert torch.equal(encode_affect(v, a), torch.tensor([v, a], dtype=torch.float32))
+    else:
+        with pytest.raises(LabError):
+            encode_affect(v, a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.floats(0, 24, exclude_max=True), d=st.integers(0, 6))
+def test_time_features_are_periodic_and_bounded(h, d):
+    f = encode_time(h, d)
+    assert f.shape == (8,) and torch.isfinite(f).all() and f.abs().max() <= 1.0 + 1e-6
+    assert torch.allclose(f[0] ** 2 + f[1] ** 2, torch.tensor(1.0), atol=1e-5)
+    # 23:59 sits next to 00:00 on the circle
+    assert torch.allclose(encode_time(23.999, d)[:2], encode_time(0.0, d)[:2], atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vals=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=2, max_size=2))
+def test_check_channel_values_rejects_every_non_finite(vals):
+    x = {"affect": torch.tensor(vals)}
+    if all(math.isfinite(v) for v in vals):
+        assert check_channel_values(x, {"affect": 2, "time": 8})["time"].shape == (1, 8)
+    else:
+        with pytest.raises(LabError, match="NaN or infinite"):
+            check_channel_values(x, {"affect": 2})
+
+
+# --- encoders ----------------------------------------------------------------------------------------
+
+def test_text_encoder_base_mean_pool(smoke_gpt2):
+    b = smoke_gpt2
+    te = TextEncoder(b, "base", layer=0)
+    e = te.encode(["the walnut", "the copper", "the walnut"])
+    assert e.shape == (3, b.d_model)
+    assert torch.allclose(e.norm(dim=-1), torch.full((3,), math.sqrt(b.d_model)), atol=1e-4)
+    assert torch.equal(e[0], e[2]) and not torch.equal(e[0], e[1])
+    # layer 0 mean pool = mean of the base's own embedding output (gpt2: token + position embeddings)
+    ids, _ = b.encode("the walnut")
+    manual = (b.embed(ids) + b.model.transformer.wpe(torch.arange(ids.shape[1])))[0].mean(0)
+    assert torch.allclose(e[0], torch.nn.functional.normalize(manual, dim=0) * math.sqrt(b.d_model), atol=1e-5)
+    assert TextEncoder(b, "base", layer=b.n_layers).encode(["x y"]).shape == (1, b.d_model)
+    with pytest.raises(LabError, match="text_layer"):
+        TextEncoder(b, "base", layer=b.n_layers + 1)
+    with pytest.raises(LabError, match="non-empty"):
+        te.encode(["  "])
+
+
+def test_sentence_transformers_option_is_a_clear_error_offline(smoke_gpt2):
+    with pytest.raises(LabError, match="sentence-transformers|not available offline"):
+        TextEncoder(smoke_gpt2, "st:no-such-org/no-such-model")
+    with pytest.raises(LabError, match="'base' or 'st:"):
+        TextEncoder(smoke_gpt2, "bge")
+
+
+def test_encode_states_none_is_zero_and_postures_are_named(smoke_gpt2):
+    te = TextEncoder(smoke_gpt2)
+    x = encode_states([ChannelState(affect=(0.5, -0.5), ethics="cautious", time=(8, "Tuesday")),
+                       {"identity": "I am Mara, a baker.", "ethics": {"privacy": "permissive"}}], te)
+    assert set(x) == {"memory", "affect", "time", "ethics", "identity", "continuity"}
+    assert torch.equal(x["memory"], torch.zeros(2, smoke_gpt2.d_model))
+    assert torch.equal(x["affect"][1], torch.zeros(2)) and torch.equal(x["affect"][0], torch.tensor([0.5, -0.5]))
+    assert torch.equal(x["ethics"][0], torch.ones(len(ETHICS_CATEGORIES)))
+    assert x["ethics"][1].tolist() == [(-1.0 if c == "privacy" else 0.0) for c in ETHICS_CATEGORIES]
+    assert x["identity"][1].abs().sum() > 0 and x["identity"][0].abs().sum() == 0
+
+
+# --- corpus ------------------------------------------------------------------------------------------
+
+def test_heldout_split_is_disjoint_and_large_enough():
+    assert not entities("train") & entities("heldout")
+    assert not entity_words("train") & entity_words("heldout")
+    for cap in CAPABILITIES:
+        assert not set(TEMPLATES[cap]["train"]) & set(TEMPLATES[cap]["heldout"])
+        if cap in CHANNEL_TEXTS:
+            assert not set(CHANNEL_TEXTS[cap]["train"]) & set(CHANNEL_TEXTS[cap]["heldout"])
+        ho = heldout_items(cap, 240)
+        assert len(ho) >= 200
+        assert len({(i.prompt, i.label, repr(i.state), tuple(i.candidates)) for i in ho}) == len(ho)  # no duplicates
+        assert all(i.split == "heldout" and i.template.startswith(f"{cap}/heldout/") for i in ho)
+        tr = sample_items(cap, "train", 200, seed=1)
+        # no held-out entity word ever appears in a training prompt, target or channel text
+        ho_only = entity_words("heldout")
+        for it in tr:
+            words = set(re.findall(r"[a-z']+", (it.prompt + it.target + repr(it.state)).lower()))
+            assert not words & ho_only, (cap, it.prompt, words & ho_only)
+        # content verbatim in the prompt: every selection candidate is in the prompt
+        if cap in SELECTION:
+            assert all(all(k[0] in i.prompt for k in i.keys) for i in ho)
+            # the prompt alone does not give the label away: marked positions are balanced
+            counts = np.bincount([i.label for i in ho], minlength=3)
+            assert counts.min() > len(ho) / 6
+        else:
+            pairs = {}
+            for i in ho:
+                pairs.setdefault(i.pair, []).append(i)
+            assert all(len(v) == 2 and v[0].prompt == v[1].prompt and {v[0].pole, v[1].pole} == {1, -1}
+                       for v in pairs.values())
+
+
+def test_training_batches_are_deterministic_and_mixed():
+    a = train_batch_items(5, 32, seed=0)
+    b = train_batch_items(5, 32, seed=0)
+    assert [i.to_dict() for i in a] == [i.to_dict() for i in b]
+    assert [i.to_dict() for i in a] != [i.to_dict() for i in train_batch_items(6, 32, seed=0)]
+    assert len({i.capability for i in a}) >= 4
+    assert all(i.split == "train" for i in a)
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+def test_judge_free_scorers():
+    from lab.channels.eval import dominant, lexicon_score
+    keys = [["walnut"], ["copper"], ["maple"]]
+    assert dominant("the walnut and the walnut, then copper", keys, 0)
+    assert not dominant("the walnut and copper", keys, 0)          # a tie is not dominance
+    assert not dominant("walnuts everywhere", keys, 0)               # whole words only
+    assert lexicon_score("I would go carefully, with caution", "ethics") == 2
+    assert lexicon_score("I would go right away, boldly", "ethics") == -2
+    assert lexicon_score("without hesitation", "ethics") == -1      # the phrase, not a cautious word inside it
+    assert lexicon_score("breakfast at sunrise", "time") == 2
+    assert lexicon_score("stars and moonlight at night", "time") == -3
+    assert lexicon_score("she felt joyful and happy", "affect") > 0 > lexicon_score("she felt miserable", "affect")
+    with pytest.raises(LabError):
+        lexicon_score("x", "memory")
+
+
+# --- training, artifacts, evaluation (smoke) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_artifacts(smoke_gpt2, tmp_path_factory):
+    from lab.channels import train_all
+    cfg = Config.preset("smoke", steps=12, eval_every=4, n_heldout=6, native_steps=4, native_docs=500)
+    return cfg, train_all(cfg, smoke_gpt2, force=True)
+
+
+def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts):
+    from lab.channels import load_model
+    cfg, arts = smoke_artifacts
+    art = arts["adapter"]
+    assert (art.path / "weights.safetensors").exists() and art.kind == "channels-adapter"
+    m = load_model(art.path, smoke_gpt2)
+    assert m.injector.alpha.abs().max() > 0                         # the gates opened
+    hist = art.manifest["metrics"]["alpha_history"]
+    assert [h["step"] for h in hist] == [4, 8, 12]
+    assert torch.allclose(torch.tensor(hist[-1]["alpha"]), m.injector.alpha)
+    assert torch.equal(torch.tensor(hist[0]["alpha"]).abs().sum() > 0, torch.tensor(True))
+    # the text arm is a bias adapter of the same kind; the native track has 3 models bracketing params
+    assert arts["text"].kind == "channels-text-arm"
+    from lab.channels.train import load_native
+    n = {k: load_native(p, smoke_gpt2).meta["n_params"] for k, p in arts["native"].items()}
+    assert n["baseline-small"] < n["channels"] < n["baseline-large"]
+
+
+def test_train_resume_is_exact(smoke_gpt2, tmp_path):
+    from lab.channels import train
+    cfg = Config.preset("smoke", steps=6, eval_every=3)
+    full = train(cfg, smoke_gpt2, out_dir=tmp_path / "a", force=True)
+    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "b", stop_after=3, force=True) is None
+    resumed = train(cfg, smoke_gpt2, out_dir=tmp_path / "b", force=True)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert full.manifest["metrics"]["alpha_history"] == resumed.manifest["metrics"]["alpha_history"]
+
+
+def test_artifact_on_another_base_is_refused(smoke_artifacts, smoke_mamba2):
+    from lab.channels import evaluate
+    _, arts = smoke_artifacts
+    with pytest.raises(LabError, match="trained on base"):
+        evaluate(arts["adapter"].path, smoke_mamba2)
+
+
+def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
+    from lab.channels import evaluate
+    cfg, arts = smoke_artifacts
+    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=arts["text"], native_paths=arts["native"],
+                   out_dir=tmp_path / "rep", log=lambda s: None)
+    for cap in CAPABILITIES:
+        for kind in ("LL preferred", "generation", "conflict", "channel arm vs text arm"):
+            m = next(m for m in rep.measures if m.name.startswith(f"{cap}: {kind}"))
+            assert m.n >= 6 and m.p_value is not None and 0 <= m.p_value <= 1 and m.control == (
+                "channels zeroed" if kind != "channel arm vs text arm" else "state as text, equally trained")
+    assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
+    assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "lexicons.json").exists()
+    arms = rep.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"]
+    assert all(r["tokens_text"] > 0 and r["tokens_channel"] == 0 for r in arms)
+
+
+def test_mamba2_adapter_trains(smoke_mamba2, tmp_path):
+    from lab.channels import train
+    cfg = Config.preset("smoke", base="smoke-mamba2", steps=3, eval_every=3, batch_size=4)
+    art = train(cfg, smoke_mamba2, out_dir=tmp_path / "m", force=True)
+    assert art.tensors["alpha"].abs().max() > 0
+
+
+def test_logprob_shift_and_attribution(smoke_gpt2, smoke_artifacts):
+    from lab.channels import load_model
+    from lab.channels.probes import channel_attribution, logprob_shift
+    _, arts = smoke_artifacts
+    m = load_model(arts["adapter"], smoke_gpt2)
+    rows = logprob_shift(m, "Mara felt", {"affect": (1.0, 0.0)}, ["joyful", "gloomy"])
+    assert len(rows) == 2 and all(abs(r["shift"] - (r["logp_channels"] - r["logp_zeroed"])) < 1e-5 for r in rows)
+    zero = logprob_shift(m, "Mara felt", {}, ["joyful"])
+    assert zero[0]["shift"] == 0.0                                  # no state -> no shift, exactly
+    with pytest.raises(LabError):
+        logprob_shift(m, "Mara felt", {}, [" "])
+    attr = channel_attribution(m, heldout_items("affect", 1)[:1])
+    assert abs(sum(v for k, v in attr[0].items() if k != "capability") - 1) < 1e-5
+
+
+def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
+    from typer.testing import CliRunner
+    from lab.cli import app
+    r = CliRunner().invoke(app, ["train", "channels", "--preset", "smoke", "--steps", "3", "--no-native",
+                                 "--no-text-arm", "--force"])
+    assert r.exit_code == 0, r.output
+    assert "adapter:" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "channels", "--preset", "smoke", "--no-attribution",
+                                 "--out", str(lab_home / "results" / "ch-cli")])
+    assert r.exit_code == 0, r.output
+    assert "report:" in r.output and (lab_home / "results" / "ch-cli" / "report.md").exists()

@@ -35,7 +35,7 @@ st.markdown("On disk: " + (", ".join(f"**{n}**" for n in on_disk) if on_disk els
 st.header("Artifacts")
 arts = []
 if models_dir().exists():
-    for manifest in sorted(models_dir().glob("*/manifest.json")):
+    for manifest in sorted([*models_dir().glob("*/manifest.json"), *models_dir().glob("*/*/manifest.json")]):
         m = json.loads(manifest.read_text())
         arts.append({"artifact": manifest.parent.name, "kind": m.get("kind"),
                      "base": (m.get("base") or {}).get("name"), "config hash": m.get("config_hash")})

@@ -65,7 +65,7 @@ def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
         raise LabError(f"the app is not next to this package (looked for {home}); install the lab with `pip install -e .`")
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", str(headless).lower(),
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     raise typer.Exit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
 
 

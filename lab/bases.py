@@ -286,6 +286,7 @@ def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, 
 def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_after: int | None = None,
              out_dir: Path | None = None) -> dict:
     """Pretrain a preset base on the lab corpus; resumable from its checkpoint. Returns its metrics."""
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
     from lab.corpus import load_tokenizer
@@ -294,10 +295,12 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
     if name not in PRESETS:
         raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
     p = PRESETS[name]
-    tokenizer = load_tokenizer()
+    state = PartialState()  # under `accelerate launch`: one process builds shared files, one saves
+    with state.main_process_first():
+        tokenizer = load_tokenizer()
+        train = corpus_tokens(tokenizer, "train", p.n_train_docs)
+        held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
     vocab = len(tokenizer)
-    train = corpus_tokens(tokenizer, "train", p.n_train_docs)
-    held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
     torch.manual_seed(p.seed if seed is None else seed)
     model = AutoModelForCausalLM.from_config(p.hf_config(vocab, tokenizer))
     spec = TrainSpec(steps=steps or p.steps, lr=p.lr, warmup=min(100, (steps or p.steps) // 10),
@@ -323,6 +326,8 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
                  stop_after=stop_after)
     if stop_after is not None and stop_after < spec.steps:
         return {"stopped_at": stop_after}
+    if not state.is_main_process:
+        return {}
     metrics = {
         "preset": asdict(p), "steps": spec.steps, "seconds": round(result.seconds, 1),
         "heldout_loss": heldout_loss(model, held, p.seq_len, n_windows=128),

@@ -34,6 +34,8 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
     """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""
     from lab.bases import pretrain as _pretrain
     m = _pretrain(name, steps=steps, seed=seed)
+    if not m:  # a non-main process under `accelerate launch`: the main one reports
+        return
     typer.echo(f"{name}: held-out loss {m['heldout_loss']:.3f} nats/token vs unigram baseline "
                f"{m['unigram_loss']:.3f} (n={m['heldout_tokens']} held-out tokens), {m['seconds']:.0f} s")
 

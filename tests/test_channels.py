@@ -377,3 +377,23 @@ def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
                                  "--out", str(lab_home / "results" / "ch-cli")])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (lab_home / "results" / "ch-cli" / "report.md").exists()
+
+
+def test_app_page(lab_home, smoke_artifacts):
+    from pathlib import Path
+    from streamlit.testing.v1 import AppTest
+    page = Path(__file__).resolve().parents[1] / "app" / "pages" / "2_Proprioceptive_Channels.py"
+    at = AppTest.from_file(str(page), default_timeout=90)
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.code) == 2 and all(c.value.startswith("In the box") for c in at.code)
+    before = at.dataframe[0].value.copy()
+    heat = at.get("plotly_chart")
+    assert len(heat) >= 2
+    at.slider(key="ch-valence").set_value(-1.0).run()
+    assert not at.exception, at.exception
+    after = at.dataframe[0].value
+    assert not before["logp_channels"].equals(after["logp_channels"])  # the channel moved the log-probs
+    assert before["logp_zeroed"].equals(after["logp_zeroed"])          # the zeroed column did not
+    at.text_input(key="ch-items").set_value("onlyone").run()
+    assert any("at least two" in e.value for e in at.error)

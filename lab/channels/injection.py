@@ -115,9 +115,13 @@ class ChannelInjector(nn.Module):
         self.d_model, self.n_layers, self.mode = d_model, n_layers, mode
         C, L, d = len(self.names), n_layers, d_model
         self.alpha = nn.Parameter(torch.zeros(L, C))  # the ReZero gates: which layer opens which channel
+        # which channel each input dimension belongs to, in the concatenated (B, W) channel vector
+        self.register_buffer("chan_of_dim", torch.repeat_interleave(
+            torch.arange(C), torch.tensor([self.widths[n] for n in self.names])), persistent=False)
         if mode == "additive":
-            # W[l, c]: (width_c, d). Stored per channel as (L, w, d) so one einsum serves all layers.
-            self.proj = nn.ParameterDict({n: nn.Parameter(torch.empty(L, w, d)) for n, w in self.widths.items()})
+            # W[l, c] for all channels at once: rows of channel c are its slice of the W = sum(widths) axis,
+            # so one batched matmul per forward serves every layer and channel.
+            self.proj = nn.Parameter(torch.empty(L, int(self.chan_of_dim.numel()), d))
         else:
             if d % n_heads:
                 raise LabError(f"d_model {d} is not divisible by n_heads {n_heads} for the xattn variant")
@@ -141,15 +145,18 @@ class ChannelInjector(nn.Module):
             for p in self.parameters():
                 if p is self.alpha:
                     continue
-                fan_in = p.shape[-2]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-2]))
+            if self.mode == "additive":  # fan-in per channel slice: each channel's W x has unit scale
+                widths = torch.tensor([self.widths[n] for n in self.names], dtype=torch.float32)
+                self.proj.mul_((math.sqrt(self.proj.shape[1]) / widths.sqrt())[self.chan_of_dim][None, :, None])
 
     # --- computation ---------------------------------------------------------------------------
 
     def additive_deltas(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(L, B, d): sum_c alpha[l,c] W[l,c] x_c for every layer at once."""
-        per = torch.stack([torch.einsum("bw,lwd->lbd", x[n], self.proj[n]) for n in self.names], 2)  # (L, B, C, d)
-        return torch.einsum("lbcd,lc->lbd", per, self.alpha)
+        xc = torch.cat([x[n] for n in self.names], -1)                       # (B, W)
+        gated = xc.unsqueeze(0) * self.alpha[:, self.chan_of_dim].unsqueeze(1)  # (L, B, W): alpha[l, c(w)] x_w
+        return torch.bmm(gated, self.proj)                                    # (L, B, d)
 
     def channel_tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, K, d): each channel's key/value tokens (xattn variant)."""

@@ -1,0 +1,103 @@
+"""Channels: injection overhead vs the base forward, side by side, and the app's non-generative latency.
+
+    python bench/bench_channels.py
+
+Measures (interleaved repetitions, medians; one intra-op thread so the shared cores do not oversubscribe):
+  forward_ms            the bare base forward (B x T tokens)
+  additive_ms / ratio   with all six channels injected into every layer (gated projection); target <= 1.05
+  xattn_ms / ratio      the multi-token cross-attention variant (per-position attention: costs more)
+  app_p95_ms            the app page's non-generative recompute: encode the six channels, log-prob shift of
+                        six words (with / zeroed), alpha heatmap figure; target <= 150 ms p95
+Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _base():
+    from lab.bases import load_base, preset_path
+    name = "tiny-gpt2" if (preset_path("tiny-gpt2") / "config.json").exists() else "smoke-gpt2"
+    return load_base(name, train_if_missing=name.startswith("smoke"))
+
+
+def _time(fn, reps):
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(batch: int = 8, seq: int = 64, reps: int = 60) -> dict:
+    from lab.channels import Config, build
+    from lab.channels.encoders import ChannelState
+    from lab.channels.injection import inject
+    from lab.channels.probes import alpha_heatmap, logprob_shift
+
+    torch.set_num_threads(1)
+    base = _base()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(base.tokenizer) - 10, (batch, seq), generator=g)
+    cfg = Config.preset("tiny", base=base.name)
+    models = {m: build(Config.preset("tiny", base=base.name, mode=m), base) for m in ("additive", "xattn")}
+    for m in models.values():
+        with torch.no_grad():
+            m.injector.alpha.normal_(0, 0.1, generator=g)  # open gates: measure real work, not zeros
+    state = ChannelState(memory="the walnut", affect=(0.5, 0.2), time=(8, "Monday"), ethics="cautious",
+                         identity="I am Mara, a baker.", continuity="We were just talking about the harbor.")
+    chans = {k: m.channels([state] * batch) for k, m in models.items()}
+
+    def bare():
+        with torch.no_grad():
+            base.model(input_ids=ids)
+
+    def with_channels(kind):
+        def f():
+            with torch.no_grad(), inject(base, models[kind].injector, chans[kind], batch=batch):
+                base.model(input_ids=ids)
+        return f
+
+    fns = {"forward": bare, "additive": with_channels("additive"), "xattn": with_channels("xattn")}
+    for f in fns.values():  # warm-up
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):  # interleaved, so drifting load hits every arm alike
+        for k, f in fns.items():
+            times[k] += _time(f, 1)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+    words = ["joyful", "gloomy", "morning", "night", "carefully", "gladly"]
+    model = models["additive"]
+
+    def app_recompute():
+        model.channels([state])
+        logprob_shift(model, "On Tuesday, Mara the baker felt", state, words)
+        alpha_heatmap(model.injector.alpha, model.injector.names)
+
+    app_recompute()
+    app = sorted(_time(app_recompute, 40))
+    p95 = app[int(0.95 * (len(app) - 1))] * 1e3
+    out = {
+        "base": base.name, "batch": batch, "seq": seq, "reps": reps,
+        "forward_ms": round(med["forward"], 3),
+        "additive_ms": round(med["additive"], 3), "additive_ratio": round(med["additive"] / med["forward"], 4),
+        "xattn_ms": round(med["xattn"], 3), "xattn_ratio": round(med["xattn"] / med["forward"], 4),
+        "app_p95_ms": round(p95, 1), "app_median_ms": round(statistics.median(app) * 1e3, 1),
+        "targets": {"additive_ratio": "<= 1.05", "app_p95_ms": "<= 150"},
+    }
+    return out
+
+
+if __name__ == "__main__":
+    r = main()
+    print(f"base {r['base']}, batch {r['batch']} x {r['seq']} tokens, {r['reps']} interleaved reps (medians)")
+    print(f"  base forward              {r['forward_ms']:8.2f} ms   1.000")
+    print(f"  + channels (additive)     {r['additive_ms']:8.2f} ms   {r['additive_ratio']:.3f}   (target <= 1.05)")
+    print(f"  + channels (xattn, K=4)   {r['xattn_ms']:8.2f} ms   {r['xattn_ratio']:.3f}")
+    print(f"  app non-generative recompute: p95 {r['app_p95_ms']:.1f} ms, median {r['app_median_ms']:.1f} ms (target <= 150)")

@@ -397,3 +397,16 @@ def test_app_page(lab_home, smoke_artifacts):
     assert before["logp_zeroed"].equals(after["logp_zeroed"])          # the zeroed column did not
     at.text_input(key="ch-items").set_value("onlyone").run()
     assert any("at least two" in e.value for e in at.error)
+
+
+def test_xattn_variant_trains_and_depends_on_the_query(smoke_gpt2, tmp_path):
+    from lab.channels import load_model, train
+    cfg = Config.preset("smoke", mode="xattn", steps=3, eval_every=3, batch_size=4)
+    art = train(cfg, smoke_gpt2, out_dir=tmp_path / "x", force=True)
+    m = load_model(art.path, smoke_gpt2)
+    assert m.injector.mode == "xattn" and m.injector.alpha.abs().max() > 0
+    # unlike the additive form (a query-independent bias), the added vector differs across positions
+    h = torch.randn(1, 5, smoke_gpt2.d_model)
+    x = m.channels([ChannelState(affect=(1.0, 0.0), memory="the walnut")])
+    d = m.injector.xattn_delta(0, h, m.injector.channel_tokens(x))
+    assert d.shape == (1, 5, smoke_gpt2.d_model) and not torch.allclose(d[0, 0], d[0, 1])

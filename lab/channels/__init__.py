@@ -98,10 +98,24 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
 
 
 def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
-    """Train what is missing for the preset (adapter on its base, text arm, native track) and evaluate."""
-    from lab.bases import load_base
+    """Train what is missing for the preset (adapter on its base, text arm, native track) and evaluate.
+    On "tiny" the adapter track also runs on tiny-mamba2 when that base is on disk (its measures are
+    appended to the same report, prefixed "[tiny-mamba2]")."""
+    from lab.bases import load_base, preset_path
     config = Config.preset(preset, seed=seed)
     base = load_base(config.base, train_if_missing=preset == "smoke")
     arts = train_all(config, base)
-    return evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_paths=arts.get("native"),
-                    out_dir=Path(out_dir))
+    out_dir = Path(out_dir)
+    rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_paths=arts.get("native"),
+                   out_dir=out_dir)
+    if preset == "tiny" and (preset_path("tiny-mamba2") / "config.json").exists():
+        mcfg = Config.preset(preset, seed=seed, base="tiny-mamba2", train_text_arm=False, native=False)
+        mbase = load_base("tiny-mamba2")
+        marts = train_all(mcfg, mbase)
+        mrep = evaluate(marts["adapter"], mbase, attribution=False, out_dir=out_dir / "tiny-mamba2")
+        for m in mrep.measures:
+            m.name = f"[tiny-mamba2] {m.name}"
+            rep.add(m, mrep.published.get(m.name.split("] ", 1)[1]))
+        rep.figures["alpha_heatmap_tiny_mamba2"] = mrep.figures["alpha_heatmap"]
+        rep.save(out_dir)
+    return rep

@@ -91,9 +91,12 @@ class Config:
             raise LabError(f"unknown config field(s) {bad}")
         return cls(**{**presets[name], **overrides, "preset_name": name})
 
+    FORMAT = 2  # bump when the injector's tensor layout changes: stale artifacts are then retrained
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["capabilities"] = list(self.capabilities)
+        d["format"] = self.FORMAT
         return d
 
     @classmethod

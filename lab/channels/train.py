@@ -40,7 +40,10 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
     out_dir = Path(out_dir) if out_dir else root / ("adapter" if arm == "channel" else "text-arm")
     kind = KIND_ADAPTER if arm == "channel" else KIND_TEXT
     if (out_dir / "manifest.json").exists() and not force:
-        return load_artifact(out_dir, kind, base)
+        art = load_artifact(out_dir, kind, base)
+        if art.config == config.to_dict():
+            return art
+        print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
     model = build(config, base, arm=arm)
     spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 5 or 1),
                      seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every)
@@ -179,7 +182,8 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     for name, (d, with_ch) in plan.items():
         path = root / name
         out[name] = path
-        if (path / "manifest.json").exists() and not force:
+        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch}
+        if (path / "manifest.json").exists() and not force and load_artifact(path, KIND_NATIVE).config == cfg:
             continue
         model = NativeModel(_gpt2(vocab, tok, d, config.native_layers, config.native_heads, config.native_seq,
                                   config.seed), tok, config, te if with_ch else None, with_ch)
@@ -201,7 +205,6 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
 
         ckpt = path.with_name(f".{path.name}.ckpt")
         res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d})")
-        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch}
         metrics = {"n_params": _n_params(model), "seconds": round(res.seconds, 1), "history": res.history,
                    "alpha": model.cm.injector.alpha.tolist() if with_ch else None}
         # the head is tied to the embedding: save it once (safetensors refuses shared storage)

@@ -155,7 +155,7 @@ def gen_success(cap: str, items: Sequence[Item], texts: Sequence[str]) -> tuple[
 def evaluate_adapter(model, report: Report, config, text_model=None, log=print) -> dict:
     """Fill `report` with every adapter-track measure; returns raw per-capability outcomes."""
     raw = {}
-    gen_examples = []
+    gen_examples: dict[str, list] = {}
     arms_rows = []
     for cap in config.capabilities:
         items = heldout_items(cap, config.n_heldout, seed=config.seed)
@@ -177,7 +177,8 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         gm.extra.update(metric=metric, unit="item" if cap in SELECTION else "prompt pair")
         pub = PUBLISHED_SELECTION.get(cap, "100% vs 0% (ablated degenerate by construction)")
         report.add(gm, Published(f"{cap} {metric}, frozen-base adapter vs channel zeroed, held-out", pub, SRC))
-        gen_examples += [{"capability": cap, **r} for r in rows_on[:3]]
+        gen_examples.setdefault("selection" if cap in SELECTION else "register", []).extend(
+            {"capability": cap, **r} for r in rows_on[:3])
         # conflict / override: channel says one state, text in the prompt the competing one
         lp_c = ll_choices(model, items, conflict=True)
         lp_z = ll_choices(model, items, zero=True, conflict=True)
@@ -206,7 +207,8 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
             f"gen {metric} {g_on.mean():.3f} vs {g_off.mean():.3f} (p={gm.p_value:.2g}); "
             f"conflict follows channel {follow.mean():.3f} vs {follow_z.mean():.3f}"
             + (f"; text arm {row['text']:.3f} at {row['tokens_text']:.1f} prompt tokens" if text_model else ""))
-    report.tables["generation examples"] = gen_examples
+    for kind, rows in gen_examples.items():
+        report.tables[f"generation examples ({kind}, channels on)"] = rows
     report.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"] = arms_rows
     report.tables["lexicons"] = [{"capability": c, "pole": s, "phrases": LEXICONS[c][s]} for c in LEXICONS for s in ("+", "-")] + [
         {"capability": "affect", "pole": "+/-", "phrases": ["VADER compound score (vaderSentiment)"]}]

@@ -80,10 +80,13 @@ def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str
                            f"got {tuple(v.shape)}")
         if not torch.is_floating_point(v):
             raise LabError(f"channel {name!r} must be a floating-point tensor, got dtype {v.dtype}")
-        if not torch.isfinite(v).all():
-            bad = int((~torch.isfinite(v)).sum())
-            raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
         rows[name] = v
+    # one finiteness check over all channels (cheap on the hot path); name the culprits only on failure
+    if rows and not torch.isfinite(torch.cat([v.reshape(-1).float() for v in rows.values()])).all():
+        for name, v in rows.items():
+            if not torch.isfinite(v).all():
+                bad = int((~torch.isfinite(v)).sum())
+                raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
     sizes = {v.shape[0] for v in rows.values()}
     if batch is not None:
         sizes.add(batch)

@@ -56,6 +56,32 @@ def main(base_name: str | None = None, batch: int = 8, seq: int = 128) -> dict:
     return out
 
 
+def time_pretrain(names=("tiny-gpt2", "tiny-mamba2")) -> dict:
+    """Wall time of `lab pretrain NAME` from scratch in a fresh LAB_HOME (tokenizer and corpus
+    included), with the held-out loss it reaches beside the unigram baseline."""
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from lab.store import read_json
+    out = {}
+    for name in names:
+        home = tempfile.mkdtemp(prefix="lab-pretrain-bench-")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lab", "pretrain", name], check=True,
+                       env={**os.environ, "LAB_HOME": home}, stderr=subprocess.DEVNULL)
+        meta = read_json(Path(home) / "models" / name / "lab_base.json")
+        out[f"{name}_pretrain_seconds"] = time.perf_counter() - t
+        out[f"{name}_heldout_loss"] = meta["heldout_loss"]
+        out[f"{name}_unigram_loss"] = meta["unigram_loss"]
+    return out
+
+
 if __name__ == "__main__":
-    for k, v in main(*(sys.argv[1:2] or [None])).items():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    result = main(*(args[:1] or [None]))
+    if "--pretrain" in sys.argv:
+        result.update(time_pretrain())
+    for k, v in result.items():
         print(f"{k:36} {v:.3f}" if isinstance(v, float) else f"{k:36} {v}")

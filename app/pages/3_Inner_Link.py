@@ -1,0 +1,92 @@
+"""Inner link: pick a hand-off item; see what session A read and what B answered under every arm,
+and the latent's nearest tokens. Display only: the computation is lab.innerlink."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lab import LabError, models_dir
+from lab.ui import base_picker, cached_base, export_buttons, show_error
+
+st.set_page_config(page_title="Inner link", layout="wide")
+st.title("Inner link: a latent across a session boundary")
+st.markdown(
+    "Session **A** reads a pointer-chain puzzle and forms its answer; session **B** sees only the question "
+    "plus what A hands over as input embeddings. The inner link R_in(h) = LN_post(h + W2·GELU(W1·LN_pre(h))) "
+    "turns A's last-layer state into latent thoughts (m-step rollout). Does B answer like A?"
+)
+
+
+def artifacts_for(base_name: str) -> list[str]:
+    if not models_dir().exists():
+        return []
+    return sorted(p.name for p in models_dir().glob(f"innerlink-*-{base_name}")
+                  if not p.name.startswith("innerlink-recon-") and (p / "manifest.json").exists())
+
+
+@st.cache_resource(show_spinner="running the hand-off benchmark on these items…")
+def benchmark(base_name: str, artifact: str, n_items: int, seed: int):
+    from lab.innerlink import handoff as H
+    from lab.innerlink import reconstruct as RC
+    from lab.innerlink.training import load
+    base = cached_base(base_name)
+    link, cfg, _ = load(models_dir() / artifact, base)
+    maps = {}
+    recon_dir = models_dir() / artifact.replace("innerlink-", "innerlink-recon-", 1)
+    if (recon_dir / "manifest.json").exists():
+        maps["recon"] = RC.load_recon(recon_dir, base)[0]
+    items = H.make_items(n_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+    return H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps)
+
+
+try:
+    base_name = base_picker(key="il-base")
+    arts = artifacts_for(base_name)
+    if not arts:
+        st.warning(f"No inner link is trained on {base_name} yet. Train one with:  "
+                   f"`lab train innerlink --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
+        st.stop()
+    c1, c2, c3 = st.columns(3)
+    artifact = c1.selectbox("Inner-link artifact", arts, key="il-art")
+    n_items = int(c2.number_input("Items (held-out)", 8, 400, 24, step=8, key="il-n"))
+    seed = int(c3.number_input("Seed", 0, 10_000, 0, key="il-seed"))
+    res = benchmark(base_name, artifact, n_items, seed)
+    base = cached_base(base_name)
+
+    from lab.figures import bars_with_ci
+    from lab.innerlink import handoff as H
+    summary = res.summary()
+    fig = bars_with_ci([H.ARM_LABELS.get(r["arm"], r["arm"]) for r in summary], [r["exact_match"] for r in summary],
+                       [r["ci_low"] for r in summary], [r["ci_high"] for r in summary],
+                       f"B's exact match on these {n_items} items (95% Wilson CI)", "exact match")
+    st.plotly_chart(fig, key="il-fig")
+    export_buttons(fig, "innerlink_handoff", key="il-exp")
+    st.dataframe(pd.DataFrame([{"arm": H.ARM_LABELS.get(r["arm"], r["arm"]), "correct": f"{r['correct']}/{r['n']}",
+                                "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+                                "McNemar p vs wrong-session": r["p_vs_wrong_session"]} for r in summary]),
+                 hide_index=True)
+
+    st.header("One item")
+    i = int(st.number_input("Item", 0, len(res.items) - 1, 0, key="il-item"))
+    row = res.rows()[i]
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Session A read")
+        st.markdown(f"**Material:** `{row['material']}`")
+        st.markdown(f"**Question:** `{row['question']}`")
+        st.markdown(f"**Gold answer:** `{row['gold']}` ({row['hops']} hop{'s' if row['hops'] > 1 else ''})")
+        st.markdown(f"**A's own answer:** `{row['session_a'] or '∅'}` {'✅' if row['session_a_ok'] else '❌'}")
+    with right:
+        st.subheader("Session B answered")
+        for arm in [a for a in res.answers if a != "session_a"]:
+            st.markdown(f"- {H.ARM_LABELS.get(arm, arm)}: `{row[arm] or '∅'}` {'✅' if row[arm + '_ok'] else '❌'}")
+
+    st.subheader("The inner-link latents' nearest tokens (cosine to the input embeddings)")
+    lat = res.latents[i]  # (m, d)
+    st.dataframe(pd.DataFrame([{"latent step": k + 1, "norm": float(lat[k].norm()),
+                                **{f"#{j + 1}": f"{tok!r} {c:.2f}" for j, (tok, c) in
+                                   enumerate(H.nearest_tokens(base, lat[k], k=6))}}
+                               for k in range(lat.shape[0])]), hide_index=True)
+except LabError as e:
+    show_error(e)

@@ -1,0 +1,63 @@
+"""The inner-link adapter R_in (RecursiveMAS, as re-implemented by ARM), one readable module.
+
+    R_in(h) = LN_post(h + W2 · GELU(W1 · LN_pre(h)))        W1, W2 ∈ R^{d×d}, with biases
+
+Parameters: W1, W2 (2d²) + b1, b2 (2d) + LN_pre and LN_post affine (γ, β each: 4d) = 2d² + 6d
+(52,459,520 at d = 5120). The residual adds the raw h, so the map starts near "normalise h".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lab import LabError
+
+
+def param_count(d: int) -> int:
+    """The published formula: 2d² + 6d."""
+    return 2 * d * d + 6 * d
+
+
+class InnerLink(nn.Module):
+    """R_in: last-layer hidden state (…, d) -> a vector in the input-embedding space (…, d)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        if not isinstance(d, int) or d < 1:
+            raise LabError(f"the adapter width d must be a positive int, got {d!r}")
+        self.d = d
+        self.ln_pre = nn.LayerNorm(d)
+        self.w1 = nn.Linear(d, d)
+        self.w2 = nn.Linear(d, d)
+        self.ln_post = nn.LayerNorm(d)
+
+    def check_width(self, h: torch.Tensor, what: str = "hidden state") -> None:
+        if not torch.is_tensor(h):
+            raise LabError(f"the {what} must be a torch.Tensor, got {type(h).__name__}")
+        if h.dim() == 0 or h.shape[-1] != self.d:
+            raise LabError(f"the {what} has width {tuple(h.shape)[-1] if h.dim() else 'scalar'} "
+                           f"(shape {tuple(h.shape)}), but this inner link expects width d={self.d}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.check_width(h)
+        return self.ln_post(h + self.w2(nn.functional.gelu(self.w1(self.ln_pre(h)))))  # (…, d)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "InnerLink":
+        if "w1.weight" not in tensors:
+            raise LabError(f"not an inner-link state dict (keys: {sorted(tensors)[:6]}…)")
+        m = cls(int(tensors["w1.weight"].shape[0]))
+        try:
+            m.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise LabError(f"inner-link tensors do not fit the adapter: {str(e).splitlines()[0]}") from None
+        return m
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_in = 1 − cos(pred, target), averaged over all leading dims."""
+    return (1 - nn.functional.cosine_similarity(pred, target, dim=-1)).mean()

@@ -1,0 +1,152 @@
+"""evaluate() and reproduce_section(): the inner-link experiment end to end, as one Report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+
+from lab import LabError
+from lab.figures import LAB_COLORS, bars_with_ci, style
+from lab.report import Published, Report
+from lab.stats import paired_delta
+from lab.store import Artifact, read_json
+
+SOURCE = "ARM, re-implementing RecursiveMAS (PUBLISHED.md)"
+
+
+def cosine_figure(measures) -> go.Figure:
+    names = ["trained R_in", "random other token", "identity (no map)", "untrained R_in"]
+    main, ctrl = measures[0], measures[1]
+    vals = [main.value, ctrl.value, main.value - measures[3].value, main.value - measures[4].value]
+    lo = [main.ci_low, ctrl.ci_low, main.value - measures[3].ci_high, main.value - measures[4].ci_high]
+    hi = [main.ci_high, ctrl.ci_high, main.value - measures[3].ci_low, main.value - measures[4].ci_low]
+    fig = bars_with_ci(names, vals, lo, hi, "Held-out cosine to the next token's input embedding", "mean cos")
+    fig.update_layout(xaxis_title=f"n = {main.n} held-out documents ({main.extra['n_tokens']} tokens)")
+    return fig
+
+
+def rollout_figure(table: list[dict]) -> go.Figure:
+    from lab.figures import line
+    x = [r["step"] for r in table]
+    return line(x, {"cos(latent e_k, Emb(gold token))": [r["cos_gold"] for r in table],
+                    "control: random other document's token": [r["cos_control"] for r in table],
+                    "nearest token of e_k = base's greedy token": [r["nearest_is_greedy"] for r in table]},
+                "m-step latent rollout (R_in output fed back as the next input embedding)", "latent step k",
+                "cos / rate",
+                error={"cos(latent e_k, Emb(gold token))": ([r["cos_gold_lo"] for r in table], [r["cos_gold_hi"] for r in table]),
+                       "control: random other document's token": ([r["cos_control_lo"] for r in table],
+                                                                  [r["cos_control_hi"] for r in table])})
+
+
+def handoff_figure(summary: list[dict]) -> go.Figure:
+    from lab.innerlink.handoff import ARM_LABELS
+    fig = bars_with_ci([ARM_LABELS.get(r["arm"], r["arm"]) for r in summary], [r["exact_match"] for r in summary],
+                       [r["ci_low"] for r in summary], [r["ci_high"] for r in summary],
+                       f"Hand-off benchmark: B's exact match (n = {summary[0]['n']} held-out items, 95% Wilson CI)",
+                       "exact match")
+    fig.update_traces(marker_color=[LAB_COLORS[0] if r["arm"] not in ("wrong_session",) else LAB_COLORS[1]
+                                    for r in summary])
+    return style(fig)
+
+
+def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | None = None) -> Report:
+    """Held-out cosine (vs controls), the m-step rollout, and the hand-off benchmark (every arm, plus the
+    state-reconstruction map if `recon` - an artifact, a path or a map - is given)."""
+    from lab.innerlink import handoff as H
+    from lab.innerlink.reconstruct import load_recon, recon_cosines
+    from lab.innerlink.training import caches, cosine_measures, heldout_cosines, load, rollout_eval
+
+    link, cfg, art = load(artifact_or_path, base)
+    rep = Report(f"Inner link (ARM / RecursiveMAS) on {base.name}")
+    rep.provenance = {"base": base.name, "base_fingerprint": base.fingerprint[:12], "artifact": str(art.path),
+                      "config_hash": art.manifest.get("config_hash"), "seed": seed}
+    # 1. held-out cosine
+    _, held = caches(cfg, base)
+    cms = cosine_measures(heldout_cosines(link, base, held, seed=seed))
+    rep.add(cms[0], Published("mean cos(R_in(h_t), Emb(y_t+1)), Qwen2.5-14B on s1K", "0.74", SOURCE))
+    rep.add(cms[1], Published("control cosine", "≈0.005", SOURCE))
+    for m in cms[2:]:
+        rep.add(m)
+    rep.figures["innerlink_cosine"] = cosine_figure(cms)
+    # 1b. m-step rollout
+    table, _ = rollout_eval(link, base, cfg)
+    rep.tables["m-step latent rollout"] = table
+    rep.figures["innerlink_rollout"] = rollout_figure(table)
+    # 2-3. hand-off benchmark
+    items = H.make_items(n_items or cfg.handoff_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+    maps = {}
+    if recon is not None:
+        rmap = recon if isinstance(recon, torch.nn.Module) else load_recon(recon, base)[0]
+        maps["recon"] = rmap
+    res = H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps)
+    for m in res.measures:
+        pub = Published("Hypothesis-Continuity hand-off, inner-link latent", "0 of 18", SOURCE) \
+            if m.extra.get("arm") == "inner_link" else None
+        rep.add(m, pub)
+    if maps:
+        rc = recon_cosines(base, maps["recon"], items, cfg.handoff_steps)
+        ic = recon_cosines(base, link, items, cfg.handoff_steps)
+        rep.add(paired_delta("reconstruction cos(B, A) at question tokens: recon map minus inner link", rc, ic,
+                             "inner-link latents"))
+    summary = res.summary()
+    rep.tables["hand-off arms"] = summary
+    rep.tables["hand-off items (first 40)"] = [{k: v for k, v in r.items() if not k.endswith("_ok")}
+                                               for r in res.rows()[:40]]
+    rep.figures["innerlink_handoff"] = handoff_figure(summary)
+    rep.notes += [
+        "Cosines are last-layer (final-normed) states of held-out corpus documents; n counts documents "
+        "(each value a per-document token mean), CIs bootstrap over documents.",
+        "Control cosine: cos(R_in(h_t), Emb(y')) with y' the next token of a random other held-out row, "
+        "redrawn until it differs from y_{t+1} (frequency-matched). Identity map: cos(h_t, Emb(y_{t+1})) with no "
+        "adapter (the base ties its embedding and head, so this is far from 0). Untrained: the same adapter "
+        "at its seeded init.",
+        f"Rollout: m = {cfg.rollout_steps} latent steps from {cfg.rollout_prefix}-token held-out prefixes; "
+        "'gold' is the document's real next token, 'greedy' the base's own text continuation.",
+        f"Hand-off: {len(items)} held-out pointer-chain items (hops {list(cfg.handoff_hops)}, distractor chains "
+        f"{list(cfg.handoff_distractors)}); A hands over m = {cfg.handoff_steps} vectors; exact match of B's "
+        "greedy answer up to '.' against the dereference path; p: exact McNemar vs the wrong-session arm.",
+        "State reconstruction (arm 'recon'): R_rec (inner-link shape, initialised from R_in) trained so that B's "
+        "last-layer states at the question tokens, given R_rec's latents, match A's states at the same tokens "
+        "(1 - cos); see lab/innerlink/reconstruct.py.",
+    ]
+    rep.extra_result = res  # for the notebook and app (not serialised)
+    return rep
+
+
+def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
+    """Train what is missing for `preset` (inner link, then the reconstruction map), evaluate, return
+    the Report (the caller saves it; figures go to out_dir via Report.save)."""
+    from lab.bases import load_base
+    from lab.innerlink import handoff as H
+    from lab.innerlink import reconstruct as RC
+    from lab.innerlink.training import Config, load
+
+    cfg = Config.preset(preset, seed=seed)
+    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    link_art = ensure_trained(cfg, base, preset)
+    link, _, _ = load(link_art, base)
+    recon_dir = RC.artifact_dir(preset, base)
+    if not _matches(recon_dir, cfg):
+        items = H.make_items(cfg.handoff_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+        RC.train_recon(cfg, base, link, items, out_dir=recon_dir)
+    rep = evaluate(link_art, base, recon=recon_dir, seed=seed)
+    rep.provenance["preset"] = preset
+    return rep
+
+
+def _matches(path: Path, cfg) -> bool:
+    try:
+        return (path / "config.json").exists() and read_json(path / "config.json") == cfg.to_dict_json()
+    except LabError:
+        return False
+
+
+def ensure_trained(cfg, base, preset: str) -> Artifact | Path:
+    """The preset's inner-link artifact, trained if missing or made with another config."""
+    from lab.innerlink.training import artifact_dir, train
+    path = artifact_dir(preset, base)
+    if _matches(path, cfg):
+        return path
+    return train(cfg, base, out_dir=path)

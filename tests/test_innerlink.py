@@ -1,0 +1,307 @@
+"""Inner link: adapter shape, Arrow state cache, resumable training, rollout, hand-off benchmark,
+state reconstruction, bad input, CLI and the app page (smoke bases, CPU, seconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab import LabError
+from lab.innerlink import InnerLink, param_count
+from lab.innerlink import handoff as H
+from lab.innerlink.training import Config
+
+
+def small_config(**kw) -> Config:
+    return Config.preset("smoke", **{**dict(train_docs=80, heldout_docs=24, steps=12, batch_size=64, warmup=2,
+                                            eval_rows=256, rollout_prompts=12), **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_gpt2, lab_home):
+    from lab.innerlink.training import artifact_dir, load, train
+    cfg = small_config()
+    art = train(cfg, smoke_gpt2, out_dir=artifact_dir("test", smoke_gpt2))
+    link, _, _ = load(art.path, smoke_gpt2)
+    return cfg, art, link
+
+
+# --- adapter ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [8, 64, 5120])
+def test_param_count_matches_formula(d):
+    m = InnerLink(d)
+    assert m.n_params() == param_count(d) == 2 * d * d + 6 * d
+    assert tuple(m.w1.weight.shape) == (d, d) and tuple(m.w2.weight.shape) == (d, d)
+    if d == 5120:
+        assert m.n_params() == 52_459_520  # the published count
+
+
+def test_adapter_is_the_published_formula():
+    torch.manual_seed(0)
+    m = InnerLink(16)
+    for p in m.parameters():  # non-trivial affine so every term matters
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(3, 5, 16)
+    ln = torch.nn.functional.layer_norm
+    x = ln(h, (16,), m.ln_pre.weight, m.ln_pre.bias)
+    inner = torch.nn.functional.gelu(x @ m.w1.weight.T + m.w1.bias) @ m.w2.weight.T + m.w2.bias
+    want = ln(h + inner, (16,), m.ln_post.weight, m.ln_post.bias)
+    torch.testing.assert_close(m(h), want)
+
+
+def test_wrong_width_latent_is_laberror():
+    m = InnerLink(16)
+    with pytest.raises(LabError, match="width 12.*d=16"):
+        m(torch.randn(2, 12))
+    with pytest.raises(LabError, match="positive int"):
+        InnerLink(0)
+
+
+# --- cache and training ------------------------------------------------------------------------------
+
+def test_cache_is_memory_mapped_arrow_with_fingerprint(trained, smoke_gpt2):
+    from lab.innerlink.cache import cache_path, load_cache
+    cfg = trained[0]
+    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed)
+    c = load_cache(p, smoke_gpt2)
+    assert (p / "states.arrow").exists() and c.meta["fingerprint"] == smoke_gpt2.fingerprint
+    assert len(c) == c.meta["rows"] > 100
+    import datasets
+    assert isinstance(c.table, datasets.Dataset) and c.table.cache_files  # backed by the file, not RAM
+    h, y = c.rows([0, 1, 2])
+    assert h.shape == (3, smoke_gpt2.d_model) and y.dtype == torch.long
+    # the cached row is the base's own last-layer state at that position, and y its next token
+    from lab.corpus import documents
+    from lab.innerlink.cache import last_layer_states
+    doc = documents("train", 1, cfg.cache_seed)[0]
+    ids = smoke_gpt2.tokenizer.encode(doc, add_special_tokens=False)[: cfg.max_tokens]
+    ref = last_layer_states(smoke_gpt2, torch.tensor([ids]))[0]
+    torch.testing.assert_close(h[1], ref[1], atol=1e-4, rtol=1e-4)
+    assert int(y[1]) == ids[2]
+
+
+def test_cache_from_another_base_is_laberror(trained, smoke_gpt2, smoke_mamba2):
+    from lab.innerlink.cache import cache_path, load_cache
+    cfg = trained[0]
+    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed)
+    assert smoke_mamba2.d_model == smoke_gpt2.d_model  # same width: only the fingerprint tells them apart
+    with pytest.raises(LabError, match="made on base 'smoke-gpt2'.*rebuild the cache"):
+        load_cache(p, smoke_mamba2)
+    with pytest.raises(LabError, match="no inner-link state cache"):
+        load_cache(p.parent / "nope", smoke_gpt2)
+
+
+def test_artifact_saved_through_store_and_tied_to_base(trained, smoke_gpt2, smoke_mamba2):
+    from lab.innerlink.training import load
+    cfg, art, link = trained
+    assert (art.path / "weights.safetensors").exists() and art.manifest["kind"] == "innerlink"
+    assert art.manifest["base"]["fingerprint"] == smoke_gpt2.fingerprint
+    assert art.manifest["metrics"]["n_params"] == param_count(smoke_gpt2.d_model)
+    with pytest.raises(LabError, match="trained on base 'smoke-gpt2'"):
+        load(art.path, smoke_mamba2)
+
+
+def test_training_improves_heldout_cosine_and_beats_controls(trained, smoke_gpt2):
+    from lab.innerlink.training import caches, cosine_measures, heldout_cosines
+    cfg, art, link = trained
+    hist = art.manifest["metrics"]["history"]
+    assert hist[-1]["heldout_cos"] > 0.5
+    _, held = caches(cfg, smoke_gpt2)
+    ms = cosine_measures(heldout_cosines(link, smoke_gpt2, held))
+    main, ctrl, gain = ms[0], ms[1], ms[2]
+    assert main.n == cfg.heldout_docs and main.ci_low <= main.value <= main.ci_high
+    assert main.value > ctrl.value and gain.ci_low > 0 and gain.p_value < 0.05
+    assert main.extra["n_tokens"] == len(held)
+
+
+def test_training_resumes_exactly(smoke_gpt2, tmp_path):
+    from lab.innerlink.training import train
+    cfg = small_config(steps=6, seed=3)
+    full = train(cfg, smoke_gpt2, out_dir=tmp_path / "full")
+    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "part", stop_after=3) is None
+    assert (tmp_path / ".part.ckpt" / "trainer.json").exists()
+    resumed = train(cfg, smoke_gpt2, out_dir=tmp_path / "part")
+    for k, v in full.tensors.items():
+        torch.testing.assert_close(resumed.tensors[k], v)
+
+
+def test_latent_rollout_feeds_latents_as_input_embeddings(trained, smoke_gpt2):
+    from lab.hooks import forward
+    from lab.innerlink.training import latent_rollout, rollout_eval
+    cfg, _, link = trained
+    ids = torch.tensor([smoke_gpt2.tokenizer.encode("K = walnut. What is K?", add_special_tokens=False)])
+    lat, raw = latent_rollout(smoke_gpt2, link, smoke_gpt2.embed(ids), 3)
+    assert lat.shape == raw.shape == (1, 3, smoke_gpt2.d_model)
+    # step 2's raw state is the base's last-layer state after appending latent 1 as an input embedding
+    x = torch.cat([smoke_gpt2.embed(ids), lat[:, :1]], 1)
+    out = forward(smoke_gpt2, inputs_embeds=x)
+    torch.testing.assert_close(smoke_gpt2.unembed(raw[:, 1]), out.logits[:, -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lat[:, 0], link(raw[:, 0]))
+    table, _ = rollout_eval(link, smoke_gpt2, cfg)
+    assert [r["step"] for r in table] == [1, 2, 3, 4] and all(r["n"] == cfg.rollout_prompts for r in table)
+    with pytest.raises(LabError, match="width"):
+        latent_rollout(smoke_gpt2, link, torch.randn(1, 3, smoke_gpt2.d_model + 1), 2)
+    with pytest.raises(LabError, match="steps >= 1"):
+        latent_rollout(smoke_gpt2, link, smoke_gpt2.embed(ids), 0)
+
+
+# --- hand-off benchmark ----------------------------------------------------------------------------
+
+def test_items_heldout_and_not_guessable_from_bs_prompt():
+    test = H.make_items(300, "test", 0)
+    assert len({it.a_prompt for it in test}) == 300 and test == H.make_items(300, "test", 0)
+    train = H.make_items(300, "train", 0, exclude={it.a_prompt for it in test})
+    assert not {it.a_prompt for it in train} & {it.a_prompt for it in test}
+    for it in test:
+        assert it.answer.split()[-1] not in it.question          # the value is never in B's prompt
+        assert it.path[-1] in it.material                         # ...it is in A's material
+        assert it.question.endswith("\nAnswer:") and it.a_prompt.endswith(it.question)
+    golds = [it.answer for it in test]
+    assert max(golds.count(g) for g in set(golds)) / len(golds) < 0.1  # no answer dominates
+
+
+def test_empty_sessions_are_laberror(smoke_gpt2, trained):
+    link = trained[2]
+    with pytest.raises(LabError, match="empty session"):
+        H.encode_items(smoke_gpt2, [])
+    with pytest.raises(LabError, match="empty session"):
+        H.run_session_a(smoke_gpt2, link, [H.Item("  ", "K", ("walnut",), 1, 0)], 2)
+    with pytest.raises(LabError, match="empty session"):
+        H.greedy_answers(smoke_gpt2, [torch.zeros(0, smoke_gpt2.d_model)], 3)
+    with pytest.raises(LabError, match="need n >= 1"):
+        H.make_items(0)
+
+
+def test_wrong_width_handoff_is_laberror(smoke_gpt2, trained):
+    items = H.make_items(3, "test", 0)
+    _, q = H.encode_items(smoke_gpt2, items)
+    bad = [torch.randn(2, smoke_gpt2.d_model + 3) for _ in items]
+    with pytest.raises(LabError, match=f"width d={smoke_gpt2.d_model}"):
+        H.answer_with_handoffs(smoke_gpt2, items, q, bad)
+    with pytest.raises(LabError, match="shape"):
+        H.nearest_tokens(smoke_gpt2, torch.randn(7))
+    wide = InnerLink(smoke_gpt2.d_model * 2)
+    with pytest.raises(LabError, match="width"):
+        H.run_session_a(smoke_gpt2, wide, items, 2)
+
+
+def test_arms_are_the_controls_they_claim(smoke_gpt2, trained):
+    link = trained[2]
+    items = H.make_items(10, "test", 1)
+    a = H.run_session_a(smoke_gpt2, link, items, 3)
+    arms = H.arm_handoffs(smoke_gpt2, a, seed=0)
+    assert set(arms) == set(H.ARMS)
+    assert all(x.shape == (0, smoke_gpt2.d_model) for x in arms["none"])
+    for i in range(len(items)):
+        torch.testing.assert_close(arms["random"][i].norm(dim=-1), a.latents[i].norm(dim=-1))
+        assert not torch.equal(arms["wrong_session"][i], a.latents[i])           # never its own latent
+        assert any(torch.equal(arms["wrong_session"][i], a.latents[j]) for j in range(len(items)))
+        torch.testing.assert_close(arms["inner_link"][i], a.latents[i])
+    p = H.derangement(50, np.random.default_rng(0))
+    assert sorted(p) == list(range(50)) and not np.any(p == np.arange(50))
+
+
+def test_greedy_decoding_matches_hf_and_batching_does_not_leak(smoke_gpt2):
+    """B's decoder (ragged, right-padded embedding batches) equals HF greedy generation row by row."""
+    assert H.normalize_answer(" K  walnut.\nWhat") == "K walnut"
+    items = H.make_items(6, "test", 2)
+    a_ids, _ = H.encode_items(smoke_gpt2, items)
+    for it, x in zip(items, a_ids):  # A's prompt is tokenized as the plain text would be
+        assert x.tolist() == smoke_gpt2.tokenizer.encode(it.a_prompt, add_special_tokens=False)
+    seqs = [smoke_gpt2.embed(x) for x in a_ids]
+    batched = H.greedy_answers(smoke_gpt2, seqs, 5)
+    single = [H.greedy_answers(smoke_gpt2, [s], 5)[0] for s in seqs]
+    assert batched == single
+    for it, got in zip(items, batched):
+        ref = smoke_gpt2.generate(it.a_prompt, max_new_tokens=5)
+        assert H.normalize_answer(got) == H.normalize_answer(ref)
+
+
+def test_benchmark_reports_every_arm_with_n_ci_and_mcnemar(smoke_gpt2, trained):
+    link = trained[2]
+    items = H.make_items(16, "test", 0)
+    res = H.run_benchmark(smoke_gpt2, link, items, 2, seed=0, extra_maps={"recon": link})
+    arms = {m.extra.get("arm"): m for m in res.measures if m.extra.get("arm")}
+    assert set(arms) == set(H.ARMS) | {"recon", "session_a"}
+    for arm, m in arms.items():
+        assert m.n == 16 and m.ci_low <= m.value <= m.ci_high
+        if arm != "wrong_session":
+            assert m.control == "wrong-session latent" and m.test == "exact McNemar" and 0 <= m.p_value <= 1
+    # same map => the recon arm's answers equal the inner-link arm's
+    assert res.answers["recon"] == res.answers["inner_link"]
+    rows = res.rows()
+    assert len(rows) == 16 and {"material", "gold", "inner_link", "text"} <= set(rows[0])
+    near = H.nearest_tokens(smoke_gpt2, res.latents[0, 0], k=5)
+    assert len(near) == 5 and near[0][1] >= near[-1][1]
+
+
+# --- state reconstruction ------------------------------------------------------------------------
+
+def test_recon_objective_trains_the_map_and_is_saved(smoke_gpt2, trained, tmp_path):
+    from lab.innerlink import reconstruct as RC
+    cfg, _, link = trained
+    cfg = cfg.replace(recon_steps=8, recon_batch=4, handoff_steps=2, recon_lr=3e-3)
+    items = H.make_items(5, "val", 9)
+    # gradients reach the map through frozen B and A's rollout, and only the map
+    rmap = InnerLink(smoke_gpt2.d_model)
+    rmap.load_state_dict(link.state_dict())
+    loss = RC.recon_loss(smoke_gpt2, rmap, items, 2)
+    loss.backward()
+    assert 0 <= float(loss.detach()) <= 2 and rmap.w1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in smoke_gpt2.model.parameters())
+    test_items = H.make_items(20, "test", 0)
+    art = RC.train_recon(cfg, smoke_gpt2, link, test_items, out_dir=tmp_path / "recon")
+    m = art.manifest["metrics"]
+    assert art.manifest["kind"] == "innerlink-recon" and len(m["history"]) >= 1
+    assert m["history"][-1]["val_recon_cos"] > m["val_recon_cos_inner_link"]  # the objective it optimises
+    r, _ = RC.load_recon(tmp_path / "recon", smoke_gpt2)
+    assert RC.recon_cosines(smoke_gpt2, r, items, 2).shape == (5,)
+
+
+# --- evaluate, CLI, app -----------------------------------------------------------------------------
+
+def test_evaluate_report_answers_published_figures(trained, smoke_gpt2):
+    from lab.innerlink import evaluate
+    cfg, art, link = trained
+    rep = evaluate(art.path, smoke_gpt2, recon=link, n_items=12)
+    assert rep.published["inner-link mean cos(R_in(h_t), Emb(y_t+1))"].value == "0.74"
+    assert rep.published["control cos(R_in(h_t), Emb(random other token))"].value == "≈0.005"
+    assert rep.published["hand-off exact match: inner-link latent"].value == "0 of 18"
+    assert {"innerlink_cosine", "innerlink_rollout", "innerlink_handoff"} <= set(rep.figures)
+    assert "|" in rep.to_markdown() and all(m.n > 0 for m in rep.measures)
+
+
+def test_cli_train_and_evaluate(lab_home, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from lab.cli import app
+    from lab.innerlink import training as T
+    orig = T.Config.preset
+    monkeypatch.setattr(T.Config, "preset", classmethod(lambda cls, name, **kw: orig.__func__(
+        cls, name, **{**dict(train_docs=60, heldout_docs=20, steps=4, batch_size=32, rollout_prompts=8,
+                          handoff_items=200, recon_steps=2, recon_batch=2), **kw})))
+    r = CliRunner().invoke(app, ["train", "innerlink", "--preset", "smoke"])
+    assert r.exit_code == 0, r.output
+    assert "2d²+6d" in r.output and "reconstruction map" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "innerlink", "--preset", "smoke", "--items", "10", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "hand-off exact match: inner-link latent" in r.output and (tmp_path / "report.md").exists()
+
+
+def test_app_page(lab_home, trained):
+    from streamlit.testing.v1 import AppTest
+    page = Path(__file__).resolve().parents[1] / "app" / "pages" / "3_Inner_Link.py"
+    at = AppTest.from_file(str(page), default_timeout=240)
+    at.run()
+    assert not at.exception, at.exception
+    before = [m.value for m in at.markdown]
+    item_box = at.number_input(key="il-item")
+    item_box.set_value(item_box.value + 1).run()
+    assert not at.exception, at.exception
+    after = [m.value for m in at.markdown]
+    assert after != before
+    assert at.get("plotly_chart")

@@ -152,7 +152,15 @@ def control_combiner(artifact: Artifact, base) -> Combiner:
 
 
 def load(path: Path, base) -> Artifact:
-    return load_artifact(path, KIND, base)
+    """A trained combiner artifact, verified against the base; a LabError if it lacks any fit."""
+    art = load_artifact(path, KIND, base)
+    k_max = Config.from_dict(art.config).k_max
+    want = [f"{fit}.k{k}.M" for fit in FITS for k in range(1, k_max + 1)] + [f"{CONTROL}.M"]
+    missing = [w for w in want if w not in art.tensors]
+    if missing:
+        raise LabError(f"{path} lacks the fits {missing[:4]} (made by an older version?); retrain it with "
+                       f"`lab train combiner`")
+    return art
 
 
 def eval_features(config: Config, base, text: str | None = None, progress: bool = False):
@@ -270,8 +278,11 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     path = artifact_dir(preset, cfg.base)
     art = None
     if (path / "manifest.json").exists():
-        art = load(path, base)
-        if Config.from_dict(art.config) != cfg:
+        try:
+            art = load(path, base)
+        except LabError:  # another base fingerprint or an older format: retrain
+            art = None
+        if art is not None and Config.from_dict(art.config) != cfg:
             art = None  # another config (e.g. another seed): retrain
     if art is None:
         art = train(cfg, base, out_dir=path)
@@ -337,3 +348,20 @@ def find_artifacts(base_name: str) -> list[Path]:
         if (p / "manifest.json").exists() and (read_json(p / "manifest.json").get("base") or {}).get("name") == base_name:
             out.append(p)
     return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+@torch.no_grad()
+def thought_lens(base, text: str, k: int = 4, top: int = 5, feed: str = "final") -> list[dict]:
+    """What h and each thought T_j would predict through the frozen head (a logit lens on the thoughts),
+    with the cosine of each to h: how far a thought moves from the state it came from."""
+    from lab.combiner.thinking import think
+    ids, _ = base.encode(text)
+    th = think(base, ids, k, feed=feed)
+    rows = []
+    for name, v in [("h", th.h[0])] + [(f"T_{j + 1}", th.T[0, j]) for j in range(k)]:
+        p = torch.softmax(base.logits(v, normed=True).float(), -1)
+        pv, pi = p.topk(top)
+        rows.append({"state": name, "cos_to_h": float(torch.nn.functional.cosine_similarity(v, th.h[0], 0)),
+                     "norm": float(v.norm()),
+                     "top_tokens": ", ".join(f"{base.tokenizer.decode([int(i)])!r} {float(q):.2f}" for q, i in zip(pv, pi))})
+    return rows

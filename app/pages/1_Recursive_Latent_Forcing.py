@@ -1,0 +1,94 @@
+"""Recursive Latent Forcing: pick or type a pointer-chain problem and watch the loop solve it, live."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lab import LabError
+from lab.ui import base_picker, cached_base, export_buttons, show_error
+
+st.set_page_config(page_title="Recursive Latent Forcing", layout="wide")
+st.title("Recursive Latent Forcing")
+st.caption("A frozen base encodes the prompt once; a small core loops over the residual stream, re-fed the "
+           "prompt through the lifeline gate, and emits one dereference per loop, then HALT.")
+
+
+@st.cache_resource(show_spinner="loading the RLF model…")
+def cached_model(path: str, base_name: str):
+    from lab.rlf.train import load
+    return load(path, cached_base(base_name))
+
+
+@st.cache_resource(show_spinner="fitting the trajectory map…")
+def cached_explorer(path: str, base_name: str):
+    from lab.rlf.data import heldout_set
+    from lab.rlf.explore import Explorer
+    model = cached_model(path, base_name)
+    background = [p for h in range(1, model.config.max_train_hops + 1) for p in heldout_set(h, 500)[:20]]
+    return Explorer(model, background)
+
+
+@st.cache_data
+def examples(max_hops: int) -> dict[str, str]:
+    from lab.rlf.data import heldout_set
+    out = {}
+    for h in range(1, max_hops + 1):
+        for i, p in enumerate(heldout_set(h, 500)[:3]):
+            out[f"{h} hops, #{i}: What is {p.query}? ({' -> '.join(p.path)})"] = p.prompt
+    return out
+
+
+base_name = base_picker(key="rlf-base")
+from lab.rlf.train import artifacts_for  # noqa: E402
+
+arts = artifacts_for(base_name)
+if not arts:
+    st.warning(f"No RLF model trained on {base_name!r} yet. Train one with:  "
+               f"`lab train rlf --base {base_name} --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
+    st.stop()
+art_name = st.selectbox("RLF model", list(arts), key="rlf-artifact")
+try:
+    explorer = cached_explorer(str(arts[art_name]), base_name)
+except LabError as e:
+    show_error(e)
+    st.stop()
+model = explorer.model
+
+left, right = st.columns([2, 1])
+with left:
+    ex = examples(12)
+    choice = st.selectbox("Held-out problem", ["(type your own)"] + list(ex), index=2, key="rlf-example")
+    prompt = st.text_area("Problem (must end with 'Answer:')", value=ex.get(choice, "K = walnut. R = K. D = R. "
+                          "What is D?\nAnswer:"), height=110, key=f"rlf-prompt-{choice}")
+with right:
+    lifeline_on = st.toggle("Lifeline", value=True, key="rlf-lifeline")
+    scale = st.slider("Lifeline scale", 0.0, 2.0, 1.0, 0.05, key="rlf-scale")
+    ram = st.slider("RAM scale", 0.0, 3.0, 1.0, 0.05, key="rlf-ram",
+                    help=f"multiplies the gate on the {len(explorer.ram_dims)} RAM dimensions")
+    alu = st.slider("ALU scale", 0.0, 3.0, 1.0, 0.05, key="rlf-alu",
+                    help=f"multiplies the gate on the {len(explorer.alu_dims)} ALU dimensions")
+    cap = st.number_input("Loop cap", min_value=-5, max_value=32, value=model.config.infer_cap, step=1, key="rlf-cap")
+
+try:
+    v = explorer.view(prompt, cap=int(cap), lifeline=lifeline_on, scale=scale, ram_scale=ram, alu_scale=alu)
+except LabError as e:
+    show_error(e)
+    st.stop()
+
+truth = " -> ".join(v["truth"]) if v["truth"] else "(no ground truth: the chain is cyclic or undefined)"
+halt = f"HALT at loop {v['halted_at']}" if v["halted_at"] is not None else f"no HALT within {int(cap)} loops"
+ok = v["truth"] is not None and v["answer"] == v["truth"][-1]
+st.markdown(f"**Answer: `{v['answer']}`** ({halt}) {'✅' if ok else '❌' if v['truth'] else ''} — "
+            f"ground truth: {truth}; with the lifeline zeroed: `{v['answer_off']}`")
+st.dataframe(pd.DataFrame(v["rows"]), hide_index=True, use_container_width=True)
+
+c1, c2 = st.columns(2)
+with c1:
+    st.plotly_chart(v["figures"]["trajectory"], use_container_width=True, key="rlf-traj")
+    export_buttons(v["figures"]["trajectory"], "rlf_trajectory", key="rlf-traj-exp")
+with c2:
+    st.plotly_chart(v["figures"]["gate"], use_container_width=True, key="rlf-gate")
+    export_buttons(v["figures"]["gate"], "rlf_gate_histogram", key="rlf-gate-exp")
+with st.expander("Intervention spec (JSON)"):
+    st.json(v["lifeline"] | {"ram_dims": f"{len(explorer.ram_dims)} dims", "alu_dims": f"{len(explorer.alu_dims)} dims"})

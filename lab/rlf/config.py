@@ -1,0 +1,122 @@
+"""The RLF experiment config: one dataclass, named presets, saved as JSON beside every artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from lab import LabError
+
+CORES = ("transformer", "mamba2")
+SUPERVISION = ("every_loop", "answer_only")
+
+
+@dataclass
+class Config:
+    preset_name: str = "tiny"       # which named preset this config came from (names the artifact)
+    base: str = "tiny-gpt2"          # a base preset, a local HF directory or a hub name
+    # --- the model ---
+    core: str = "transformer"        # "transformer" (2-layer causal encoder) or "mamba2" (one Mamba2 block)
+    d_core: int = 0                  # core width (0: the base's d_model); wider cores learn faster
+    core_layers: int = 2             # transformer core depth (the published GPT-2 core had 2)
+    n_heads: int = 4                 # transformer core heads
+    ff_mult: int = 4                 # transformer core MLP width multiple
+    core_token_rope: bool = True     # rotary embeddings over token positions inside the core's attention
+    mamba_d_state: int = 64          # Mamba2 core: published d_state 64, expand 2, head dim 64
+    mamba_expand: int = 2
+    mamba_head_dim: int = 64
+    gate_init: float = 1.0           # the lifeline gate starts at ones(d)
+    # --- baselines / controls (first-class config values) ---
+    lifeline: bool = True            # False: the no-lifeline baseline (gate fixed at 0)
+    loop_rope: bool = True           # False: the no-loop-RoPE baseline
+    supervision: str = "every_loop"  # "answer_only": supervise only the value (loop hops-1) and HALT (loop hops)
+    shuffle_supervision: bool = False  # control: targets taken from another problem with the same hop count
+    # --- training ---
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_train_hops: int = 5          # training problems have 1..max_train_hops hops
+    curriculum_steps: int = 0        # open one more hop every curriculum_steps / max_train_hops steps (0: off)
+    eval_every: int = 100            # live held-out accuracy on the progress bar
+    ckpt_every: int = 100
+    val_n_per_hop: int = 60          # validation problems per hop for the progress bar (not the test sets)
+    # --- evaluation ---
+    infer_cap: int = 16              # loops at inference (runs until HALT or this cap)
+    test_n: int = 500                # held-out problems per hop count in the test sets
+    test_max_hops: int = 12
+
+    def __post_init__(self):
+        if self.core not in CORES:
+            raise LabError(f"core must be one of {CORES}, got {self.core!r}")
+        if self.supervision not in SUPERVISION:
+            raise LabError(f"supervision must be one of {SUPERVISION}, got {self.supervision!r}")
+        if not 1 <= self.max_train_hops <= 12:
+            raise LabError(f"max_train_hops must be in 1..12, got {self.max_train_hops}")
+        if not 1 <= self.test_max_hops <= 12:
+            raise LabError(f"test_max_hops must be in 1..12 (52 names fit 12 hops plus distractors), got {self.test_max_hops}")
+        for k in ("steps", "batch_size", "infer_cap", "test_n", "val_n_per_hop", "core_layers", "n_heads"):
+            if getattr(self, k) < 1:
+                raise LabError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.d_core < 0:
+            raise LabError(f"d_core must be >= 0 (0: the base's width), got {self.d_core}")
+
+    @property
+    def variant(self) -> str:
+        """A short name for the baseline / control this config is ('full' for the method itself)."""
+        parts = []
+        if not self.lifeline:
+            parts.append("nolifeline")
+        if not self.loop_rope:
+            parts.append("norope")
+        if self.supervision == "answer_only":
+            parts.append("answeronly")
+        if self.shuffle_supervision:
+            parts.append("shuffled")
+        return "-".join(parts) or "full"
+
+    def run_name(self, base_name: str | None = None) -> str:
+        name = f"rlf-{self.preset_name}-{base_name or self.base}-{self.core}"
+        if self.variant != "full":
+            name += f"-{self.variant}"
+        if self.seed != 0:
+            name += f"-s{self.seed}"
+        return name.replace("/", "_")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_(self, **kw) -> "Config":
+        bad = [k for k in kw if k not in {f.name for f in fields(self)}]
+        if bad:
+            raise LabError(f"unknown RLF config field(s) {bad}")
+        return replace(self, **kw)
+
+    @classmethod
+    def preset(cls, name: str, base: str | None = None, core: str = "transformer", **kw) -> "Config":
+        if name not in PRESETS:
+            raise LabError(f"unknown RLF preset {name!r}; presets are: {', '.join(PRESETS)}")
+        cfg = replace(PRESETS[name], core=core, **kw)
+        if base is not None:
+            cfg = replace(cfg, base=base)
+        return cfg
+
+
+
+PRESETS: dict[str, Config] = {
+    # seconds: tests and CI notebooks on the smoke base (numbers are meaningless, shapes are real)
+    "smoke": Config(preset_name="smoke", base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15,
+                    ckpt_every=15, val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3),
+    # the CPU experiment: tiny-gpt2, <= 10 min to train (see bench/bench_rlf.py)
+    "tiny": Config(preset_name="tiny", base="tiny-gpt2"),
+    # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)
+    "paper": Config(preset_name="paper", base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4,
+                    warmup=100, eval_every=250, ckpt_every=250, val_n_per_hop=200),
+}

@@ -1,0 +1,242 @@
+"""Pointer-chain problems that need real dereferencing, for Recursive Latent Forcing.
+
+A problem is the base corpus's solved-lookup format without its solution:
+
+    "SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:"
+
+built by `lab.corpus.pointer_chain` (assignments in shuffled order, distractor chains that share the
+value pool and may point into the queried chain). The per-loop targets are the dereference path
+from the queried name to its value ("P", "D", "willow"), then HALT: loop k must emit step k.
+
+Splits never share a seed stream: training batches come from `random.Random("rlf-train:...")`,
+validation (the progress bar, early stopping) from "rlf-val:...", the held-out test sets (1-12 hops,
+>= 500 each) from "rlf-test:..."; string seeds are hashed (sha512) by `random.Random`, so the streams
+are disjoint. In addition, training drops any problem whose prompt text occurs in a test or
+validation set, so no evaluated prompt is ever trained on. Test sets are saved as JSONL under
+`data/rlf/` and reloaded (with a check that they regenerate identically from their seed).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from lab import LabError, data_dir
+from lab.corpus import HALT, VARIABLE_NAMES, VALUE_WORDS, pointer_chain, single_token_id
+from lab.store import atomic_write_text
+
+ANSWER_MARKER = "\nAnswer:"   # logits are read at the ":" that ends the prompt
+TRAIN_HOPS = (1, 2, 3, 4, 5)
+TEST_HOPS = tuple(range(1, 13))
+DISTRACTORS = (1, 3)          # distractor chains per problem, inclusive range: never zero
+TEST_SIZE = 500
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str               # ends with ANSWER_MARKER
+    query: str                # the queried variable
+    path: tuple[str, ...]     # names met after the query, then the value (len == hops)
+    hops: int
+    n_distractors: int
+
+    @property
+    def value(self) -> str:
+        return self.path[-1]
+
+    @property
+    def targets(self) -> list[str]:
+        """What loop k must emit: path[k], then HALT."""
+        return [*self.path, HALT]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "path": list(self.path)}
+
+
+def format_prompt(assignments: list[str], query: str) -> str:
+    return f"{' '.join(assignments)} What is {query}?{ANSWER_MARKER}"
+
+
+def make_problem(rng: random.Random, hops: int, n_distractors: int | None = None) -> Problem:
+    """One problem with `hops` dereferences (1..len names) and 1-3 distractor chains by default."""
+    if n_distractors is None:
+        n_distractors = rng.randint(*DISTRACTORS)
+    # pointer_chain raises LabError if hops + 2 * distractors exceeds the 52 names.
+    n_distractors = min(n_distractors, (len(VARIABLE_NAMES) - hops) // 2)
+    sents, query, path = pointer_chain(rng, hops, n_distractors)
+    return Problem(format_prompt(sents, query), query, tuple(path), hops, n_distractors)
+
+
+def _test_rng(hops: int, seed: int) -> random.Random:
+    return random.Random(f"rlf-test:{seed}:{hops}")
+
+
+def _val_rng(seed: int) -> random.Random:
+    return random.Random(f"rlf-val:{seed}")
+
+
+def generate_heldout_set(hops: int, n: int = TEST_SIZE, seed: int = 0) -> list[Problem]:
+    """n distinct problems with exactly `hops` hops, from the test seed stream."""
+    if not 1 <= hops <= len(VARIABLE_NAMES) - 2:
+        raise LabError(f"hops must be in 1..{len(VARIABLE_NAMES) - 2}, got {hops}")
+    if n < 1:
+        raise LabError(f"a test set needs n >= 1 problems, got {n}")
+    rng, seen, out = _test_rng(hops, seed), set(), []
+    while len(out) < n:
+        p = make_problem(rng, hops)
+        if p.prompt not in seen:  # distinct prompts, so n counts independent items
+            seen.add(p.prompt)
+            out.append(p)
+    return out
+
+
+def heldout_path(hops: int, n: int, seed: int) -> Path:
+    return data_dir() / "rlf" / f"test-h{hops:02d}-n{n}-s{seed}.jsonl"
+
+
+def heldout_set(hops: int, n: int = TEST_SIZE, seed: int = 0) -> list[Problem]:
+    """The held-out test set for one hop count: generated once, saved under data/rlf/, reloaded."""
+    path = heldout_path(hops, n, seed)
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        probs = [Problem(r["prompt"], r["query"], tuple(r["path"]), r["hops"], r["n_distractors"]) for r in rows]
+        if len(probs) == n:
+            return probs
+    probs = generate_heldout_set(hops, n, seed)
+    atomic_write_text(path, "".join(json.dumps(p.to_json()) + "\n" for p in probs))
+    return probs
+
+
+def heldout_sets(hops: tuple[int, ...] = TEST_HOPS, n: int = TEST_SIZE, seed: int = 0) -> dict[int, list[Problem]]:
+    return {h: heldout_set(h, n, seed) for h in hops}
+
+
+def validation_set(n_per_hop: int = 100, hops: tuple[int, ...] = TRAIN_HOPS, seed: int = 0) -> list[Problem]:
+    """A small held-out set for live accuracy during training (disjoint from the test sets)."""
+    rng, out = _val_rng(seed), []
+    for h in hops:
+        out += [make_problem(rng, h) for _ in range(n_per_hop)]
+    return out
+
+
+@lru_cache(maxsize=8)
+def excluded_prompts(test_n: int = TEST_SIZE, seed: int = 0, val_n_per_hop: int = 100) -> frozenset[str]:
+    """Every evaluated prompt (test sets 1-12, validation): training never emits one of them."""
+    prompts = {p.prompt for h in TEST_HOPS for p in generate_heldout_set(h, max(test_n, TEST_SIZE), seed)}
+    prompts |= {p.prompt for p in validation_set(val_n_per_hop, seed=seed)}
+    return frozenset(prompts)
+
+
+def train_hops_for(step: int, max_hops: int, curriculum_steps: int) -> int:
+    """The hardest hop count allowed at `step`: the curriculum opens one hop at a time."""
+    if curriculum_steps <= 0:
+        return max_hops
+    return min(max_hops, 1 + step * max_hops // max(1, curriculum_steps))
+
+
+def train_batch(step: int, batch_size: int, seed: int = 0, max_hops: int = 5, curriculum_steps: int = 0,
+                exclude: frozenset[str] = frozenset(), rank: int = 0) -> list[Problem]:
+    """A deterministic training batch: a pure function of (seed, step, rank), so resume is exact.
+    Hop counts are uniform over 1..(curriculum cap), with the newest hop count drawn twice as often."""
+    rng = random.Random(f"rlf-train:{seed}:{rank}:{step}")
+    cap = train_hops_for(step, max_hops, curriculum_steps)
+    weights = [1.0] * (cap - 1) + [2.0 if cap > 1 and cap < max_hops else 1.0]
+    out = []
+    while len(out) < batch_size:
+        p = make_problem(rng, rng.choices(range(1, cap + 1), weights)[0])
+        if p.prompt not in exclude:
+            out.append(p)
+    return out
+
+
+def shuffled_supervision(problems: list[Problem], seed: int) -> list[Problem]:
+    """A control: each problem keeps its prompt but gets the target path of another problem with the
+    same hop count (the supervision carries no information about the prompt)."""
+    rng = random.Random(f"rlf-shuffle:{seed}")
+    by_hops: dict[int, list[int]] = {}
+    for i, p in enumerate(problems):
+        by_hops.setdefault(p.hops, []).append(i)
+    out = list(problems)
+    for idx in by_hops.values():
+        perm = idx[:]
+        rng.shuffle(perm)
+        for i, j in zip(idx, perm):
+            out[i] = Problem(problems[i].prompt, problems[i].query, problems[j].path, problems[i].hops,
+                             problems[i].n_distractors)
+    return out
+
+
+class Vocab:
+    """Token ids the task needs, checked to be single tokens in the base's tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        halt = tokenizer.convert_tokens_to_ids(HALT)
+        if halt is None or halt == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(halt) != HALT:
+            raise LabError(f"the base's tokenizer has no {HALT!r} token; RLF needs the lab tokenizer "
+                           f"(or a tokenizer with {HALT!r} added as a special token)")
+        self.halt_id = int(halt)
+        self.word_id = {w: single_token_id(tokenizer, w) for w in [*VARIABLE_NAMES, *VALUE_WORDS]}
+        self.id_word = {i: w for w, i in self.word_id.items()}
+        self.id_word[self.halt_id] = HALT
+        self.name_ids = torch.tensor([self.word_id[w] for w in VARIABLE_NAMES])
+        self.value_ids = torch.tensor([self.word_id[w] for w in VALUE_WORDS])
+
+    def targets(self, problems: list[Problem], n_loops: int) -> torch.Tensor:
+        """(B, n_loops) target ids: path[k], then HALT for every later loop (the batch's longest)."""
+        out = torch.full((len(problems), n_loops), self.halt_id, dtype=torch.long)
+        for i, p in enumerate(problems):
+            ids = [self.word_id[w] for w in p.path][:n_loops]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, token_id: int) -> str:
+        if token_id in self.id_word:
+            return self.id_word[token_id]
+        return self.tokenizer.decode([token_id]).strip() or repr(self.tokenizer.decode([token_id]))
+
+
+def parse_prompt(prompt: str) -> dict:
+    """Check a typed prompt and recover its chain: a LabError names what is wrong.
+
+    Returns {"assignments": {name: rhs}, "query": name, "path": [...] or None}; path is None when the
+    chain is cyclic or ends at an undefined name (then no ground truth exists)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise LabError("expected a non-empty prompt string")
+    if not prompt.endswith(ANSWER_MARKER):
+        marker = ANSWER_MARKER.replace("\n", "\\n")
+        raise LabError(f"the prompt must end with the answer marker {marker!r} (got ...{prompt[-20:]!r}); "
+                       f"RLF reads its logits at that ':'")
+    body = prompt[: -len(ANSWER_MARKER)].strip()
+    if "What is " not in body or not body.endswith("?"):
+        raise LabError(f"the prompt must ask 'What is X?' just before the answer marker, got {body[-30:]!r}")
+    head, _, q = body.rpartition("What is ")
+    query = q[:-1].strip()
+    assignments: dict[str, str] = {}
+    for sent in [s.strip() for s in head.split(".") if s.strip()]:
+        if "=" not in sent:
+            raise LabError(f"expected assignments like 'K = walnut.', got {sent!r}")
+        lhs, rhs = (x.strip() for x in sent.split("=", 1))
+        if lhs not in VARIABLE_NAMES:
+            raise LabError(f"{lhs!r} is not a variable name the task uses (expected one of {', '.join(VARIABLE_NAMES[:8])}, ...)")
+        if rhs not in VARIABLE_NAMES and rhs not in VALUE_WORDS:
+            raise LabError(f"{rhs!r} (in {sent!r}) is neither a variable name nor a value word of the task")
+        assignments[lhs] = rhs
+    if query not in assignments:
+        raise LabError(f"the queried variable {query!r} is not defined in the prompt "
+                       f"(defined: {', '.join(sorted(assignments)) or 'none'})")
+    path, cur, seen = [], query, {query}
+    while cur in assignments:
+        cur = assignments[cur]
+        path.append(cur)
+        if cur in VALUE_WORDS:
+            return {"assignments": assignments, "query": query, "path": path}
+        if cur in seen:
+            return {"assignments": assignments, "query": query, "path": None}
+        seen.add(cur)
+    return {"assignments": assignments, "query": query, "path": None}

@@ -1,0 +1,95 @@
+"""The interactive view behind the app page and the notebook widgets: one prompt, live knobs.
+
+    ex = Explorer(model, background=heldout problems)       # fits the trajectory PCA once
+    v = ex.view(prompt, cap=8, lifeline=True, scale=1.0, ram_scale=1.0, alu_scale=1.0)
+    v["loops"], v["answer"], v["figures"]["trajectory"], v["figures"]["gate"]
+
+Everything is recomputed per call (one base pass, two loop runs: the chosen settings and the
+lifeline-off overlay); only the PCA map and the gate partition are fitted once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lab import LabError
+from lab.rlf.data import Problem
+from lab.rlf.model import RLF, Lifeline
+
+
+class Explorer:
+    def __init__(self, model: RLF, background: list[Problem], null_models: list[RLF] | None = None, seed: int = 0):
+        from sklearn.decomposition import PCA
+
+        from lab.rlf.probes import collect_latents, gate_histogram, gate_partition
+        if not background:
+            raise LabError("the explorer needs some background problems to fit its trajectory map")
+        self.model = model
+        self.background = collect_latents(model, background)
+        self.pca = PCA(n_components=2, random_state=seed).fit(self.background.X)
+        self.bg_xy = self.pca.transform(self.background.X)
+        self.partition = gate_partition(model, null_models)
+        rule = self.partition.get("null", self.partition["published"])
+        self.ram_dims = [int(i) for i in rule["ram"]]
+        self.alu_dims = [int(i) for i in rule["alu"]]
+        self.gate_figure = gate_histogram(self.partition)
+
+    def lifeline(self, on: bool, scale: float, ram_scale: float, alu_scale: float) -> Lifeline:
+        return Lifeline(mode="on" if on else "zero", scale=float(scale), ram_scale=float(ram_scale),
+                        alu_scale=float(alu_scale), ram_dims=self.ram_dims, alu_dims=self.alu_dims)
+
+    def view(self, prompt: str, cap: int = 8, lifeline: bool = True, scale: float = 1.0, ram_scale: float = 1.0,
+             alu_scale: float = 1.0, topk: int = 5) -> dict:
+        from lab.rlf.evaluate import explain
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
+        ll = self.lifeline(lifeline, scale, ram_scale, alu_scale)
+        cur = explain(self.model, prompt, cap, ll, topk)
+        off = explain(self.model, prompt, cap, Lifeline(mode="zero"), topk)
+        xy = self.pca.transform(cur["latents"])
+        xy_off = self.pca.transform(off["latents"])
+        rows = []
+        for lp in cur["loops"]:
+            k = lp["loop"]
+            want = (cur["truth"] + ["<|halt|>"])[k] if cur["truth"] and k <= len(cur["truth"]) else None
+            rows.append({"loop": k, **{f"top{i + 1}": f"{w} ({p:.2f})" for i, (w, p) in enumerate(lp["top"])},
+                         "target": want or "-", "lifeline off": off["loops"][k]["pred"]})
+        return {"rows": rows, "answer": cur["answer"], "halted_at": cur["halted_at"], "truth": cur["truth"],
+                "answer_off": off["answer"], "xy": xy, "xy_off": xy_off,
+                "figures": {"trajectory": self.trajectory_figure(xy, xy_off, cur, off), "gate": self.gate_figure},
+                "lifeline": ll.to_dict()}
+
+    def trajectory_figure(self, xy, xy_off, cur, off):
+        import plotly.graph_objects as go
+
+        from lab.figures import LAB_COLORS, style
+        from lab.rlf.probes import STATES
+        fig = go.Figure()
+        bg = self.background
+        for s, name in enumerate(STATES):
+            sel = bg.state == s
+            fig.add_trace(go.Scatter(x=self.bg_xy[sel, 0], y=self.bg_xy[sel, 1], mode="markers", name=f"held-out: {name}",
+                                     marker=dict(size=4, color=LAB_COLORS[s + 3], opacity=0.25), hoverinfo="skip"))
+        for label, pts, ex, color, dash in (("this prompt", xy, cur, LAB_COLORS[0], "solid"),
+                                            ("lifeline off", xy_off, off, LAB_COLORS[1], "dot")):
+            text = [f"loop {lp['loop']}: {lp['pred']}" for lp in ex["loops"]]
+            fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="lines+markers+text", name=label, text=text,
+                                     textposition="top center", line=dict(color=color, dash=dash),
+                                     marker=dict(size=8, color=color)))
+        ev = self.pca.explained_variance_ratio_
+        fig.update_layout(xaxis_title=f"PC1 ({ev[0]:.0%})", yaxis_title=f"PC2 ({ev[1]:.0%})")
+        return style(fig, "Answer-position latent per loop (PCA of held-out latents)")
+
+
+def latency(explorer: Explorer, prompt: str, n: int = 30, cap: int = 8, seed: int = 0) -> dict:
+    """Wall time of `view` over n interactions with random knob settings (the app's live cost)."""
+    import time
+    rng = np.random.default_rng(seed)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        explorer.view(prompt, cap=cap, lifeline=bool(rng.random() < 0.8), scale=float(rng.uniform(0, 2)),
+                      ram_scale=float(rng.uniform(0, 2)), alu_scale=float(rng.uniform(0, 2)))
+        times.append(time.perf_counter() - t)
+    a = np.array(times) * 1000
+    return {"n": n, "median_ms": float(np.median(a)), "p95_ms": float(np.quantile(a, 0.95)), "max_ms": float(a.max())}

@@ -1,0 +1,327 @@
+"""Recursive Latent Forcing: one looped core over a frozen base's residual stream.
+
+    x      = base(prompt)            the final block's output *before* the final norm   (B, T, d)
+    x_p    = x.detach()              the prompt copy the lifeline re-feeds
+    for k in 0, 1, 2, ...:
+        x = x + gate * x_p           loop.{k}.after_lifeline   (gate: float32 (d,), init 1; 0 = no lifeline)
+        x = rope(x, k)               loop.{k}.after_rope       (parameter-free; identity at k = 0)
+        x = x + core(x)              loop.{k}.latent           (causal; output projection zero-initialised)
+        logits_k = base.logits(x[answer])                      (the base's own final norm + unembedding)
+
+Choices the write-up leaves open, decided here:
+- The loop starts from the last block's output before the final norm (`blocks.{L-1}.resid_post`),
+  so `base.logits` (final norm + head) reads every loop exactly as it reads the base. At init the
+  core adds zero and the final norm is scale-invariant, so loop 0 predicts what the base itself
+  predicts after "Answer:" (the base corpus contains solved lookups: that is the first path step).
+- Loop RoPE rotates pairs (x[2i], x[2i+1]) by k * 10000^(-2i/d) and is applied to the running
+  state each loop, as described (rotations compose across loops).
+- The core works at its own width `d_core` between an input projection and a zero-initialised
+  output projection. Transformer core: pre-norm causal attention + MLP blocks (written out, nanoGPT-style).
+  The transformer core's attention uses rotary embeddings over token positions (`core_token_rope`),
+  so "read the name two tokens back" needs no learned positions (this is separate from the loop RoPE).
+  Mamba2 core: one `transformers` `Mamba2Block` (d_state 64, expand 2, head dim <= 64); its
+  recurrent state is not carried across loops (only the residual stream is).
+- Inference-time lifeline interventions (`Lifeline`: zero, norm-matched noise, shuffled positions,
+  another example's prompt, a global scale, RAM/ALU dimension scales) act on the lifeline term
+  gate * x_p only; they are small JSON-serialisable specs so the notebook, app and report name the
+  same intervention.
+Every loop's states are recorded into a `lab.hooks.ActivationCache` under `loop.{k}.{site}` when one
+is passed, so probes read exactly the states training produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lab import LabError
+from lab.hooks import ActivationCache, capture
+
+LOOP_SITES = ("resid_pre", "lifeline", "after_lifeline", "after_rope", "core_out", "latent")
+LIFELINE_MODES = ("on", "zero", "noise", "shuffle", "other")
+
+
+@dataclass
+class Lifeline:
+    """An inference-time intervention on the lifeline term gate * x_prompt (JSON-serialisable).
+
+    mode: "on" (as trained), "zero", "noise" (Gaussian, per-position norm matched to the real term),
+    "shuffle" (the term's positions permuted within each example, padding excluded), "other" (the
+    term computed from another example of the batch: example b takes example b+1's prompt).
+    scale multiplies the whole term; ram_scale / alu_scale multiply only the RAM / ALU dimensions
+    (`ram_dims` / `alu_dims`, from a gate partition)."""
+    mode: str = "on"
+    scale: float = 1.0
+    ram_scale: float = 1.0
+    alu_scale: float = 1.0
+    ram_dims: list[int] = field(default_factory=list)
+    alu_dims: list[int] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in LIFELINE_MODES:
+            raise LabError(f"lifeline mode must be one of {LIFELINE_MODES}, got {self.mode!r}")
+        for k in ("scale", "ram_scale", "alu_scale"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise LabError(f"lifeline {k} must be a finite number, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.mode == "on" and self.scale == 1.0 and (self.ram_scale == 1.0 or not self.ram_dims)
+                and (self.alu_scale == 1.0 or not self.alu_dims))
+
+
+def loop_rope(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim by k * 10000^(-2i/d); identity at k = 0; no parameters."""
+    if k == 0:
+        return x
+    d = x.shape[-1]
+    half = d // 2
+    theta = 10000.0 ** (-2.0 * torch.arange(half, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    ang = k * theta
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    pairs = x[..., : 2 * half].unflatten(-1, (half, 2))                                        # (..., d/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([rot, x[..., 2 * half:]], dim=-1) if d % 2 else rot
+
+
+def _token_rope(T: int, hd: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, hd/2) for rotary position embeddings over *token* positions inside the core."""
+    inv = 10000.0 ** (-torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv[None]
+    return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+
+def _apply_token_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = t[..., 0::2], t[..., 1::2]                                   # (B, H, T, hd/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+class CoreBlock(nn.Module):
+    """One pre-norm causal self-attention + MLP block (nanoGPT-style), with optional rotary embeddings
+    over token positions so a head can read "the name two tokens back" without learning positions."""
+
+    def __init__(self, d: int, n_heads: int, ff_mult: int, token_rope: bool):
+        super().__init__()
+        self.n_heads, self.token_rope = n_heads, token_rope
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, ff_mult * d), nn.GELU(), nn.Linear(ff_mult * d, d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:                  # (B, T, d) -> (B, T, d)
+        B, T, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.token_rope:                                               # q, k: (B, H, T, hd)
+            cos, sin = _token_rope(T, d // self.n_heads, h.device, h.dtype)
+            q, k = _apply_token_rope(q, cos, sin), _apply_token_rope(k, cos, sin)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(a.transpose(1, 2).reshape(B, T, d))
+        return h + self.mlp(self.ln2(h))
+
+
+class TransformerCore(nn.Module):
+    """in_proj -> n causal pre-norm Transformer blocks -> norm -> out_proj (zero init)."""
+
+    def __init__(self, d: int, d_core: int, n_layers: int, n_heads: int, ff_mult: int, token_rope: bool = True):
+        super().__init__()
+        if d_core % n_heads or (d_core // n_heads) % 2:
+            raise LabError(f"core width {d_core} must split into {n_heads} heads of even size")
+        self.in_proj = nn.Linear(d, d_core)
+        self.layers = nn.ModuleList([CoreBlock(d_core, n_heads, ff_mult, token_rope) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm(d_core)
+        self.out_proj = nn.Linear(d_core, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, d) -> (B, T, d)
+        h = self.in_proj(x)                                 # (B, T, d_core)
+        for layer in self.layers:
+            h = layer(h)
+        return self.out_proj(self.norm(h))
+
+
+class Mamba2Core(nn.Module):
+    """in_proj -> one Mamba2 block (RMSNorm + Mamba2 mixer, fresh state every call) -> out_proj (zero init)."""
+
+    def __init__(self, d: int, d_core: int, d_state: int, expand: int, head_dim: int):
+        super().__init__()
+        from transformers import Mamba2Config
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Block
+
+        head_dim = min(head_dim, expand * d_core)
+        if (expand * d_core) % head_dim:
+            raise LabError(f"Mamba2 core: expand*d_core = {expand * d_core} is not divisible by head_dim {head_dim}")
+        cfg = Mamba2Config(hidden_size=d_core, num_hidden_layers=1, state_size=d_state, expand=expand,
+                           head_dim=head_dim, num_heads=expand * d_core // head_dim, n_groups=1, chunk_size=64,
+                           residual_in_fp32=True, vocab_size=8)
+        self.in_proj = nn.Linear(d, d_core)
+        self.block = Mamba2Block(cfg, layer_idx=0)
+        self.norm = nn.LayerNorm(d_core)
+        self.out_proj = nn.Linear(d_core, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, d) -> (B, T, d)
+        h = self.block(self.in_proj(x))                     # (B, T, d_core); cache_params=None: no carried state
+        return self.out_proj(self.norm(h))
+
+
+class RLF(nn.Module):
+    """The looped core on a frozen base (the base is held, not registered: only gate + core train)."""
+
+    def __init__(self, config, base):
+        super().__init__()
+        from lab.rlf.data import Vocab
+        self.config = config
+        object.__setattr__(self, "base", base)  # not a submodule: never trained, never checkpointed
+        self.vocab = Vocab(base.tokenizer)
+        d = base.d_model
+        d_core = config.d_core or d
+        if config.lifeline:
+            self.gate = nn.Parameter(torch.full((d,), float(config.gate_init), dtype=torch.float32))
+        else:  # the no-lifeline baseline: gate fixed at 0
+            self.register_buffer("gate", torch.zeros(d, dtype=torch.float32))
+        if config.core == "transformer":
+            self.core = TransformerCore(d, d_core, config.core_layers, config.n_heads, config.ff_mult,
+                                        config.core_token_rope)
+        elif config.core == "mamba2":
+            self.core = Mamba2Core(d, d_core, config.mamba_d_state, config.mamba_expand, config.mamba_head_dim)
+        else:
+            raise LabError(f"core must be 'transformer' or 'mamba2', got {config.core!r}")
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # The output projection starts at zero: at init every loop returns the base's own state.
+        nn.init.zeros_(self.core.out_proj.weight)
+        nn.init.zeros_(self.core.out_proj.bias)
+
+    # --- the base pass ---------------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, grad: bool = False,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (pre final norm) for right-padded ids: (B, T, d).
+        grad=True keeps the graph to the input embeddings (for attribution)."""
+        base = self.base
+        last = base.n_layers - 1
+        with torch.set_grad_enabled(grad), capture(base, layers=[last], sites=("resid_post",), final=False,
+                                                  detach=not grad) as cache:
+            if inputs_embeds is not None:
+                base.model(inputs_embeds=inputs_embeds, attention_mask=mask)
+            else:
+                base.model(input_ids=ids, attention_mask=mask)
+        return cache[f"blocks.{last}.resid_post"]
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _lifeline_term(self, x_prompt: torch.Tensor, mask: torch.Tensor, spec: Lifeline | None,
+                       k: int) -> torch.Tensor:
+        gate = self.gate.to(x_prompt.dtype)
+        if spec is not None and (spec.ram_dims or spec.alu_dims):
+            gate = gate.clone()
+            if spec.ram_dims:
+                gate[spec.ram_dims] = gate[spec.ram_dims] * spec.ram_scale
+            if spec.alu_dims:
+                gate[spec.alu_dims] = gate[spec.alu_dims] * spec.alu_scale
+        term = gate * x_prompt                                   # (B, T, d)
+        if spec is None or spec.mode == "on":
+            pass
+        elif spec.mode == "zero":
+            term = torch.zeros_like(term)
+        elif spec.mode == "noise":
+            g = torch.Generator(device="cpu").manual_seed(spec.seed * 1000 + k)
+            noise = torch.randn(term.shape, generator=g).to(term)
+            term = noise * (term.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        elif spec.mode == "shuffle":
+            g = torch.Generator(device="cpu").manual_seed(spec.seed)  # one permutation per example, all loops
+            out = term.clone()
+            for b in range(term.shape[0]):
+                n = int(mask[b].sum())
+                perm = torch.randperm(n, generator=g).to(term.device)
+                out[b, :n] = term[b, perm]
+            term = out
+        elif spec.mode == "other":
+            donor = torch.roll(term, shifts=-1, dims=0)          # example b takes example b+1's term
+            dmask = torch.roll(mask, shifts=-1, dims=0).unsqueeze(-1).to(term.dtype)
+            term = donor * dmask                                  # the donor's padding contributes nothing
+        if spec is not None:
+            term = term * spec.scale
+        return term
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, n_loops: int, lifeline: Lifeline | None = None,
+            cache: ActivationCache | None = None, cache_answer_only: bool = True, stop_on_halt: bool = False,
+            x0: torch.Tensor | None = None, detach_prompt: bool = True) -> torch.Tensor:
+        """Loop `n_loops` times; returns the answer-position logits of every loop: (K, B, V).
+
+        cache: record `loop.{k}.{site}` for every site in LOOP_SITES (answer position only, (B, d),
+        unless cache_answer_only=False: (B, T, d)). stop_on_halt: stop once every example has emitted
+        HALT (inference); K is then the number of loops actually run. x0: a precomputed base state
+        (B, T, d); detach_prompt=False lets gradients flow through the lifeline too (attribution)."""
+        if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
+            raise LabError(f"the loop cap must be a positive integer, got {n_loops!r}")
+        x = self.encode(ids, mask) if x0 is None else x0          # (B, T, d)
+        x_prompt = x.detach() if detach_prompt else x            # attribution keeps the lifeline's graph
+        ans = mask.sum(1) - 1                                    # (B,) the ':' of "Answer:"
+        rows = torch.arange(x.shape[0], device=x.device)
+        halted = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        out = []
+        for k in range(n_loops):
+            rec = self._recorder(cache, k, rows, ans, cache_answer_only)
+            rec("resid_pre", x)
+            term = self._lifeline_term(x_prompt, mask, lifeline, k)
+            rec("lifeline", term)
+            x = x + term
+            rec("after_lifeline", x)
+            if self.config.loop_rope:
+                x = loop_rope(x, k)
+            rec("after_rope", x)
+            delta = self.core(x)
+            rec("core_out", delta)
+            x = x + delta
+            rec("latent", x)
+            logits = self.base.logits(x[rows, ans])              # (B, V) through final norm + head
+            out.append(logits)
+            if stop_on_halt:
+                halted |= logits.argmax(-1) == self.vocab.halt_id
+                if bool(halted.all()):
+                    break
+        return torch.stack(out)                                  # (K, B, V)
+
+    @staticmethod
+    def _recorder(cache, k, rows, ans, answer_only):
+        if cache is None:
+            return lambda site, t: None
+
+        def rec(site, t):
+            cache[f"loop.{k}.{site}"] = (t[rows, ans] if answer_only else t).detach()
+        return rec
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over supervised loops: targets, weights (B, K)."""
+        logits = self.run(ids, mask, targets.shape[1])           # (K, B, V)
+        ce = nn.functional.cross_entropy(logits.permute(1, 2, 0).float(), targets, reduction="none")  # (B, K)
+        return (ce * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def encode_prompts(base, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, mask) for RLF prompts; each prompt is checked for the answer marker and the
+    base's context length (LabError naming the offending prompt)."""
+    from lab.rlf.data import ANSWER_MARKER
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for p in prompts:
+        if not isinstance(p, str) or not p.endswith(ANSWER_MARKER):
+            raise LabError(f"every RLF prompt must end with the answer marker {ANSWER_MARKER!r}; got {str(p)[-40:]!r}")
+    return base.encode(list(prompts))
+
+
+def build(config, base) -> RLF:
+    """The RLF module for `config` on `base` (seeded by config.seed)."""
+    torch.manual_seed(config.seed)
+    return RLF(config, base)

@@ -1,0 +1,296 @@
+"""Recursive Latent Forcing: data, model, training, evaluation, probes, app, CLI and bad input (smoke bases)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab import LabError
+
+
+@pytest.fixture(scope="session")
+def rlf_smoke(smoke_gpt2, lab_home):
+    """A smoke RLF model (transformer core) trained once per session into LAB_HOME."""
+    from lab.rlf import Config
+    from lab.rlf.train import load, train_or_load
+    cfg = Config.preset("smoke")
+    return load(train_or_load(cfg, smoke_gpt2).artifact.path, smoke_gpt2)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def test_problems_need_dereferencing():
+    from lab.corpus import VALUE_WORDS
+    from lab.rlf.data import make_problem, parse_prompt
+    rng = random.Random(0)
+    in_order = 0
+    for _ in range(300):
+        h = rng.randint(1, 12)
+        p = make_problem(rng, h)
+        assert p.prompt.endswith("\nAnswer:") and p.hops == h == len(p.path)
+        assert p.n_distractors >= 1 and p.value in VALUE_WORDS
+        parsed = parse_prompt(p.prompt)
+        assert parsed["path"] == list(p.path) and parsed["query"] == p.query
+        # distractors: more assignments than the chain needs
+        assert len(parsed["assignments"]) == h + 2 * p.n_distractors
+        # order: the chain's assignments are not always written in dereference order
+        sents = p.prompt.split(" What is")[0].split(". ")
+        chain_pos = [next(i for i, s in enumerate(sents) if s.startswith(f"{lhs} ="))
+                     for lhs in [p.query, *p.path[:-1]]]
+        in_order += chain_pos == sorted(chain_pos)
+    assert in_order < 150  # shuffled: far from always in order (1-hop problems are trivially "in order")
+
+
+def test_targets_are_path_then_halt(smoke_gpt2):
+    from lab.corpus import HALT, single_token_id
+    from lab.rlf.data import Vocab, make_problem
+    v = Vocab(smoke_gpt2.tokenizer)
+    rng = random.Random(1)
+    probs = [make_problem(rng, h) for h in (1, 3, 5)]
+    t = v.targets(probs, 6)
+    assert t.shape == (3, 6)
+    for i, p in enumerate(probs):
+        want = [single_token_id(smoke_gpt2.tokenizer, w) for w in p.path] + [v.halt_id] * (6 - p.hops)
+        assert t[i].tolist() == want
+    assert smoke_gpt2.tokenizer.convert_ids_to_tokens(v.halt_id) == HALT
+
+
+def test_heldout_sets_saved_deterministic_and_disjoint_from_training(lab_home):
+    from lab.rlf.data import (TEST_HOPS, excluded_prompts, generate_heldout_set, heldout_path, heldout_set,
+                              train_batch)
+    sets = {h: heldout_set(h, 500) for h in TEST_HOPS}
+    for h, s in sets.items():
+        assert len(s) == 500 and len({p.prompt for p in s}) == 500 and all(p.hops == h for p in s)
+        assert heldout_path(h, 500, 0).exists()
+    assert [p.prompt for p in heldout_set(7, 500)] == [p.prompt for p in generate_heldout_set(7, 500)]
+    ex = excluded_prompts()
+    assert all(p.prompt in ex for s in sets.values() for p in s)
+    a = train_batch(3, 64, seed=0, exclude=ex)
+    assert [p.prompt for p in a] == [p.prompt for p in train_batch(3, 64, seed=0, exclude=ex)]
+    assert not {p.prompt for p in a} & ex
+    assert {p.hops for p in train_batch(0, 256, seed=0)} == {1, 2, 3, 4, 5}
+    assert {p.hops for p in train_batch(0, 64, seed=0, curriculum_steps=500)} == {1}
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+def test_loop_rope_is_identity_at_zero_and_a_rotation():
+    from lab.rlf.model import loop_rope
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(loop_rope(x, 0), x)
+    y = loop_rope(x, 3)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(loop_rope(loop_rope(x, 1), 2), loop_rope(x, 3), atol=1e-5)  # angles add
+    assert not torch.allclose(y, x)
+
+
+@pytest.mark.parametrize("core", ["transformer", "mamba2"])
+def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, core):
+    from lab.hooks import ActivationCache
+    from lab.rlf import Config
+    from lab.rlf.model import LOOP_SITES, build, encode_prompts
+    if core == "mamba2" and any_base.arch != "gpt2":
+        pytest.skip("one mamba2-core check (on smoke-gpt2) is enough")
+    cfg = Config.preset("smoke", core=core, d_core=32, n_heads=4, mamba_head_dim=16)
+    m = build(cfg, any_base)
+    prompts = ["K = walnut. R = K. What is R?\nAnswer:", "B = C. C = maple. D = amber. What is B?\nAnswer:"]
+    ids, mask = encode_prompts(any_base, prompts)
+    cache = ActivationCache()
+    with torch.no_grad():
+        logits = m.run(ids, mask, 3, cache=cache)
+        ref = any_base.model(input_ids=ids, attention_mask=mask).logits
+    ans = mask.sum(1) - 1
+    base_logits = ref[torch.arange(2), ans]
+    # core output is zero at init; lifeline doubles the state; the final norm is scale-invariant
+    assert torch.allclose(logits[0], base_logits, atol=1e-3, rtol=1e-3)
+    for k in range(3):
+        for s in LOOP_SITES:
+            assert cache[f"loop.{k}.{s}"].shape == (2, any_base.d_model)
+    assert torch.count_nonzero(cache["loop.0.core_out"]) == 0
+    assert cache.stack("latent", prefix="loop").shape == (3, 2, any_base.d_model)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "gate" in trainable and not any(n.startswith("base") for n in trainable)
+    assert all(not p.requires_grad for p in any_base.model.parameters())
+
+
+def test_baseline_switches(smoke_gpt2):
+    from lab.rlf import Config
+    from lab.rlf.model import build
+    from lab.rlf.train import supervision
+    from lab.rlf.data import make_problem
+    m = build(Config.preset("smoke", lifeline=False), smoke_gpt2)
+    assert "gate" not in {n for n, p in m.named_parameters()} and torch.count_nonzero(m.gate) == 0
+    cfg = Config.preset("smoke", supervision="answer_only")
+    m = build(cfg, smoke_gpt2)
+    rng = random.Random(0)
+    probs = [make_problem(rng, 1), make_problem(rng, 3)]
+    t, w = supervision(m, probs, cfg)
+    assert w.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    assert Config.preset("smoke", loop_rope=False).variant == "norope"
+
+
+# --- training, evaluation --------------------------------------------------------------------------
+
+def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
+    from lab.rlf import Config
+    from lab.rlf.train import train
+    cfg = Config.preset("smoke", steps=6, eval_every=3, ckpt_every=3, val_n_per_hop=2)
+    full = train(cfg, smoke_gpt2, tmp_path / "full")
+    part = train(cfg, smoke_gpt2, tmp_path / "resumed", stop_after=3)
+    assert part.manifest == {"stopped_at": 3}
+    resumed = train(cfg, smoke_gpt2, tmp_path / "resumed")
+    assert resumed.manifest["metrics"]["resumed_from"] == 3
+    for k, v in full.tensors.items():
+        assert torch.allclose(v, resumed.tensors[k], atol=1e-6), k
+    hist = full.manifest["metrics"]["history"]
+    assert [h["step"] for h in hist] == [3, 6] and all("val_acc" in h for h in hist)
+
+
+def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):
+    from lab.rlf.evaluate import ABLATIONS, evaluate
+    rep = evaluate(rlf_smoke, baselines={"same model (sanity)": rlf_smoke}, n=8, max_hops=4, progress=False)
+    names = [m.name for m in rep.measures]
+    for h in range(1, 5):
+        for what in ("final-answer acc", "full-trace acc", "HALT recall"):
+            m = rep.measure(f"RLF {h}-hop {what}")
+            assert m.n == 8 and m.ci_low <= m.value <= m.ci_high
+        for abl in ABLATIONS:
+            assert f"lifeline {abl} {h}-hop final-answer acc" in names
+    same = rep.measure("in-dist final-answer acc, baseline same model (sanity)")
+    assert same.p_value == 1.0 and same.value == same.control_value   # identical arm: no discordant pairs
+    assert {"rlf_final_by_hops", "rlf_trace_by_hops", "rlf_halt_by_hops"} <= set(rep.figures)
+    assert rep.published  # headline measures answer a published figure
+    out = rep.save(tmp_path / "rep", formats=("html",))
+    assert (out / "report.md").exists() and (out / "figures" / "rlf_final_by_hops.html").exists()
+
+
+def test_lifeline_interventions_change_the_loop(rlf_smoke):
+    from lab.rlf.model import Lifeline, encode_prompts
+    from lab.rlf.data import heldout_set
+    probs = heldout_set(2, 500)[:6]
+    ids, mask = encode_prompts(rlf_smoke.base, [p.prompt for p in probs])
+    with torch.no_grad():
+        on = rlf_smoke.run(ids, mask, 3)
+        same = rlf_smoke.run(ids, mask, 3, lifeline=Lifeline())
+        assert torch.equal(on, same)
+        for mode in ("zero", "noise", "shuffle", "other"):
+            assert not torch.allclose(on[1:], rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(mode=mode))[1:]), mode
+        # loop 0's prediction is already past the lifeline add, so a zero lifeline changes loop 0 too, unless scale
+        assert not torch.allclose(on, rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(scale=0.3)))
+    with pytest.raises(LabError, match="mode"):
+        Lifeline(mode="off")
+
+
+# --- probes ----------------------------------------------------------------------------------------
+
+def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
+    from lab.rlf import Config
+    from lab.rlf.data import heldout_set
+    from lab.rlf.model import build
+    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition, state_probe,
+                                trajectories, trajectory_figure)
+    probs = [p for h in (1, 2, 3) for p in heldout_set(h, 500)[:10]]
+    tr = trajectories(rlf_smoke, probs, "pca")
+    assert tr["xy_on"].shape == (sum(p.hops + 1 for p in probs), 2) and tr["xy_off"].shape == tr["xy_on"].shape
+    assert len(trajectory_figure(tr, "state").data) >= 3
+    sp = state_probe(tr["on"])["measure"]
+    assert 0 <= sp.value <= 1 and sp.control == "probe on shuffled labels" and sp.n > 0
+    # two control "runs": perturbed gates stand in for shuffled-supervision models
+    nulls = []
+    for s in (1, 2):
+        m = build(Config.preset("smoke", seed=s), smoke_gpt2)
+        with torch.no_grad():
+            m.gate.add_(torch.randn(m.gate.shape, generator=torch.Generator().manual_seed(s)) * 0.01)
+        nulls.append(m)
+    with torch.no_grad():
+        rlf_smoke.gate[:4] = torch.tensor([1.5, 1.2, 0.5, 0.8])
+    part = gate_partition(rlf_smoke, nulls)
+    lo, hi = part["null_thresholds"]
+    assert lo < 1 < hi and {0, 1} <= set(part["null"]["ram"].tolist()) and {2, 3} <= set(part["null"]["alu"].tolist())
+    assert {0, 1} <= set(part["published"]["ram"].tolist())
+    abl = gate_ablation(rlf_smoke, probs[:10], part["null"], scales=(0.0,))
+    assert any(m.extra["control"] for m in abl) and any(not m.extra["control"] for m in abl)
+    at = attribution_test(rlf_smoke, probs[10:12], n_steps=4)
+    assert at["example"]["attr"].shape[0] == probs[10].hops + 1
+    assert 0 <= at["measure"].value <= 1 and at["measure"].p_value is not None
+    attribution_heatmap(at["example"])
+
+
+def test_umap_trajectory_supported(rlf_smoke):
+    from lab.rlf.data import heldout_set
+    from lab.rlf.probes import trajectories
+    tr = trajectories(rlf_smoke, heldout_set(1, 500)[:8], "umap", overlay_off=False)
+    assert tr["xy_on"].shape == (16, 2)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error(rlf_smoke, smoke_mamba2, tmp_path):
+    from lab.rlf.evaluate import explain, solve
+    from lab.rlf.train import load
+    good = "K = walnut. R = K. What is R?\nAnswer:"
+    with pytest.raises(LabError, match="answer marker"):
+        explain(rlf_smoke, "K = walnut. What is K?", 4)
+    with pytest.raises(LabError, match="answer marker"):
+        solve(rlf_smoke, ["K = walnut. What is K?"], 4)
+    with pytest.raises(LabError, match="'R' is not defined"):
+        explain(rlf_smoke, "K = walnut. What is R?\nAnswer:", 4)
+    with pytest.raises(LabError, match="context"):
+        explain(rlf_smoke, " ".join(f"K = walnut." for _ in range(400)) + " What is K?\nAnswer:", 4)
+    for cap in (0, -3):
+        with pytest.raises(LabError, match="loop cap"):
+            explain(rlf_smoke, good, cap)
+        with pytest.raises(LabError, match="loop cap"):
+            solve(rlf_smoke, [good], cap)
+    with pytest.raises(LabError, match="trained on base 'smoke-gpt2'"):
+        load(rlf_smoke.artifact.path, smoke_mamba2)
+    from lab.rlf import Config
+    with pytest.raises(LabError, match="core"):
+        Config.preset("smoke", core="lstm")
+    with pytest.raises(LabError, match="preset"):
+        Config.preset("huge")
+
+
+# --- app, CLI --------------------------------------------------------------------------------------
+
+def test_app_page_recomputes_live(rlf_smoke, lab_home):
+    from streamlit.testing.v1 import AppTest
+    page = Path(__file__).resolve().parents[1] / "app" / "pages" / "1_Recursive_Latent_Forcing.py"
+    at = AppTest.from_file(str(page), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    at.selectbox(key="rlf-base").set_value("smoke-gpt2").run()
+    assert not at.exception, at.exception
+
+    def outputs():
+        return (json.dumps([c.proto.spec for c in at.get("plotly_chart")])[:100000],
+                at.dataframe[0].value.to_json(), at.markdown[0].value if at.markdown else "")
+
+    before = outputs()
+    at.slider(key="rlf-scale").set_value(0.2).run()
+    assert not at.exception, at.exception
+    after_scale = outputs()
+    assert after_scale[0] != before[0]
+    at.toggle(key="rlf-lifeline").set_value(False).run()
+    assert not at.exception
+    assert outputs()[0] != after_scale[0]
+    at.number_input(key="rlf-cap").set_value(0).run()
+    assert any("loop cap" in e.value for e in at.error)
+
+
+def test_cli_train_and_evaluate_smoke(smoke_gpt2, lab_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from lab.cli import app
+    r = CliRunner().invoke(app, ["train", "rlf", "--preset", "smoke", "--steps", "4", "--out", str(tmp_path / "art")])
+    assert r.exit_code == 0, r.output
+    assert "validation final-answer acc" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "rlf", str(tmp_path / "art"), "--n", "6", "--no-probes",
+                                 "--out", str(tmp_path / "rep"), "--formats", "html"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.md").exists()

@@ -410,3 +410,19 @@ def test_xattn_variant_trains_and_depends_on_the_query(smoke_gpt2, tmp_path):
     x = m.channels([ChannelState(affect=(1.0, 0.0), memory="the walnut")])
     d = m.injector.xattn_delta(0, h, m.injector.channel_tokens(x))
     assert d.shape == (1, 5, smoke_gpt2.d_model) and not torch.allclose(d[0, 0], d[0, 1])
+
+
+def test_identity_init_reads_text_channels_in_the_base_space(smoke_gpt2):
+    b = smoke_gpt2
+    model = build(Config.preset("smoke"), b)
+    inj = model.injector
+    o = inj.names.index("memory")
+    assert torch.equal(inj.proj[:, :b.d_model], torch.eye(b.d_model).expand(b.n_layers, -1, -1))  # memory first
+    assert not torch.equal(inj.proj[:, b.d_model: b.d_model + 2], torch.zeros(b.n_layers, 2, b.d_model))
+    rnd = build(Config.preset("smoke", text_init="random"), b)
+    assert not torch.equal(rnd.injector.proj[:, :b.d_model], torch.eye(b.d_model).expand(b.n_layers, -1, -1))
+    with pytest.raises(LabError, match="text_init"):
+        Config.preset("smoke", text_init="zeros")
+    with pytest.raises(LabError, match="identity init"):
+        ChannelInjector(8, 1, {"affect": 2}).init_weights(identity=("affect",))
+    assert o == 0

@@ -190,8 +190,10 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         cm = compare_proportions(f"{cap}: conflict, follows channel over text", follow, follow_z, "channels zeroed")
         report.add(cm, Published("conflict: response follows the channel, not the opposite text", "264/265", SRC))
         # three arms: channel / same state as text (equally trained) / neither
+        # the frozen base reading the state as text, untrained (channels zeroed = the bare base)
+        text_base = ll_correct(model, items, zero=True, with_text=True)
         row = {"capability": cap, "n": len(items), "channel": float(full.mean()), "neither": float(zero.mean()),
-               "tokens_channel": 0.0, "tokens_neither": 0.0}
+               "text_untrained_base": float(text_base.mean()), "tokens_channel": 0.0, "tokens_neither": 0.0}
         if text_model is not None:
             text = ll_correct(text_model, items)
             tok = text_model.base.tokenizer

@@ -139,9 +139,14 @@ class ChannelInjector(nn.Module):
             self.wo = nn.Parameter(torch.empty(L, d, d))
         self.init_weights()
 
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, identity: tuple[str, ...] = ()) -> None:
         """alpha = 0 (bit-identity); projections N(0, 1/fan_in) so W x has unit scale for unit-scale x,
-        which gives alpha a useful gradient from the first step."""
+        which gives alpha a useful gradient from the first step.
+
+        identity: channels (of width d_model, additive mode) whose projection starts as the identity:
+        right for text channels embedded in the base's own residual space (the default text encoder),
+        where "raise what the channel names" is then the starting point instead of something a map
+        must learn from a few dozen training entities (which does not transfer to held-out ones)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             self.alpha.zero_()
@@ -152,6 +157,12 @@ class ChannelInjector(nn.Module):
             if self.mode == "additive":  # fan-in per channel slice: each channel's W x has unit scale
                 widths = torch.tensor([self.widths[n] for n in self.names], dtype=torch.float32)
                 self.proj.mul_((math.sqrt(self.proj.shape[1]) / widths.sqrt())[self.chan_of_dim][None, :, None])
+                offsets = dict(zip(self.names, torch.cumsum(torch.tensor([0] + [self.widths[n] for n in self.names]), 0).tolist()))
+                for n in identity:
+                    if n not in self.widths or self.widths[n] != self.d_model:
+                        raise LabError(f"identity init needs a channel of width d_model={self.d_model}, got {n!r}")
+                    o = offsets[n]
+                    self.proj[:, o: o + self.d_model] = torch.eye(self.d_model)
 
     # --- computation ---------------------------------------------------------------------------
 

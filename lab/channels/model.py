@@ -31,6 +31,7 @@ class Config:
     n_heads: int = 4                 # xattn: attention heads
     text_encoder: str = "base"       # "base" (mean-pooled hidden state) or "st:<sentence-transformers model>"
     text_layer: int = 0              # base encoder: which resid_pre is pooled (0 = embeddings; see encoders.py)
+    text_init: str = "identity"      # text channels' projection at init: "identity" (base encoder, additive) or "random"
     capabilities: tuple = CAPABILITIES
     # adapter training
     steps: int = 1200
@@ -57,6 +58,8 @@ class Config:
     preset_name: str = "custom"
 
     def __post_init__(self):
+        if self.text_init not in ("identity", "random"):
+            raise LabError(f"text_init must be 'identity' or 'random', got {self.text_init!r}")
         if self.mode not in MODES:
             raise LabError(f"mode must be one of {MODES}, got {self.mode!r}")
         bad = [c for c in self.capabilities if c not in CAPABILITIES]
@@ -147,7 +150,11 @@ class ChannelModel(nn.Module):
         widths = channel_widths(self.text_encoder.dim) if arm == "channel" else {"bias": 1}
         self.injector = ChannelInjector(base.d_model, base.n_layers, widths, config.mode,
                                         config.n_tokens, config.n_heads)
-        self.injector.init_weights(seed=config.seed)
+        ident = ()
+        if (arm == "channel" and config.mode == "additive" and config.text_init == "identity"
+                and config.text_encoder == "base" and self.text_encoder.dim == base.d_model):
+            ident = ("memory", "identity", "continuity")
+        self.injector.init_weights(seed=config.seed, identity=ident)
 
     # --- channel tensors -----------------------------------------------------------------------
 

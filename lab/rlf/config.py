@@ -21,9 +21,11 @@ class Config:
     n_heads: int = 4                 # transformer core heads
     ff_mult: int = 4                 # transformer core MLP width multiple
     core_token_rope: bool = True     # rotary embeddings over token positions inside the core's attention
+    core_conv: int = 5               # causal depthwise conv width mixing recent positions into q/k (0: off)
     mamba_d_state: int = 64          # Mamba2 core: published d_state 64, expand 2, head dim 64
     mamba_expand: int = 2
     mamba_head_dim: int = 64
+    base_blocks: int = -1            # base blocks that encode the prompt before the loop (-1: all)
     gate_init: float = 1.0           # the lifeline gate starts at ones(d)
     # --- baselines / controls (first-class config values) ---
     lifeline: bool = True            # False: the no-lifeline baseline (gate fixed at 0)

@@ -118,30 +118,37 @@ def hop_measures(tag: str, hops: int, oc: dict[str, np.ndarray], control: dict[s
     return ms
 
 
-def explain(model: RLF, prompt: str, cap: int, lifeline: Lifeline | None = None, topk: int = 5) -> dict:
+def explain(model: RLF, prompt: str, cap: int, lifeline: Lifeline | list[Lifeline] | None = None,
+            topk: int = 5) -> dict | list[dict]:
     """One typed prompt, fully checked: per-loop top-k predictions, the latent trajectory at the
-    answer position, and the ground-truth path when the prompt defines one (for the app)."""
+    answer position, and the ground-truth path when the prompt defines one (for the app).
+    A list of lifeline specs returns one result per spec, sharing a single base pass."""
     from lab.hooks import ActivationCache
     parsed = parse_prompt(prompt)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
     ids, mask = encode_prompts(model.base, [prompt])
-    cache = ActivationCache()
+    specs = lifeline if isinstance(lifeline, list) else [lifeline]
+    results = []
     with torch.no_grad():
-        logits = model.run(ids, mask, cap, lifeline=lifeline, cache=cache)[:, 0]     # (K, V)
-    probs = logits.float().softmax(-1)
-    top = probs.topk(topk, dim=-1)
-    loops, halted_at = [], None
-    for k in range(logits.shape[0]):
-        row = [(model.vocab.decode(int(i)), float(p)) for p, i in zip(top.values[k], top.indices[k])]
-        loops.append({"loop": k, "top": row, "pred": row[0][0]})
-        if halted_at is None and int(top.indices[k, 0]) == model.vocab.halt_id:
-            halted_at = k
-    preds = [lp["pred"] for lp in loops[: (halted_at + 1) if halted_at is not None else None]]
-    answer = preds[-2] if halted_at is not None and halted_at >= 1 else (None if halted_at == 0 else preds[-1])
-    latents = cache.stack("latent", prefix="loop")[:, 0].float().numpy()              # (K, d)
-    return {"loops": loops, "halted_at": halted_at, "answer": answer, "truth": parsed["path"],
-            "latents": latents, "query": parsed["query"], "n_tokens": int(ids.shape[1])}
+        x0 = model.encode(ids, mask)
+        for spec in specs:
+            cache = ActivationCache()
+            logits = model.run(ids, mask, cap, lifeline=spec, cache=cache, x0=x0)[:, 0]     # (K, V)
+            probs = logits.float().softmax(-1)
+            top = probs.topk(topk, dim=-1)
+            loops, halted_at = [], None
+            for k in range(logits.shape[0]):
+                row = [(model.vocab.decode(int(i)), float(p)) for p, i in zip(top.values[k], top.indices[k])]
+                loops.append({"loop": k, "top": row, "pred": row[0][0]})
+                if halted_at is None and int(top.indices[k, 0]) == model.vocab.halt_id:
+                    halted_at = k
+            preds = [lp["pred"] for lp in loops[: (halted_at + 1) if halted_at is not None else None]]
+            answer = preds[-2] if halted_at is not None and halted_at >= 1 else (None if halted_at == 0 else preds[-1])
+            latents = cache.stack("latent", prefix="loop")[:, 0].float().numpy()          # (K, d)
+            results.append({"loops": loops, "halted_at": halted_at, "answer": answer, "truth": parsed["path"],
+                            "latents": latents, "query": parsed["query"], "n_tokens": int(ids.shape[1])})
+    return results if isinstance(lifeline, list) else results[0]
 
 
 # --- the base's own chain-of-thought (a baseline that needs no training) -----------------------

@@ -107,11 +107,16 @@ def _apply_token_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 class CoreBlock(nn.Module):
     """One pre-norm causal self-attention + MLP block (nanoGPT-style), with optional rotary embeddings
-    over token positions so a head can read "the name two tokens back" without learning positions."""
+    over token positions, and an optional short causal depthwise convolution that mixes the last few
+    positions into the queries and keys (identity at init). With it, the key at " walnut" in
+    "K = walnut." can carry "K" and the query at ":" can carry the name in "What is K?", so one
+    attention layer can dereference; values come from the unmixed stream (the token itself)."""
 
-    def __init__(self, d: int, n_heads: int, ff_mult: int, token_rope: bool):
+    def __init__(self, d: int, n_heads: int, ff_mult: int, token_rope: bool, conv: int = 0):
         super().__init__()
-        self.n_heads, self.token_rope = n_heads, token_rope
+        self.n_heads, self.token_rope, self.conv_width = n_heads, token_rope, conv
+        if conv:
+            self.conv = nn.Conv1d(d, d, conv, groups=d, bias=False)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -119,7 +124,17 @@ class CoreBlock(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:                  # (B, T, d) -> (B, T, d)
         B, T, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        u = self.ln1(h)
+        if self.conv_width:
+            mixed = self.conv(nn.functional.pad(u.transpose(1, 2), (self.conv_width - 1, 0))).transpose(1, 2)
+            w = self.qkv.weight.view(3, d, d)
+            bq = self.qkv.bias.view(3, d)
+            q = (mixed @ w[0].T + bq[0])
+            k = (mixed @ w[1].T + bq[1])
+            v = (u @ w[2].T + bq[2])
+            q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = self.qkv(u).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.token_rope:                                               # q, k: (B, H, T, hd)
             cos, sin = _token_rope(T, d // self.n_heads, h.device, h.dtype)
             q, k = _apply_token_rope(q, cos, sin), _apply_token_rope(k, cos, sin)
@@ -131,12 +146,13 @@ class CoreBlock(nn.Module):
 class TransformerCore(nn.Module):
     """in_proj -> n causal pre-norm Transformer blocks -> norm -> out_proj (zero init)."""
 
-    def __init__(self, d: int, d_core: int, n_layers: int, n_heads: int, ff_mult: int, token_rope: bool = True):
+    def __init__(self, d: int, d_core: int, n_layers: int, n_heads: int, ff_mult: int, token_rope: bool = True,
+                 conv: int = 0):
         super().__init__()
         if d_core % n_heads or (d_core // n_heads) % 2:
             raise LabError(f"core width {d_core} must split into {n_heads} heads of even size")
         self.in_proj = nn.Linear(d, d_core)
-        self.layers = nn.ModuleList([CoreBlock(d_core, n_heads, ff_mult, token_rope) for _ in range(n_layers)])
+        self.layers = nn.ModuleList([CoreBlock(d_core, n_heads, ff_mult, token_rope, conv) for _ in range(n_layers)])
         self.norm = nn.LayerNorm(d_core)
         self.out_proj = nn.Linear(d_core, d)
 
@@ -188,7 +204,7 @@ class RLF(nn.Module):
             self.register_buffer("gate", torch.zeros(d, dtype=torch.float32))
         if config.core == "transformer":
             self.core = TransformerCore(d, d_core, config.core_layers, config.n_heads, config.ff_mult,
-                                        config.core_token_rope)
+                                        config.core_token_rope, config.core_conv)
         elif config.core == "mamba2":
             self.core = Mamba2Core(d, d_core, config.mamba_d_state, config.mamba_expand, config.mamba_head_dim)
         else:
@@ -199,21 +215,33 @@ class RLF(nn.Module):
         # The output projection starts at zero: at init every loop returns the base's own state.
         nn.init.zeros_(self.core.out_proj.weight)
         nn.init.zeros_(self.core.out_proj.bias)
+        for m in self.core.modules():
+            if isinstance(m, CoreBlock) and m.conv_width:  # the token-mixing conv starts as the identity
+                with torch.no_grad():
+                    m.conv.weight.zero_()
+                    m.conv.weight[:, 0, -1] = 1.0
 
     # --- the base pass ---------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, grad: bool = False,
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The last block's output (pre final norm) for right-padded ids: (B, T, d).
+        """The base's state after `config.base_blocks` blocks (-1: all of them, i.e. the last block's
+        output before the final norm) for right-padded ids: (B, T, d).
         grad=True keeps the graph to the input embeddings (for attribution)."""
         base = self.base
-        last = base.n_layers - 1
-        with torch.set_grad_enabled(grad), capture(base, layers=[last], sites=("resid_post",), final=False,
+        n = self.config.base_blocks
+        if n < -1 or n > base.n_layers:
+            raise LabError(f"base_blocks must be -1 (all) or 0..{base.n_layers} for {base.name!r}, got {n}")
+        if n in (-1, base.n_layers):
+            layer, site = base.n_layers - 1, "resid_post"
+        else:
+            layer, site = n, "resid_pre"     # the stream entering block n = the output of n blocks
+        with torch.set_grad_enabled(grad), capture(base, layers=[layer], sites=(site,), final=False,
                                                   detach=not grad) as cache:
             if inputs_embeds is not None:
                 base.model(inputs_embeds=inputs_embeds, attention_mask=mask)
             else:
                 base.model(input_ids=ids, attention_mask=mask)
-        return cache[f"blocks.{last}.resid_post"]
+        return cache[f"blocks.{layer}.{site}"]
 
     # --- the loop --------------------------------------------------------------------------------
     def _lifeline_term(self, x_prompt: torch.Tensor, mask: torch.Tensor, spec: Lifeline | None,

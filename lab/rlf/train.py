@@ -156,5 +156,10 @@ def artifacts_for(base_name: str) -> dict[str, Path]:
         except LabError:
             continue
         if man.get("kind") == KIND and (man.get("base") or {}).get("name") == base_name:
-            out[d.name] = d
-    return dict(sorted(out.items(), key=lambda kv: (kv[0].count("-") > 4 and not kv[0].endswith("transformer"), kv[0])))
+            try:
+                cfg = Config.from_dict(read_json(d / "config.json"))
+            except (LabError, TypeError):
+                continue
+            out[d.name] = (cfg.variant != "full", cfg.seed, cfg.core != "transformer", d)
+    # the method itself first (seed 0, transformer core), then other seeds, cores, baselines, controls
+    return {name: v[-1] for name, v in sorted(out.items(), key=lambda kv: kv[1][:3])}

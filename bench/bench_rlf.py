@@ -1,0 +1,98 @@
+"""RLF benchmark: time-to-accuracy of the tiny preset, and the app page's live latency.
+
+    flock /tmp/lab-heavy.lock python bench/bench_rlf.py            # trains from scratch (<= 10 min target)
+    python bench/bench_rlf.py --reuse                                # reuse models/rlf-tiny-tiny-gpt2-transformer
+
+Prints, side by side:
+- train wall seconds vs the 600 s target, and the first time the held-out validation accuracy
+  (1-5 hops) reached 99%;
+- final-answer accuracy on the held-out 1-5-hop test sets (500 each, Wilson CI) vs the 99% target;
+- p95 / median wall ms of one app interaction (Explorer.view: base pass + loop + lifeline-off overlay
+  + figures) vs the 150 ms target;
+- RLF inference ms per problem vs the base's own token chain-of-thought (the ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_SECONDS, TARGET_ACC, TARGET_P95_MS = 600.0, 0.99, 150.0
+
+
+def main(reuse: bool = False, preset: str = "tiny") -> dict:
+    from lab.bases import load_base
+    from lab.rlf import Config
+    from lab.rlf.data import heldout_set
+    from lab.rlf.evaluate import base_cot, outcomes, solve
+    from lab.rlf.explore import Explorer, latency
+    from lab.rlf.train import default_out_dir, load, train
+    from lab.stats import proportion
+
+    cfg = Config.preset(preset)
+    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    out: dict = {"preset": preset, "base": cfg.base, "core": cfg.core, "steps": cfg.steps, "batch": cfg.batch_size,
+                 "d_core": cfg.d_core or base.d_model}
+    if reuse and (default_out_dir(cfg, base) / "manifest.json").exists():
+        model = load(default_out_dir(cfg, base), base)
+        out["trained_now"] = False
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            art = train(cfg, base, Path(tmp) / "rlf")
+            out["train_wall_s"] = round(time.perf_counter() - t0, 1)
+            model = load(art, base)
+        out["trained_now"] = True
+    hist = model.artifact.manifest["metrics"]["history"]
+    out["train_s"] = model.artifact.manifest["metrics"]["seconds"]
+    hit = next((r for r in hist if r.get("val_acc", 0) >= TARGET_ACC), None)
+    out["first_val_99_s"] = round(hit["seconds"], 1) if hit else None
+    out["first_val_99_step"] = hit["step"] if hit else None
+    out["curve"] = [(r["step"], round(r["seconds"], 1), round(r["val_acc"], 3)) for r in hist]
+
+    # Held-out test accuracy, 1..max_train_hops, pooled.
+    hops = range(1, cfg.max_train_hops + 1)
+    probs = [p for h in hops for p in heldout_set(h, cfg.test_n)]
+    t0 = time.perf_counter()
+    tr = solve(model, [p.prompt for p in probs], cfg.infer_cap)
+    rlf_s = time.perf_counter() - t0
+    acc = proportion("test final-answer acc (1-5 hops)", outcomes(model, probs, tr)["final"])
+    out["test_acc_1_5"] = round(acc.value, 4)
+    out["test_acc_ci"] = [round(acc.ci_low, 4), round(acc.ci_high, 4)]
+    out["test_n"] = acc.n
+    sub = probs[:: max(1, len(probs) // 250)]
+    t0 = time.perf_counter()
+    base_cot(base, sub)
+    cot_s = time.perf_counter() - t0
+    out["rlf_ms_per_problem"] = round(1000 * rlf_s / len(probs), 2)
+    out["cot_ms_per_problem"] = round(1000 * cot_s / len(sub), 2)
+
+    ex = Explorer(model, [p for h in hops for p in heldout_set(h, cfg.test_n)[:20]])
+    lat = latency(ex, heldout_set(3, cfg.test_n)[0].prompt, n=40, cap=cfg.infer_cap)
+    out["app_p95_ms"] = round(lat["p95_ms"], 1)
+    out["app_median_ms"] = round(lat["median_ms"], 1)
+
+    print(f"{'measure':44} {'value':>12} {'target':>10} {'ratio':>8}")
+    tr_s = out["train_s"]
+    print(f"{'train seconds (tiny preset)':44} {tr_s:>12.1f} {TARGET_SECONDS:>10.0f} {tr_s / TARGET_SECONDS:>8.2f}")
+    if out["first_val_99_s"] is not None:
+        print(f"{'seconds to 99% validation acc':44} {out['first_val_99_s']:>12.1f} {TARGET_SECONDS:>10.0f} "
+              f"{out['first_val_99_s'] / TARGET_SECONDS:>8.2f}")
+    else:
+        print(f"{'seconds to 99% validation acc':44} {'not reached':>12} {TARGET_SECONDS:>10.0f}")
+    print(f"{'test final-answer acc, 1-5 hops (n=%d)' % acc.n:44} {acc.value:>12.4f} {TARGET_ACC:>10.2f} "
+          f"{acc.value / TARGET_ACC:>8.3f}   95% CI [{acc.ci_low:.4f}, {acc.ci_high:.4f}]")
+    print(f"{'app interaction p95 ms':44} {lat['p95_ms']:>12.1f} {TARGET_P95_MS:>10.0f} {lat['p95_ms'] / TARGET_P95_MS:>8.2f}")
+    print(f"{'RLF ms/problem vs base CoT ms/problem':44} {out['rlf_ms_per_problem']:>12.2f} "
+          f"{out['cot_ms_per_problem']:>10.2f} {out['rlf_ms_per_problem'] / out['cot_ms_per_problem']:>8.2f}")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main(reuse="--reuse" in sys.argv, preset=next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"))

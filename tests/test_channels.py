@@ -197,6 +197,10 @@ def test_text_encoder_base_mean_pool(smoke_gpt2):
     manual = (b.embed(ids) + b.model.transformer.wpe(torch.arange(ids.shape[1])))[0].mean(0)
     assert torch.allclose(e[0], torch.nn.functional.normalize(manual, dim=0) * math.sqrt(b.d_model), atol=1e-5)
     assert TextEncoder(b, "base", layer=b.n_layers).encode(["x y"]).shape == (1, b.d_model)
+    # the default: centred input embeddings, no positions
+    e2 = TextEncoder(b).encode(["the walnut"])[0]
+    tok = b.embed(ids)[0].mean(0) - b.embed.weight.mean(0)
+    assert torch.allclose(e2, torch.nn.functional.normalize(tok, dim=0) * math.sqrt(b.d_model), atol=1e-5)
     with pytest.raises(LabError, match="text_layer"):
         TextEncoder(b, "base", layer=b.n_layers + 1)
     with pytest.raises(LabError, match="non-empty"):
@@ -417,10 +421,11 @@ def test_identity_init_reads_text_channels_in_the_base_space(smoke_gpt2):
     model = build(Config.preset("smoke"), b)
     inj = model.injector
     o = inj.names.index("memory")
-    assert torch.equal(inj.proj[:, :b.d_model], torch.eye(b.d_model).expand(b.n_layers, -1, -1))  # memory first
+    eff = inj.proj * inj.proj_scale  # stored divided by the lr ratio
+    assert torch.allclose(eff[:, :b.d_model], torch.eye(b.d_model).expand(b.n_layers, -1, -1))  # memory first
     assert not torch.equal(inj.proj[:, b.d_model: b.d_model + 2], torch.zeros(b.n_layers, 2, b.d_model))
     rnd = build(Config.preset("smoke", text_init="random"), b)
-    assert not torch.equal(rnd.injector.proj[:, :b.d_model], torch.eye(b.d_model).expand(b.n_layers, -1, -1))
+    assert not torch.allclose(rnd.injector.proj[:, :b.d_model] * 0.1, torch.eye(b.d_model).expand(b.n_layers, -1, -1))
     with pytest.raises(LabError, match="text_init"):
         Config.preset("smoke", text_init="zeros")
     with pytest.raises(LabError, match="identity init"):

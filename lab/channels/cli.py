@@ -70,6 +70,10 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         native_root = models_dir() / f"channels-native-{cfg.preset_name}"
         native = {k: native_root / k for k in ("channels", "baseline-small", "baseline-large")}
         native = native if all((p / "manifest.json").exists() for p in native.values()) else None
+        if native is not None:
+            from lab.store import read_json
+            if read_json(native["channels"] / "config.json").get("text_base_fingerprint") != b.fingerprint:
+                native = None  # the native track was trained with another base's text encoder
         out = out or results_dir() / root.name
         evaluate(root / "adapter", b, text_artifact=text if (text / "manifest.json").exists() else None,
                  native_paths=native, out_dir=out, attribution=attribution, log=typer.echo)

@@ -6,11 +6,16 @@
     memory / identity / continuity   text                   -> an embedding of the text
 
 Text embeddings default to the base's own hidden state, mean-pooled over the text's tokens at a chosen
-layer (`text_layer`; 0 = the stream entering block 0, i.e. the token (+position) embedding). The default
-is layer 0 because a tied unembedding reads the same space: a channel that carries "the walnut" can then
-raise " walnut" for entities the adapter never saw in training, which is what a held-out split with
-disjoint entities asks. Embeddings are L2-normalised and scaled to norm sqrt(width) so every channel's
-features have per-dimension RMS ~ 1.
+layer (`text_layer`): "embed" (default) = the base's input embedding layer (the stream entering block 0,
+without GPT-2's learned position embeddings), centred on the vocabulary's mean embedding; an int i = the
+resid_pre of block i; n_layers = the final normed state. Why "embed": a tied unembedding reads the same
+space, so a channel that carries "the walnut" can raise " walnut" for entities the adapter never saw in
+training, which is what a held-out split with disjoint entities asks. Measured on tiny-gpt2 before any
+training (identity projection, gate opened by hand, held-out memory items, chance 1/3): resid_pre 0
+(with positions) 0.38, token embeddings 0.48, centred token embeddings 0.58: GPT-2's position
+embeddings dominate the mean of a short text, and the vocabulary mean is a shared offset.
+Embeddings are L2-normalised and scaled to norm sqrt(width) so every channel's features have
+per-dimension RMS ~ 1.
 
 Optionally a sentence-transformers model the user names (`TextEncoder("st:<name or path>")`). It is
 never downloaded by the lab: it must already be installed and cached, else a clear LabError.
@@ -134,17 +139,18 @@ class TextEncoder:
     spec: "base" (default; `layer` picks the hidden state) or "st:<model name or local path>".
     """
 
-    def __init__(self, base=None, spec: str = "base", layer: int = 0):
+    def __init__(self, base=None, spec: str = "base", layer: int | str = "embed"):
         self.spec, self.layer, self.base = spec, layer, base
         self._cache: dict[str, torch.Tensor] = {}
         if spec == "base":
             if base is None:
                 raise LabError("the 'base' text encoder needs a base")
-            if not isinstance(layer, int) or not 0 <= layer <= base.n_layers:
-                raise LabError(f"text_layer must be in 0..{base.n_layers} for {base.name!r} "
+            if layer != "embed" and (not isinstance(layer, int) or isinstance(layer, bool)
+                                     or not 0 <= layer <= base.n_layers):
+                raise LabError(f"text_layer must be 'embed' or in 0..{base.n_layers} for {base.name!r} "
                                f"(0..{base.n_layers - 1}: resid_pre of that block, {base.n_layers}: final), got {layer!r}")
             self.dim = base.d_model
-            self.name = f"{base.name}:mean-pool-layer{layer}"
+            self.name = f"{base.name}:mean-pool-{layer}"
         elif isinstance(spec, str) and spec.startswith("st:") and len(spec) > 3:
             self._st = self._load_sentence_transformer(spec[3:])
             self.dim = int(self._st.get_sentence_embedding_dimension())
@@ -172,6 +178,11 @@ class TextEncoder:
         from lab import hooks
         b = self.base
         ids, mask = b.encode(texts)
+        m = mask.unsqueeze(-1).float()
+        if self.layer == "embed":
+            W = b.embed.weight
+            h = b.embed(ids).float() - W.float().mean(0)                       # (B, T, d), centred
+            return ((h * m).sum(1) / m.sum(1)).cpu()
         if self.layer == b.n_layers:
             with hooks.capture(b, layers=[], sites=(), final=True) as cache:
                 b.model(input_ids=ids, attention_mask=mask)
@@ -180,8 +191,7 @@ class TextEncoder:
             with hooks.capture(b, layers=[self.layer], sites=("resid_pre",), final=False) as cache:
                 b.model(input_ids=ids, attention_mask=mask)
             h = cache[f"blocks.{self.layer}.resid_pre"]                       # (B, T, d)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return ((h * m).sum(1) / m.sum(1)).float().cpu()                      # (B, d)
+        return ((h.float() * m).sum(1) / m.sum(1)).cpu()                      # (B, d)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, dim), each row L2-normalised then scaled to norm sqrt(dim)."""

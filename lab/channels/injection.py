@@ -107,7 +107,7 @@ class ChannelInjector(nn.Module):
     """Per-layer, per-channel projections to d_model with ReZero gates alpha (n_layers, n_channels) = 0."""
 
     def __init__(self, d_model: int, n_layers: int, widths: Mapping[str, int], mode: str = "additive",
-                 n_tokens: int = 4, n_heads: int = 4):
+                 n_tokens: int = 4, n_heads: int = 4, proj_lr_ratio: float = 1.0):
         super().__init__()
         if mode not in MODES:
             raise LabError(f"injection mode must be one of {MODES}, got {mode!r}")
@@ -116,6 +116,12 @@ class ChannelInjector(nn.Module):
         self.widths = check_widths(widths)
         self.names = list(self.widths)
         self.d_model, self.n_layers, self.mode = d_model, n_layers, mode
+        if not 0 < proj_lr_ratio <= 1:
+            raise LabError(f"proj_lr_ratio must be in (0, 1], got {proj_lr_ratio}")
+        # The additive projection is stored divided by this ratio and multiplied back on use, so Adam's
+        # per-element step on it is `ratio` times the gates': the gates move fast, the (identity-
+        # initialised) projections slowly, without a second optimizer parameter group.
+        self.proj_scale = float(proj_lr_ratio)
         C, L, d = len(self.names), n_layers, d_model
         self.alpha = nn.Parameter(torch.zeros(L, C))  # the ReZero gates: which layer opens which channel
         # which channel each input dimension belongs to, in the concatenated (B, W) channel vector
@@ -157,12 +163,13 @@ class ChannelInjector(nn.Module):
             if self.mode == "additive":  # fan-in per channel slice: each channel's W x has unit scale
                 widths = torch.tensor([self.widths[n] for n in self.names], dtype=torch.float32)
                 self.proj.mul_((math.sqrt(self.proj.shape[1]) / widths.sqrt())[self.chan_of_dim][None, :, None])
+                self.proj.div_(self.proj_scale)
                 offsets = dict(zip(self.names, torch.cumsum(torch.tensor([0] + [self.widths[n] for n in self.names]), 0).tolist()))
                 for n in identity:
                     if n not in self.widths or self.widths[n] != self.d_model:
                         raise LabError(f"identity init needs a channel of width d_model={self.d_model}, got {n!r}")
                     o = offsets[n]
-                    self.proj[:, o: o + self.d_model] = torch.eye(self.d_model)
+                    self.proj[:, o: o + self.d_model] = torch.eye(self.d_model) / self.proj_scale
 
     # --- computation ---------------------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class ChannelInjector(nn.Module):
         """(L, B, d): sum_c alpha[l,c] W[l,c] x_c for every layer at once."""
         xc = torch.cat([x[n] for n in self.names], -1)                       # (B, W)
         gated = xc.unsqueeze(0) * self.alpha[:, self.chan_of_dim].unsqueeze(1)  # (L, B, W): alpha[l, c(w)] x_w
-        return torch.bmm(gated, self.proj)                                    # (L, B, d)
+        return torch.bmm(gated, self.proj) * self.proj_scale                  # (L, B, d)
 
     def channel_tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, K, d): each channel's key/value tokens (xattn variant)."""

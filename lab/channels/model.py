@@ -30,13 +30,14 @@ class Config:
     n_tokens: int = 4                # xattn: key/value tokens per channel
     n_heads: int = 4                 # xattn: attention heads
     text_encoder: str = "base"       # "base" (mean-pooled hidden state) or "st:<sentence-transformers model>"
-    text_layer: int = 0              # base encoder: which resid_pre is pooled (0 = embeddings; see encoders.py)
+    text_layer: int | str = "embed"  # base encoder: "embed" (centred input embeddings), or an int resid_pre (encoders.py)
+    proj_lr_ratio: float = 0.1       # projections learn at this fraction of the gates' rate (reparametrised)
     text_init: str = "identity"      # text channels' projection at init: "identity" (base encoder, additive) or "random"
     capabilities: tuple = CAPABILITIES
     # adapter training
     steps: int = 1200
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup: int = 50
     seed: int = 0
     eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
@@ -94,7 +95,7 @@ class Config:
             raise LabError(f"unknown config field(s) {bad}")
         return cls(**{**presets[name], **overrides, "preset_name": name})
 
-    FORMAT = 2  # bump when the injector's tensor layout changes: stale artifacts are then retrained
+    FORMAT = 3  # bump when the injector's tensor layout or encoder changes: stale artifacts are then retrained
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -149,7 +150,7 @@ class ChannelModel(nn.Module):
         self.text_encoder = text_encoder or TextEncoder(base, config.text_encoder, config.text_layer)
         widths = channel_widths(self.text_encoder.dim) if arm == "channel" else {"bias": 1}
         self.injector = ChannelInjector(base.d_model, base.n_layers, widths, config.mode,
-                                        config.n_tokens, config.n_heads)
+                                        config.n_tokens, config.n_heads, config.proj_lr_ratio)
         ident = ()
         if (arm == "channel" and config.mode == "additive" and config.text_init == "identity"
                 and config.text_encoder == "base" and self.text_encoder.dim == base.d_model):

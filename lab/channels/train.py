@@ -182,7 +182,8 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     for name, (d, with_ch) in plan.items():
         path = root / name
         out[name] = path
-        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch}
+        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch,
+               "text_base": text_base.name, "text_base_fingerprint": text_base.fingerprint}
         if (path / "manifest.json").exists() and not force and load_artifact(path, KIND_NATIVE).config == cfg:
             continue
         model = NativeModel(_gpt2(vocab, tok, d, config.native_layers, config.native_heads, config.native_seq,
@@ -218,6 +219,9 @@ def load_native(path: Path, text_base) -> NativeModel:
     from lab.corpus import load_tokenizer
     art = load_artifact(Path(path), KIND_NATIVE)
     cfg = art.config
+    if cfg.get("text_base_fingerprint") not in (None, text_base.fingerprint):
+        raise LabError(f"{path} was trained with text channels embedded by base {cfg.get('text_base')!r}, "
+                       f"but the text encoder given is {text_base.name!r}")
     config = Config.from_dict(cfg)
     tok = load_tokenizer()
     te = TextEncoder(text_base, config.text_encoder, config.text_layer) if cfg["with_channels"] else None

@@ -192,6 +192,17 @@ def test_bytes_are_utf8_bytes_of_the_tokens(smoke_gpt2):
     for text in [heldout_text(5), "café — naïve 日本語 text\n\nwith ünïcödé", "Mara felt  \t calm. "]:
         ids, nb = B.tokenize_with_bytes(smoke_gpt2.tokenizer, text)
         assert nb.sum() == len(text.encode("utf-8")) and len(ids) == len(nb) and (nb >= 0).all()
+    # held-out documents joined by EOS (as in pretraining): EOS counts 0 bytes, every other byte counts once
+    from lab.corpus import documents
+    docs = documents("heldout", 6)
+    assert "\n\n".join(docs) == heldout_text(6) == B.heldout_eval_text(6, "text")
+    text = B.heldout_eval_text(6, "eos", smoke_gpt2.tokenizer)
+    ids, nb = B.tokenize_with_bytes(smoke_gpt2.tokenizer, text)
+    eos = smoke_gpt2.tokenizer.eos_token_id
+    assert (ids == eos).sum() == 6 and (nb[ids == eos] == 0).all()
+    assert nb.sum() == sum(len(d.encode()) for d in docs)
+    with pytest.raises(LabError, match="separator"):
+        B.heldout_eval_text(6, "tab", smoke_gpt2.tokenizer)
     ids, nb = B.tokenize_with_bytes(smoke_gpt2.tokenizer, "On Monday")
     assert list(nb) == [len(s) for s in smoke_gpt2.tokenizer.convert_ids_to_tokens(ids.tolist())]
     assert B.bpb([math.log(2)] * 4, [1, 1, 1, 1]) == pytest.approx(1.0)

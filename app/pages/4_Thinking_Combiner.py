@@ -76,7 +76,7 @@ try:
              help=f"paired bootstrap over {m.n} positions; Wilcoxon p = {m.p_value:.3g}")
     d.metric("Δ bpb, no-thought control", f"{m_ctrl.value:+.4f}", f"95% CI [{m_ctrl.ci_low:+.4f}, {m_ctrl.ci_high:+.4f}]",
              delta_color="off", help="α and β fitted with M = 0: what recalibration alone buys")
-    st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, lab.corpus.heldout_text({n_docs})); "
+    st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, {n_docs} held-out documents, separator {cfg.separator!r}); "
                f"Wilcoxon p = {m.p_value:.3g}. Published: identity Δ 0 (bit-exact), fitted Δ −0.019 bpb.")
 
     scales = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]

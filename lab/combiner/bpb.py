@@ -4,6 +4,8 @@ chunked last-position evaluator (base, identity, fitted combiners), with forward
 bpb = (nats per token / ln 2) x (tokens / bytes) = sum(nats) / ln 2 / sum(bytes) over the scored
 tokens, where a token's bytes are the UTF-8 bytes of its text (from the tokenizer's character offsets;
 characters no offset covers go to the next token, so the bytes of all tokens sum to the text's).
+Special tokens (a document separator such as <|eos|>) are not text: they count 0 bytes, but their
+prediction is still scored, as the base was trained to predict them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,27 @@ def tokenize_with_bytes(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
             nbytes[i] = cum[e] - cum[cursor]
             cursor = e
     nbytes[-1] += cum[-1] - cum[cursor]  # trailing characters no token covers
+    special = np.isin(ids, np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64))
+    nbytes[special] = 0
     return ids, nbytes
+
+
+def heldout_eval_text(n_docs: int, separator: str = "eos", tokenizer=None, seed: int = 1234) -> str:
+    """The lab corpus's held-out documents (those of `lab.corpus.heldout_text(n_docs)`) as one text.
+
+    separator="text": exactly `lab.corpus.heldout_text` (documents joined by a blank line).
+    separator="eos": the same documents joined by the tokenizer's EOS token, the way the base saw document
+    boundaries in pretraining (`lab.bases.corpus_tokens`). The lab bases never saw a blank line between
+    documents, so with "text" the first token of every document costs ~15 nats and those boundary tokens
+    dominate a last-position score (a property of the text format, not of the model)."""
+    from lab.corpus import documents, heldout_text
+    if separator == "text":
+        return heldout_text(n_docs, seed)
+    if separator == "eos":
+        if tokenizer is None or tokenizer.eos_token is None:
+            raise LabError("separator='eos' needs a tokenizer with an EOS token")
+        return tokenizer.eos_token.join(documents("heldout", n_docs, seed)) + tokenizer.eos_token
+    raise LabError(f"separator must be 'eos' or 'text', got {separator!r}")
 
 
 def bpb(nats, nbytes) -> float:

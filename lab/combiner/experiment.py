@@ -46,6 +46,7 @@ class Config:
     ridge_lambdas: tuple = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # relative to the mean diagonal of T^T T
     # evaluation on lab.corpus.heldout_text(eval_docs)
     eval_docs: int = 8000
+    separator: str = "eos"           # between held-out documents: the base's EOS ("eos") or heldout_text's blank line ("text")
     chunk_len: int = 120             # chunked last-position evaluator; chunk_len + k_max <= trained context
     window: int = 128                # sliding-window evaluator (the base only)
     stride: int = 32
@@ -56,6 +57,8 @@ class Config:
 
     def __post_init__(self):
         check_k(self.k_max)
+        if self.separator not in ("eos", "text"):
+            raise LabError(f"separator must be 'eos' or 'text', got {self.separator!r}")
         if self.feed not in FEEDS:
             raise LabError(f"feed must be one of {FEEDS}, got {self.feed!r}")
         B.check_window(self.window, self.stride)
@@ -165,8 +168,7 @@ def load(path: Path, base) -> Artifact:
 
 def eval_features(config: Config, base, text: str | None = None, progress: bool = False):
     """(ids, bytes, ChunkFeatures) of the held-out text for the chunked evaluator (k_max thoughts)."""
-    from lab.corpus import heldout_text
-    text = heldout_text(config.eval_docs) if text is None else text
+    text = B.heldout_eval_text(config.eval_docs, config.separator, base.tokenizer) if text is None else text
     ids, nb = B.tokenize_with_bytes(base.tokenizer, text)
     feats = B.chunk_features(base, ids, nb, config.chunk_len, config.k_max, config.feed, config.eval_batch, progress)
     return ids, nb, feats
@@ -260,7 +262,9 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
     rep.figures["bpb_arms"] = figures.bars_with_ci(names, vals, lo, hi, "Chunked last-position bpb", "bits per byte")
     rep.notes += [
         f"Chunked evaluator: {len(feats)} positions (the token after each non-overlapping {cfg.chunk_len}-token "
-        f"chunk of lab.corpus.heldout_text({cfg.eval_docs})); fits use the training split only.",
+        f"chunk of the {cfg.eval_docs} documents of lab.corpus.heldout_text({cfg.eval_docs}), joined by "
+        f"{'the EOS token as in pretraining' if cfg.separator == 'eos' else 'blank lines (heldout_text verbatim)'}); "
+        f"fits use the training split only.",
         "Identity and base are both head(h) on the same final-normed h: their per-token losses are compared "
         "bit for bit (max |delta| is in the identity measure's extra).",
         "CIs: paired bootstrap over scored tokens (bytes per token held fixed, same in both arms); p: Wilcoxon.",

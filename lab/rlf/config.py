@@ -22,6 +22,7 @@ class Config:
     ff_mult: int = 4                 # transformer core MLP width multiple
     core_token_rope: bool = True     # rotary embeddings over token positions inside the core's attention
     core_conv: int = 5               # causal depthwise conv width mixing recent positions into q/k (0: off)
+    core_init: str = "match"         # "match": W_K = W_Q and an averaging conv at init; "random": standard
     mamba_d_state: int = 64          # Mamba2 core: published d_state 64, expand 2, head dim 64
     mamba_expand: int = 2
     mamba_head_dim: int = 64
@@ -53,6 +54,8 @@ class Config:
     def __post_init__(self):
         if self.core not in CORES:
             raise LabError(f"core must be one of {CORES}, got {self.core!r}")
+        if self.core_init not in ("match", "random"):
+            raise LabError(f"core_init must be 'match' or 'random', got {self.core_init!r}")
         if self.supervision not in SUPERVISION:
             raise LabError(f"supervision must be one of {SUPERVISION}, got {self.supervision!r}")
         if not 1 <= self.max_train_hops <= 12:
@@ -117,7 +120,8 @@ PRESETS: dict[str, Config] = {
     "smoke": Config(preset_name="smoke", base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15,
                     ckpt_every=15, val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3),
     # the CPU experiment: tiny-gpt2, <= 10 min to train (see bench/bench_rlf.py)
-    "tiny": Config(preset_name="tiny", base="tiny-gpt2"),
+    "tiny": Config(preset_name="tiny", base="tiny-gpt2", d_core=256, n_heads=8, lr=2e-3, steps=1200,
+                   curriculum_steps=400),
     # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)
     "paper": Config(preset_name="paper", base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4,
                     warmup=100, eval_every=250, ckpt_every=250, val_n_per_hop=200),

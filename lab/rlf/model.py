@@ -216,10 +216,23 @@ class RLF(nn.Module):
         nn.init.zeros_(self.core.out_proj.weight)
         nn.init.zeros_(self.core.out_proj.bias)
         for m in self.core.modules():
-            if isinstance(m, CoreBlock) and m.conv_width:  # the token-mixing conv starts as the identity
-                with torch.no_grad():
+            if not isinstance(m, CoreBlock):
+                continue
+            with torch.no_grad():
+                if m.conv_width:
+                    # "match" init: q and k see the mean of the last few positions, so the query at ":"
+                    # holds the asked name and the key at " walnut" holds "K"; otherwise the identity.
                     m.conv.weight.zero_()
-                    m.conv.weight[:, 0, -1] = 1.0
+                    if self.config.core_init == "match":
+                        m.conv.weight.fill_(1.0 / m.conv_width)
+                    else:
+                        m.conv.weight[:, 0, -1] = 1.0
+                if self.config.core_init == "match":
+                    # W_K = W_Q: attention starts content-addressable (a position scores high when it
+                    # holds the same tokens as the query), the prior a pointer lookup needs.
+                    d = m.proj.weight.shape[0]
+                    m.qkv.weight[d: 2 * d] = m.qkv.weight[:d]
+                    m.qkv.bias[d: 2 * d] = m.qkv.bias[:d]
 
     # --- the base pass ---------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, grad: bool = False,
@@ -349,7 +362,34 @@ def encode_prompts(base, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor
     return base.encode(list(prompts))
 
 
+@torch.no_grad()
+def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
+    """Data-dependent init of the core's input projection: centre and whiten the starting states of
+    training prompts (step -1 of the training stream, never a held-out prompt). The tiny bases'
+    name and value embeddings are nearly collinear (mean cosine ~0.85-0.9); whitened, a name's own
+    direction dominates, so the content-matching attention of the "match" init finds the assignment
+    of the queried name from the first step."""
+    from lab.rlf.data import train_batch
+    cfg = model.config
+    probs = train_batch(-1, n_prompts, cfg.seed, cfg.max_train_hops)
+    ids, mask = encode_prompts(model.base, [p.prompt for p in probs])
+    x = model.encode(ids, mask)
+    X = (x + model.gate.to(x.dtype) * x)[mask.bool()].double()         # loop-0 states (N, d)
+    mu = X.mean(0)
+    ev, U = torch.linalg.eigh(torch.cov((X - mu).T) + 1e-6 * torch.eye(X.shape[1], dtype=X.dtype))
+    W = U @ torch.diag(ev.clamp_min(1e-6 * ev.max()) ** -0.5) @ U.T     # (d, d)
+    lin = model.core.in_proj
+    d_core, d = lin.weight.shape
+    reps = -(-d_core // d)
+    Wc = torch.cat([W] * reps)[:d_core] / reps ** 0.5                   # tile for wider cores
+    lin.weight.copy_(Wc.to(lin.weight.dtype))
+    lin.bias.copy_((-(Wc @ mu)).to(lin.bias.dtype))
+
+
 def build(config, base) -> RLF:
     """The RLF module for `config` on `base` (seeded by config.seed)."""
     torch.manual_seed(config.seed)
-    return RLF(config, base)
+    model = RLF(config, base)
+    if config.core_init == "match" and config.core == "transformer":
+        whiten_in_proj(model)
+    return model

@@ -96,7 +96,7 @@ def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, co
     from lab.rlf.model import LOOP_SITES, build, encode_prompts
     if core == "mamba2" and any_base.arch != "gpt2":
         pytest.skip("one mamba2-core check (on smoke-gpt2) is enough")
-    cfg = Config.preset("smoke", core=core, d_core=32, n_heads=4, mamba_head_dim=16)
+    cfg = Config.preset("smoke", core=core, d_core=32, n_heads=4, mamba_head_dim=16, answer_space="full")
     m = build(cfg, any_base)
     prompts = ["K = walnut. R = K. What is R?\nAnswer:", "B = C. C = maple. D = amber. What is B?\nAnswer:"]
     ids, mask = encode_prompts(any_base, prompts)
@@ -108,6 +108,14 @@ def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, co
     base_logits = ref[torch.arange(2), ans]
     # core output is zero at init; lifeline doubles the state; the final norm is scale-invariant
     assert torch.allclose(logits[0], base_logits, atol=1e-3, rtol=1e-3)
+    # the task answer space masks every logit but names, values and HALT
+    masked = build(cfg.with_(answer_space="task"), any_base)
+    with torch.no_grad():
+        lt = masked.run(ids, mask, 1)[0]
+    task = torch.cat([m.vocab.name_ids, m.vocab.value_ids, torch.tensor([m.vocab.halt_id])])
+    keep = torch.zeros(lt.shape[-1], dtype=torch.bool)
+    keep[task] = True
+    assert torch.allclose(lt[:, keep], base_logits[:, keep], atol=1e-3, rtol=1e-3) and (lt[:, ~keep] < -1e8).all()
     for k in range(3):
         for s in LOOP_SITES:
             assert cache[f"loop.{k}.{s}"].shape == (2, any_base.d_model)

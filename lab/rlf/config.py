@@ -22,6 +22,7 @@ class Config:
     ff_mult: int = 4                 # transformer core MLP width multiple
     core_token_rope: bool = True     # rotary embeddings over token positions inside the core's attention
     core_conv: int = 5               # causal depthwise conv width mixing recent positions into q/k (0: off)
+    answer_space: str = "task"       # "task": logits masked to names + values + HALT; "full": whole vocabulary
     core_init: str = "match"         # "match": W_K = W_Q and an averaging conv at init; "random": standard
     mamba_d_state: int = 64          # Mamba2 core: published d_state 64, expand 2, head dim 64
     mamba_expand: int = 2
@@ -54,6 +55,8 @@ class Config:
     def __post_init__(self):
         if self.core not in CORES:
             raise LabError(f"core must be one of {CORES}, got {self.core!r}")
+        if self.answer_space not in ("task", "full"):
+            raise LabError(f"answer_space must be 'task' or 'full', got {self.answer_space!r}")
         if self.core_init not in ("match", "random"):
             raise LabError(f"core_init must be 'match' or 'random', got {self.core_init!r}")
         if self.supervision not in SUPERVISION:

@@ -21,6 +21,13 @@ Choices the write-up leaves open, decided here:
   so "read the name two tokens back" needs no learned positions (this is separate from the loop RoPE).
   Mamba2 core: one `transformers` `Mamba2Block` (d_state 64, expand 2, head dim <= 64); its
   recurrent state is not carried across loops (only the residual stream is).
+- Answer space (`answer_space`, default "task"): the logits of tokens that are neither a variable
+  name, a value word nor HALT are masked, for the loss and the argmax. Why: with the frozen tied
+  head of a tiny base, full-vocabulary cross-entropy rewards pushing *all* value words above the
+  rest of the vocabulary without bound; the core's output grows into that constant direction, the
+  final norm shrinks every input-specific signal, and training stalls at the value marginal
+  (ln 40 nats) - even "K = walnut. What is K?" was not learned in 200 steps. With the task answer
+  space the same model learns that copy in ~100 steps. "full" remains available.
 - Inference-time lifeline interventions (`Lifeline`: zero, norm-matched noise, shuffled positions,
   another example's prompt, a global scale, RAM/ALU dimension scales) act on the lifeline term
   gate * x_p only; they are small JSON-serialisable specs so the notebook, app and report name the
@@ -179,8 +186,21 @@ class Mamba2Core(nn.Module):
                            residual_in_fp32=True, vocab_size=8)
         self.in_proj = nn.Linear(d, d_core)
         self.block = Mamba2Block(cfg, layer_idx=0)
+        self._init_ssm(cfg)
         self.norm = nn.LayerNorm(d_core)
         self.out_proj = nn.Linear(d_core, d)
+
+    @torch.no_grad()
+    def _init_ssm(self, cfg) -> None:
+        """transformers leaves A_log, D and dt_bias as torch.empty outside from_pretrained (its init hook
+        did not run here): set the standard Mamba2 init explicitly (A = 1..H, D = 1, dt ~ logU[1e-3, 1e-1])."""
+        mx = self.block.mixer
+        H = mx.num_heads
+        mx.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        mx.D.fill_(1.0)
+        dt = torch.exp(torch.rand(H) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+                       + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
+        mx.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, d) -> (B, T, d)
         h = self.block(self.in_proj(x))                     # (B, T, d_core); cache_params=None: no carried state
@@ -209,6 +229,16 @@ class RLF(nn.Module):
             self.core = Mamba2Core(d, d_core, config.mamba_d_state, config.mamba_expand, config.mamba_head_dim)
         else:
             raise LabError(f"core must be 'transformer' or 'mamba2', got {config.core!r}")
+        # Answer space: "task" masks every logit but the task's names, values and HALT (the loss and
+        # the argmax then range over those only); "full" reads the whole vocabulary.
+        V = base.unembed.weight.shape[0]
+        bias = torch.zeros(V)
+        if config.answer_space == "task":
+            bias.fill_(-1e9)
+            bias[self.vocab.name_ids] = 0.0
+            bias[self.vocab.value_ids] = 0.0
+            bias[self.vocab.halt_id] = 0.0
+        self.register_buffer("answer_bias", bias, persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -322,7 +352,7 @@ class RLF(nn.Module):
             rec("core_out", delta)
             x = x + delta
             rec("latent", x)
-            logits = self.base.logits(x[rows, ans])              # (B, V) through final norm + head
+            logits = self.base.logits(x[rows, ans]) + self.answer_bias.to(x.dtype)  # (B, V): final norm + head
             out.append(logits)
             if stop_on_halt:
                 halted |= logits.argmax(-1) == self.vocab.halt_id

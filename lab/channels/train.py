@@ -117,7 +117,8 @@ def bracket_dims(target: int, vocab: int, tok, layers: int, heads: int, seq: int
     and the smallest with more (multiples of `heads`)."""
     from transformers import GPT2Config
     def count(d):
-        c = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq))
+        c = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         # tied head: embeddings + positions + per layer (attn 4d^2+4d, mlp 8d^2+5d, 2 LNs 4d) + final LN
         return vocab * d + c.n_positions * d + layers * (12 * d * d + 13 * d) + 2 * d
     d = heads

@@ -431,3 +431,13 @@ def test_identity_init_reads_text_channels_in_the_base_space(smoke_gpt2):
     with pytest.raises(LabError, match="identity init"):
         ChannelInjector(8, 1, {"affect": 2}).init_weights(identity=("affect",))
     assert o == 0
+
+
+def test_attribution_items_carry_all_six_live_channels():
+    from lab.channels import _attribution_items
+    its = _attribution_items(Config.preset("smoke"))
+    assert {i.capability for i in its} == set(CAPABILITIES)
+    assert all(set(i.state) == {"memory", "affect", "time", "ethics", "identity", "continuity"} for i in its)
+    # the item's own channel keeps its state (the label still refers to it)
+    assert all(i.state[i.capability] == j.state[i.capability] for i, j in zip(
+        its, [x for c in CAPABILITIES for x in [y for y in heldout_items(c, 3) if y.pole >= 0][:3]]))

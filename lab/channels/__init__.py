@@ -73,8 +73,7 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             rep.figures["alpha_trajectory"] = probes.alpha_trajectory(metrics["alpha_history"], names)
         rep.tables["alpha (final, layer x channel)"] = model.injector.alpha_table()
         if attribution:
-            items = [it for cap in config.capabilities for it in heldout_items(cap, config.n_attribution, config.seed)
-                     if it.pole >= 0][: config.n_attribution * len(config.capabilities)]
+            items = _attribution_items(config)
             rows = probes.channel_attribution(model, items)
             rep.figures["attribution"] = probes.attribution_figure(rows, names)
             caps = list(dict.fromkeys(r["capability"] for r in rows))
@@ -95,6 +94,26 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
         from lab.store import write_json
         write_json(Path(out_dir) / "lexicons.json", {**LEXICONS, "affect": "vaderSentiment compound"})
     return rep
+
+
+def _attribution_items(config) -> list:
+    """Held-out items whose OTHER channels carry a background state (from other held-out items), so the
+    attribution has to choose among six live channels; an off channel would get exactly 0 by construction."""
+    import copy
+    import random
+
+    from lab.channels.data import heldout_items
+    pools = {cap: heldout_items(cap, config.n_attribution, config.seed + 7) for cap in CAPABILITIES}
+    rng = random.Random(config.seed)
+    out = []
+    for cap in config.capabilities:
+        for it in [i for i in heldout_items(cap, config.n_attribution, config.seed) if i.pole >= 0][: config.n_attribution]:
+            it = copy.deepcopy(it)
+            for other in CAPABILITIES:
+                if other != cap:
+                    it.state.update({k: v for k, v in rng.choice(pools[other]).state.items() if k == other})
+            out.append(it)
+    return out
 
 
 def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:

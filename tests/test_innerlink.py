@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lab import LabError
+from lab.corpus import PERSONAS
 from lab.innerlink import InnerLink, param_count
 from lab.innerlink import handoff as H
 from lab.innerlink.training import Config
@@ -151,17 +152,28 @@ def test_latent_rollout_feeds_latents_as_input_embeddings(trained, smoke_gpt2):
 
 # --- hand-off benchmark ----------------------------------------------------------------------------
 
-def test_items_heldout_and_not_guessable_from_bs_prompt():
-    test = H.make_items(300, "test", 0)
-    assert len({it.a_prompt for it in test}) == 300 and test == H.make_items(300, "test", 0)
-    train = H.make_items(300, "train", 0, exclude={it.a_prompt for it in test})
+@pytest.mark.parametrize("task", ["persona", "pointer"])
+def test_items_heldout_and_not_guessable_from_bs_prompt(task):
+    test = H.make_items(300, "test", 0, task)
+    assert len({it.a_prompt for it in test}) == 300 and test == H.make_items(300, "test", 0, task)
+    train = H.make_items(300, "train", 0, task, exclude={it.a_prompt for it in test})
     assert not {it.a_prompt for it in train} & {it.a_prompt for it in test}
     for it in test:
-        assert it.answer.split()[-1] not in it.question          # the value is never in B's prompt
-        assert it.path[-1] in it.material                         # ...it is in A's material
-        assert it.question.endswith("\nAnswer:") and it.a_prompt.endswith(it.question)
+        assert it.answer.split()[-1] not in it.question          # the answer is never in B's prompt
+        assert it.answer.split()[-1] in it.material               # ...it is in A's material
+        assert it.a_prompt.endswith(it.question) and it.task == task
     golds = [it.answer for it in test]
-    assert max(golds.count(g) for g in set(golds)) / len(golds) < 0.1  # no answer dominates
+    assert max(golds.count(g) for g in set(golds)) / len(golds) < 0.12  # no answer dominates
+    assert {it.answer for it in H.make_items(300, "test", 0, "persona")} == {n for n, _ in PERSONAS}
+
+
+def test_scoring_per_task():
+    p = H.Item("K = walnut.", " What is K?\nAnswer:", "walnut", "pointer")
+    assert p.score(" walnut.\nWhat") == "walnut" and p.score(" walnut walnut.") != "walnut"
+    q = H.Item("On Monday at dawn, Mara the baker felt calm.", " It was 3 o'clock and the sunrise made", "Mara", "persona")
+    assert q.score(" Mara feel calm.") == "Mara" and q.score(" Mara, then") == "Mara" and q.score("") == ""
+    with pytest.raises(LabError, match="unknown hand-off task"):
+        H.make_items(3, "test", 0, "riddles")
 
 
 def test_empty_sessions_are_laberror(smoke_gpt2, trained):
@@ -169,7 +181,7 @@ def test_empty_sessions_are_laberror(smoke_gpt2, trained):
     with pytest.raises(LabError, match="empty session"):
         H.encode_items(smoke_gpt2, [])
     with pytest.raises(LabError, match="empty session"):
-        H.run_session_a(smoke_gpt2, link, [H.Item("  ", "K", ("walnut",), 1, 0)], 2)
+        H.run_session_a(smoke_gpt2, link, [H.Item("  ", " What is K?\nAnswer:", "walnut")], 2)
     with pytest.raises(LabError, match="empty session"):
         H.greedy_answers(smoke_gpt2, [torch.zeros(0, smoke_gpt2.d_model)], 3)
     with pytest.raises(LabError, match="need n >= 1"):
@@ -208,7 +220,7 @@ def test_arms_are_the_controls_they_claim(smoke_gpt2, trained):
 def test_greedy_decoding_matches_hf_and_batching_does_not_leak(smoke_gpt2):
     """B's decoder (ragged, right-padded embedding batches) equals HF greedy generation row by row."""
     assert H.normalize_answer(" K  walnut.\nWhat") == "K walnut"
-    items = H.make_items(6, "test", 2)
+    items = H.make_items(3, "test", 2, "pointer") + H.make_items(3, "test", 2, "persona")
     a_ids, _ = H.encode_items(smoke_gpt2, items)
     for it, x in zip(items, a_ids):  # A's prompt is tokenized as the plain text would be
         assert x.tolist() == smoke_gpt2.tokenizer.encode(it.a_prompt, add_special_tokens=False)
@@ -225,6 +237,9 @@ def test_benchmark_reports_every_arm_with_n_ci_and_mcnemar(smoke_gpt2, trained):
     link = trained[2]
     items = H.make_items(16, "test", 0)
     res = H.run_benchmark(smoke_gpt2, link, items, 2, seed=0, extra_maps={"recon": link})
+    summary = res.summary()
+    assert all(0 <= r["agrees_with_A"] <= 1 for r in summary)
+    assert res.agreement("session_a").all()
     arms = {m.extra.get("arm"): m for m in res.measures if m.extra.get("arm")}
     assert set(arms) == set(H.ARMS) | {"recon", "session_a"}
     for arm, m in arms.items():
@@ -289,7 +304,7 @@ def test_cli_train_and_evaluate(lab_home, monkeypatch, tmp_path):
     assert "2d²+6d" in r.output and "reconstruction map" in r.output
     r = CliRunner().invoke(app, ["evaluate", "innerlink", "--preset", "smoke", "--items", "10", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "hand-off exact match: inner-link latent" in r.output and (tmp_path / "report.md").exists()
+    assert "hand-off exact match: inner-link latent" in r.output and "pointer-chain hand-off" in r.output and (tmp_path / "report.md").exists()
 
 
 def test_app_page(lab_home, trained):

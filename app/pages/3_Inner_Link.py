@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from lab import LabError, models_dir
+from lab.innerlink.handoff import TASKS
 from lab.ui import base_picker, cached_base, export_buttons, show_error
 
 st.set_page_config(page_title="Inner link", layout="wide")
@@ -26,7 +27,7 @@ def artifacts_for(base_name: str) -> list[str]:
 
 
 @st.cache_resource(show_spinner="running the hand-off benchmark on these items…")
-def benchmark(base_name: str, artifact: str, n_items: int, seed: int):
+def benchmark(base_name: str, artifact: str, task: str, n_items: int, seed: int):
     from lab.innerlink import handoff as H
     from lab.innerlink import reconstruct as RC
     from lab.innerlink.training import load
@@ -36,7 +37,7 @@ def benchmark(base_name: str, artifact: str, n_items: int, seed: int):
     recon_dir = models_dir() / artifact.replace("innerlink-", "innerlink-recon-", 1)
     if (recon_dir / "manifest.json").exists():
         maps["recon"] = RC.load_recon(recon_dir, base)[0]
-    items = H.make_items(n_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+    items = H.items_for(cfg, n_items, seed=seed, task=task)
     return H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps)
 
 
@@ -47,11 +48,12 @@ try:
         st.warning(f"No inner link is trained on {base_name} yet. Train one with:  "
                    f"`lab train innerlink --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
         st.stop()
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     artifact = c1.selectbox("Inner-link artifact", arts, key="il-art")
-    n_items = int(c2.number_input("Items (held-out)", 8, 400, 24, step=8, key="il-n"))
-    seed = int(c3.number_input("Seed", 0, 10_000, 0, key="il-seed"))
-    res = benchmark(base_name, artifact, n_items, seed)
+    task = c2.selectbox("Task", list(TASKS), key="il-task")
+    n_items = int(c3.number_input("Items (held-out)", 8, 400, 24, step=8, key="il-n"))
+    seed = int(c4.number_input("Seed", 0, 10_000, 0, key="il-seed"))
+    res = benchmark(base_name, artifact, task, n_items, seed)
     base = cached_base(base_name)
 
     from lab.figures import bars_with_ci
@@ -59,12 +61,13 @@ try:
     summary = res.summary()
     fig = bars_with_ci([H.ARM_LABELS.get(r["arm"], r["arm"]) for r in summary], [r["exact_match"] for r in summary],
                        [r["ci_low"] for r in summary], [r["ci_high"] for r in summary],
-                       f"B's exact match on these {n_items} items (95% Wilson CI)", "exact match")
+                       f"B's exact match on these {n_items} {task} items (95% Wilson CI)", "exact match")
     st.plotly_chart(fig, key="il-fig")
     export_buttons(fig, "innerlink_handoff", key="il-exp")
     st.dataframe(pd.DataFrame([{"arm": H.ARM_LABELS.get(r["arm"], r["arm"]), "correct": f"{r['correct']}/{r['n']}",
                                 "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
-                                "McNemar p vs wrong-session": r["p_vs_wrong_session"]} for r in summary]),
+                                "McNemar p vs wrong-session": r["p_vs_wrong_session"],
+                                "agrees with A": r["agrees_with_A"]} for r in summary]),
                  hide_index=True)
 
     st.header("One item")
@@ -75,7 +78,7 @@ try:
         st.subheader("Session A read")
         st.markdown(f"**Material:** `{row['material']}`")
         st.markdown(f"**Question:** `{row['question']}`")
-        st.markdown(f"**Gold answer:** `{row['gold']}` ({row['hops']} hop{'s' if row['hops'] > 1 else ''})")
+        st.markdown(f"**Gold answer:** `{row['gold']}` ({row['task']} task)")
         st.markdown(f"**A's own answer:** `{row['session_a'] or '∅'}` {'✅' if row['session_a_ok'] else '❌'}")
     with right:
         st.subheader("Session B answered")

@@ -31,7 +31,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         typer.echo(f"inner link on {b.name}: {link.n_params():,} parameters (2d²+6d at d={b.d_model}); "
                    f"held-out cos {hist[-1]['heldout_cos']:.3f} after {hist[-1]['step']} steps -> {a.path}")
         if recon:
-            items = H.make_items(cfg.handoff_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+            items = H.items_for(cfg, seed=seed)
             r = RC.train_recon(cfg, b, link, items, out_dir=RC.artifact_dir(preset, b))
             m = r.manifest["metrics"]
             typer.echo(f"reconstruction map: validation cos(B, A) {m['history'][-1]['val_recon_cos']:.3f} "

@@ -40,11 +40,11 @@ def rollout_figure(table: list[dict]) -> go.Figure:
                                                                   [r["cos_control_hi"] for r in table])})
 
 
-def handoff_figure(summary: list[dict]) -> go.Figure:
+def handoff_figure(summary: list[dict], task: str = "persona") -> go.Figure:
     from lab.innerlink.handoff import ARM_LABELS
     fig = bars_with_ci([ARM_LABELS.get(r["arm"], r["arm"]) for r in summary], [r["exact_match"] for r in summary],
                        [r["ci_low"] for r in summary], [r["ci_high"] for r in summary],
-                       f"Hand-off benchmark: B's exact match (n = {summary[0]['n']} held-out items, 95% Wilson CI)",
+                       f"Hand-off ({task} task): B's exact match (n = {summary[0]['n']} held-out items, 95% Wilson CI)",
                        "exact match")
     fig.update_traces(marker_color=[LAB_COLORS[0] if r["arm"] not in ("wrong_session",) else LAB_COLORS[1]
                                     for r in summary])
@@ -75,7 +75,7 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
     rep.tables["m-step latent rollout"] = table
     rep.figures["innerlink_rollout"] = rollout_figure(table)
     # 2-3. hand-off benchmark
-    items = H.make_items(n_items or cfg.handoff_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+    items = H.items_for(cfg, n_items, seed=seed)
     maps = {}
     if recon is not None:
         rmap = recon if isinstance(recon, torch.nn.Module) else load_recon(recon, base)[0]
@@ -91,10 +91,18 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
         rep.add(paired_delta("reconstruction cos(B, A) at question tokens: recon map minus inner link", rc, ic,
                              "inner-link latents"))
     summary = res.summary()
-    rep.tables["hand-off arms"] = summary
+    rep.tables[f"hand-off arms ({cfg.handoff_task} task)"] = summary
     rep.tables["hand-off items (first 40)"] = [{k: v for k, v in r.items() if not k.endswith("_ok")}
                                                for r in res.rows()[:40]]
-    rep.figures["innerlink_handoff"] = handoff_figure(summary)
+    rep.figures["innerlink_handoff"] = handoff_figure(summary, cfg.handoff_task)
+    if cfg.handoff_task != "pointer":  # the suggested task, as a second benchmark on the same arms
+        p_items = H.items_for(cfg, n_items, seed=seed, task="pointer")
+        p_res = H.run_benchmark(base, link, p_items, cfg.handoff_steps, seed=seed, extra_maps=maps,
+                                prefix="pointer-chain hand-off")
+        for m in p_res.measures:
+            rep.add(m)
+        rep.tables["hand-off arms (pointer task)"] = p_res.summary()
+        rep.figures["innerlink_handoff_pointer"] = handoff_figure(p_res.summary(), "pointer")
     rep.notes += [
         "Cosines are last-layer (final-normed) states of held-out corpus documents; n counts documents "
         "(each value a per-document token mean), CIs bootstrap over documents.",
@@ -104,9 +112,12 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
         "at its seeded init.",
         f"Rollout: m = {cfg.rollout_steps} latent steps from {cfg.rollout_prefix}-token held-out prefixes; "
         "'gold' is the document's real next token, 'greedy' the base's own text continuation.",
-        f"Hand-off: {len(items)} held-out pointer-chain items (hops {list(cfg.handoff_hops)}, distractor chains "
-        f"{list(cfg.handoff_distractors)}); A hands over m = {cfg.handoff_steps} vectors; exact match of B's "
-        "greedy answer up to '.' against the dereference path; p: exact McNemar vs the wrong-session arm.",
+        f"Hand-off: {len(items)} held-out items of the {cfg.handoff_task!r} task (persona: whose story, 18 names; "
+        f"pointer: chains of {list(cfg.handoff_hops)} hops with {list(cfg.handoff_distractors)} distractor chains, "
+        "answer = the dereference path); A hands over m = "
+        f"{cfg.handoff_steps} vectors; exact match of B's greedy answer; p: exact McNemar vs the wrong-session "
+        "arm; agrees_with_A: B's answer equals A's own. 'session A' is A answering with the material in view "
+        "(the ceiling any hand-off can reach).",
         "State reconstruction (arm 'recon'): R_rec (inner-link shape, initialised from R_in) trained so that B's "
         "last-layer states at the question tokens, given R_rec's latents, match A's states at the same tokens "
         "(1 - cos); see lab/innerlink/reconstruct.py.",
@@ -129,7 +140,7 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     link, _, _ = load(link_art, base)
     recon_dir = RC.artifact_dir(preset, base)
     if not _matches(recon_dir, cfg):
-        items = H.make_items(cfg.handoff_items, "test", seed, cfg.handoff_hops, cfg.handoff_distractors)
+        items = H.items_for(cfg, seed=seed)
         RC.train_recon(cfg, base, link, items, out_dir=recon_dir)
     rep = evaluate(link_art, base, recon=recon_dir, seed=seed)
     rep.provenance["preset"] = preset

@@ -1,28 +1,34 @@
 """The hand-off benchmark: can a latent carry session A's reasoning state into session B?
 
-Task (the lab's own; ARM's "Hypothesis-Continuity" set is not public). Each item is a pointer-chain
-lookup built by `lab.corpus.pointer_chain`, in the base corpus's solved-lookup format:
+The lab's own tasks (ARM's "Hypothesis-Continuity" set is not public). In every item, session A reads
+material and ends on a question; B gets the same question plus A's hand-off as input embeddings (a
+soft prompt), never the material. The answer depends only on the material:
 
-    session A reads   "SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\\nAnswer:"
-    gold answer       "P D willow"            (the dereference path: the base corpus's answer format)
-    session B gets    <hand-off as input embeddings> " What is SX?\\nAnswer:"
+  persona  (the default: the tiny bases solve it from the text) - whose story is it? 18 personas.
+      A reads  "On Tuesday at dawn, Mara the baker felt hopeful. It was 3 o'clock and the birdsong made"
+      B gets   <hand-off> " It was 3 o'clock and the birdsong made"          gold: "Mara"
+  pointer  (lab.corpus.pointer_chain, the corpus's solved-lookup format; too hard for the tiny bases'
+      A - its own accuracy is reported so the result can be read):
+      A reads  "SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:"
+      B gets   <hand-off> " What is SX?\nAnswer:"                            gold: "P D willow"
 
-The answer depends only on A's material: values and intermediate names are drawn at random, so B's
-prompt (which names only the queried variable) fixes nothing; the "none" arm and the commonest-answer
-rate measure what can be guessed without A.
+Names, values and intermediate variables are drawn at random, so B's prompt fixes nothing; the
+"none" arm and the commonest-answer rate measure what can be guessed without A.
 
 Arms (what B's soft prompt holds):
   none           nothing: B sees only the question
   random         m Gaussian vectors, each scaled to the norm of the matching inner-link latent
   wrong_session  the inner-link latents of another item (a seeded derangement): the key control
   inner_link     A's m-step latent rollout: R_in(h) appended as A's next input embedding m times,
-                 starting from A's last-layer state at the ":" of "Answer:" (RecursiveMAS latent thoughts)
+                 starting from A's last-layer state at its last token (RecursiveMAS latent thoughts)
   raw_states     the m raw last-layer states R_in was applied to (the same rollout, no map)
-  text           A's own words: the embeddings of A's transcript tail, its question and the answer it
-                 generated greedily (" What is SX?\\nAnswer: P D willow.") - the upper bound
+  text           A's own words: the embeddings of A's transcript tail, the question and the answer A
+                 generated greedily (" ... made Mara.") - the upper bound
   recon          the state-reconstruction map's latents (lab.innerlink.reconstruct), when given
-B answers greedily; exact match of the answer up to the first "." against the gold path. Each arm:
-proportion with a Wilson CI, and an exact McNemar test against the wrong-session arm on the same items.
+B answers greedily; exact match against the gold (pointer: the words up to "."; persona: the first
+word). Each arm: proportion with a Wilson CI, and an exact McNemar test against the wrong-session arm
+on the same items. Also reported: B's agreement with A's own answer (continuity, whether or not A
+was right).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 import torch
 
 from lab import LabError
-from lab.corpus import pointer_chain
+from lab.corpus import NEGATIVE, PERSONAS, POSITIVE, TIMES, WEEKDAYS, pointer_chain
 from lab.stats import Measure, compare_proportions, proportion
 
 ARMS = ("none", "random", "wrong_session", "inner_link", "raw_states", "text")
@@ -49,51 +55,78 @@ ARM_LABELS = {
 @dataclass(frozen=True)
 class Item:
     material: str               # what only session A reads
-    query: str                  # the variable B is asked about
-    path: tuple[str, ...]       # gold: names met after the query, then the value
-    hops: int
-    n_distractors: int
-
-    @property
-    def question(self) -> str:
-        return f" What is {self.query}?\nAnswer:"
-
-    @property
-    def answer(self) -> str:
-        return " ".join(self.path)
+    question: str               # B's whole prompt; also the last tokens of A's
+    answer: str                 # gold
+    task: str = "pointer"       # "pointer" or "persona"
+    hops: int = 1
+    n_distractors: int = 0
 
     @property
     def a_prompt(self) -> str:
         return self.material + self.question
 
+    def score(self, text: str) -> str:
+        """B's answer as compared with the gold: pointer, the words up to '.'; persona, the first word."""
+        words = normalize_answer(text)
+        if self.task == "persona":
+            return words.split()[0].strip(".,;:!?'\"") if words else ""
+        return words
+
     def to_json(self) -> dict:
-        return {**asdict(self), "path": list(self.path), "answer": self.answer}
+        return asdict(self)
 
 
-def _item(rng: random.Random, hops: tuple, distractors: tuple) -> Item:
+TASKS = ("persona", "pointer")
+
+
+def _pointer_item(rng: random.Random, hops: tuple, distractors: tuple) -> Item:
     h = rng.randint(hops[0], hops[-1])
     nd = rng.randint(distractors[0], distractors[-1])
     sents, query, path = pointer_chain(rng, h, nd)
-    return Item(" ".join(sents), query, tuple(path), h, nd)
+    return Item(" ".join(sents), f" What is {query}?\nAnswer:", " ".join(path), "pointer", h, nd)
 
 
-def make_items(n: int, split: str = "test", seed: int = 0, hops: tuple = (1, 2), distractors: tuple = (1, 3),
-               exclude: set[str] | None = None) -> list[Item]:
+def _persona_item(rng: random.Random) -> Item:
+    """Whose story is it? A reads one narrative sentence naming a persona (one of 18); B is asked to
+    continue a later sentence of the same story whose next word is that persona's name. B's prompt
+    holds only a time cue, never the name or role."""
+    name, role = rng.choice(PERSONAS)
+    tod = rng.choice(list(TIMES))
+    mood = rng.choice(POSITIVE + NEGATIVE)
+    material = f"On {rng.choice(WEEKDAYS)} at {tod}, {name} the {role} felt {mood}."
+    question = f" It was {rng.randint(1, 12)} o'clock and the {rng.choice(TIMES[tod])} made"
+    return Item(material, question, name, "persona", 1, 0)
+
+
+def make_items(n: int, split: str = "test", seed: int = 0, task: str = "persona", hops: tuple = (1, 2),
+               distractors: tuple = (1, 3), exclude: set[str] | None = None) -> list[Item]:
     """n items of a split. 'test' (held-out), 'val' and 'train' come from disjoint seed streams
     (string seeds are hashed by random.Random); `exclude` drops items whose A prompt is in it."""
     if split not in ("test", "val", "train"):
         raise LabError(f"split must be 'test', 'val' or 'train', got {split!r}")
+    if task not in TASKS:
+        raise LabError(f"unknown hand-off task {task!r}; expected one of {TASKS}")
     if n < 1:
         raise LabError(f"need n >= 1 items, got {n}")
-    rng = random.Random(f"innerlink-handoff-{split}:{seed}")
-    out, seen = [], set(exclude or ())
+    rng = random.Random(f"innerlink-handoff-{task}-{split}:{seed}")
+    out, seen, tries = [], set(exclude or ()), 0
     while len(out) < n:
-        it = _item(rng, tuple(hops), tuple(distractors))
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise LabError(f"could not draw {n} distinct {task!r} items (the task has too few distinct prompts)")
+        it = _pointer_item(rng, tuple(hops), tuple(distractors)) if task == "pointer" else _persona_item(rng)
         if it.a_prompt in seen:
             continue
         seen.add(it.a_prompt)
         out.append(it)
     return out
+
+
+def items_for(config, n: int | None = None, split: str = "test", seed: int | None = None, task: str | None = None,
+              exclude: set[str] | None = None) -> list[Item]:
+    """The benchmark items a Config names."""
+    return make_items(n or config.handoff_items, split, config.seed if seed is None else seed,
+                      task or config.handoff_task, config.handoff_hops, config.handoff_distractors, exclude)
 
 
 def normalize_answer(text: str) -> str:
@@ -197,7 +230,7 @@ def encode_items(base, items: list[Item]) -> tuple[list[torch.Tensor], list[torc
     a, q = [], []
     for it in items:
         if not it.material.strip():
-            raise LabError(f"an empty session: item about {it.query!r} has no material for session A to read")
+            raise LabError(f"an empty session: the item asking {it.question.strip()!r} has no material for session A to read")
         qi = _ids(base, it.question)
         a.append(torch.cat([_ids(base, it.material), qi]))
         q.append(qi)
@@ -206,7 +239,7 @@ def encode_items(base, items: list[Item]) -> tuple[list[torch.Tensor], list[torc
 
 
 def max_answer_tokens(items: list[Item]) -> int:
-    return 2 * max(it.hops for it in items) + 3
+    return max(2 * it.hops + 3 if it.task == "pointer" else 3 for it in items)
 
 
 @torch.no_grad()
@@ -222,7 +255,7 @@ def run_session_a(base, link, items: list[Item], steps: int, batch: int = 64) ->
         lat.append(la)
         raw.append(ra)
     answers = greedy_answers(base, [base.embed(x) for x in a_ids], max_answer_tokens(items))
-    correct = np.array([normalize_answer(a) == it.answer for a, it in zip(answers, items)])
+    correct = np.array([it.score(a) == it.answer for a, it in zip(answers, items)])
     return SessionA(items, a_ids, q_ids, torch.cat(lat), torch.cat(raw), answers, correct)
 
 
@@ -256,7 +289,7 @@ def arm_handoffs(base, a: SessionA, seed: int = 0, extra: dict[str, torch.Tensor
     perm = torch.from_numpy(derangement(N, rng)).to(a.latents.device)
     text = []
     for it, ans in zip(a.items, a.answers):
-        words = normalize_answer(ans)
+        words = it.score(ans)
         text.append(base.embed(_ids(base, it.question + (" " + words if words else "") + ".")))
     arms = {
         "none": [a.latents.new_zeros(0, d) for _ in range(N)],
@@ -286,17 +319,23 @@ class HandoffResult:
         """One row per item: material, gold, and each arm's answer (for tables and the app)."""
         out = []
         for i, it in enumerate(self.items):
-            r = {"item": i, "material": it.material, "question": it.question.strip().replace("\n", " "), "gold": it.answer, "hops": it.hops}
+            r = {"item": i, "material": it.material, "question": it.question.strip().replace("\n", " "), "gold": it.answer, "task": it.task}
             for arm, ans in self.answers.items():
-                r[arm] = normalize_answer(ans[i])
+                r[arm] = it.score(ans[i])
                 r[f"{arm}_ok"] = bool(self.correct[arm][i])
             out.append(r)
         return out
 
+    def agreement(self, arm: str) -> np.ndarray:
+        """Per item: B's answer under `arm` equals A's own answer (continuity, right or wrong)."""
+        return np.array([it.score(b) == it.score(a) for it, a, b in
+                         zip(self.items, self.answers["session_a"], self.answers[arm])])
+
     def summary(self) -> list[dict]:
         return [{"arm": m.extra.get("arm"), "label": m.name, "correct": int(round(m.value * m.n)), "n": m.n,
                  "exact_match": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high,
-                 "p_vs_wrong_session": m.p_value} for m in self.measures if m.extra.get("arm")]
+                 "p_vs_wrong_session": m.p_value, "agrees_with_A": float(self.agreement(m.extra["arm"]).mean())}
+                for m in self.measures if m.extra.get("arm")]
 
 
 def answer_with_handoffs(base, items: list[Item], q_ids: list[torch.Tensor], handoffs: list[torch.Tensor]) -> list[str]:
@@ -310,7 +349,8 @@ def answer_with_handoffs(base, items: list[Item], q_ids: list[torch.Tensor], han
 
 @torch.no_grad()
 def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
-                  extra: dict[str, torch.Tensor] | None = None, extra_maps: dict | None = None) -> HandoffResult:
+                  extra: dict[str, torch.Tensor] | None = None, extra_maps: dict | None = None,
+                  prefix: str = "hand-off") -> HandoffResult:
     """Run A, build every arm's hand-off, let B answer, score. `extra_maps` (name -> map with the
     inner link's interface, e.g. the state-reconstruction map) add arms whose latents come from the
     same m-step rollout of A under that map."""
@@ -325,27 +365,28 @@ def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
     correct = {"session_a": a.correct}
     for arm, soft in arms.items():
         answers[arm] = answer_with_handoffs(base, items, a.q_ids, soft)
-        correct[arm] = np.array([normalize_answer(x) == it.answer for x, it in zip(answers[arm], items)])
+        correct[arm] = np.array([it.score(x) == it.answer for x, it in zip(answers[arm], items)])
     res = HandoffResult(items, answers, correct, latents=a.latents)
-    res.measures = handoff_measures(res)
+    res.measures = handoff_measures(res, prefix)
     return res
 
 
-def handoff_measures(res: HandoffResult) -> list[Measure]:
+def handoff_measures(res: HandoffResult, prefix: str = "hand-off") -> list[Measure]:
     """Per arm: exact match with n and Wilson CI; exact McNemar vs the wrong-session arm."""
     ctrl = res.correct[CONTROL_ARM]
     out = []
     for arm in [*(a for a in res.correct if a != "session_a"), "session_a"]:
-        name = f"hand-off exact match: {ARM_LABELS.get(arm, arm)}"
+        name = f"{prefix} exact match: {ARM_LABELS.get(arm, arm)}"
         if arm == CONTROL_ARM:
             m = proportion(name, res.correct[arm])
         else:
             m = compare_proportions(name, res.correct[arm], ctrl, ARM_LABELS[CONTROL_ARM])
         m.extra["arm"] = arm
+        m.extra["agrees_with_A"] = float(res.agreement(arm).mean())
         out.append(m)
     golds = [it.answer for it in res.items]
     top = max(set(golds), key=golds.count)
-    guess = proportion("commonest-answer guess (what B's prompt alone could reach)", [g == top for g in golds])
+    guess = proportion(f"{prefix}: commonest-answer guess (what B's prompt alone could reach)", [g == top for g in golds])
     guess.extra["guess"] = top
     out.append(guess)
     return out

@@ -6,15 +6,15 @@ from the trained R_in: A's m-step latent rollout (R_rec(h) appended as A's next 
 times) is B's soft prompt. Only the objective changes, so any difference from the inner-link arm is
 the objective's doing, not a bigger or differently wired map.
 
-What is matched: B reads [R_rec latents (m)] + the question " What is Q?\\nAnswer:". A read
-[material] + the same question tokens. For every question token j,
+What is matched: B reads [R_rec latents (m)] + the question (e.g. " It was 3 o'clock and the
+birdsong made"). A read [material] + the same question tokens. For every question token j,
 
     L_rec = mean_j  1 − cos( B_final[j], A_final[j] )
 
 where X_final[j] is the last-layer (final-normed) state at question token j, A's detached as the
 teacher. Why these states: the question tokens are the only positions both sessions share, so they
 are where "B's state" and "A's state" can be compared token for token; A's states there have
-resolved the lookup against the material (A's hypothesis), and the last one (at ":") is exactly what
+resolved the lookup against the material (A's hypothesis), and the last one is exactly what
 the head turns into A's answer - reconstructing it makes B's next-token distribution A's. Why the
 last layer and cosine: that is what the head reads, its scale is fixed by the final norm, and it is
 the same loss family as L_in. Gradients flow through frozen B and through A's frozen rollout into
@@ -32,7 +32,7 @@ import torch
 
 from lab import LabError, models_dir
 from lab.innerlink.adapter import InnerLink
-from lab.innerlink.handoff import Item, encode_items, final_states, make_items, ragged_rollout
+from lab.innerlink.handoff import Item, encode_items, final_states, items_for, ragged_rollout
 from lab.store import Artifact, load_artifact, save_artifact
 
 KIND = "innerlink-recon"
@@ -68,7 +68,7 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
     """Fit R_rec (initialised from the trained R_in) with L_rec; resumable through lab.trainer.fit."""
     from lab.trainer import TrainSpec, fit
     exclude = {it.a_prompt for it in test_items}
-    val = make_items(VAL_ITEMS, "val", config.seed, config.handoff_hops, config.handoff_distractors, exclude)
+    val = items_for(config, VAL_ITEMS, "val", exclude=exclude)
     exclude |= {it.a_prompt for it in val}
     rmap = InnerLink(base.d_model).to(base.device)
     rmap.load_state_dict(link.state_dict())
@@ -78,8 +78,8 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         # a pure function of (seed, step, rank): resume replays exactly
-        items = make_items(max(1, config.recon_batch // world), "train", config.seed * 1_000_003 + step * 97 + rank,
-                           config.handoff_hops, config.handoff_distractors, exclude)
+        items = items_for(config, max(1, config.recon_batch // world), "train",
+                          config.seed * 1_000_003 + step * 97 + rank, exclude=exclude)
         return {"items": items}
 
     def loss_fn(model, batch):

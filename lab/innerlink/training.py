@@ -42,9 +42,10 @@ class Config:
     rollout_prefix: int = 16         # tokens of a held-out document before the rollout starts
     rollout_prompts: int = 200       # held-out documents rolled out
     # --- hand-off benchmark (lab.innerlink.handoff) ---
+    handoff_task: str = "persona"    # "persona" (whose story) or "pointer" (pointer-chain lookup)
     handoff_items: int = 300         # held-out items (>= 200)
-    handoff_hops: tuple = (1, 2)     # pointer-chain hops per item (uniform over the range, inclusive)
-    handoff_distractors: tuple = (1, 3)  # distractor chains per item (inclusive range)
+    handoff_hops: tuple = (1, 2)     # pointer task: hops per item (uniform over the range, inclusive)
+    handoff_distractors: tuple = (1, 3)  # pointer task: distractor chains per item (inclusive range)
     handoff_steps: int = 4           # latents A hands over (m rollout steps)
     # --- state-reconstruction hand-off map (lab.innerlink.reconstruct) ---
     recon_steps: int = 800

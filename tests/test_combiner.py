@@ -340,3 +340,15 @@ def test_app_page(smoke_gpt2, small_run, monkeypatch):
     assert after != before
     at.slider(key="comb-alpha").set_value(0.05).run()
     assert not at.exception and [m.value for m in at.metric] != after
+
+
+@pytest.mark.slow
+def test_reproduce_section_smoke(smoke_gpt2, tmp_path):
+    from lab.combiner import artifact_dir, reproduce_section
+    rep = reproduce_section("smoke", 0, tmp_path / "out")
+    assert (tmp_path / "out" / "report.md").exists() and (artifact_dir("smoke", "smoke-gpt2") / "manifest.json").exists()
+    assert rep.measure("delta bpb, identity combiner (chunked)").value == 0.0
+    assert {"identity delta (zero-init combiner)", "fitted delta before quantization (k=1, cross-entropy fit)"} <= \
+        {p.claim for p in rep.published.values()}
+    again = reproduce_section("smoke", 0, tmp_path / "out2")  # reuses the artifact: same numbers
+    assert again.measure("delta bpb, ce combiner k=1 (chunked)").value == rep.measure("delta bpb, ce combiner k=1 (chunked)").value

@@ -13,11 +13,14 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
                   base: str = typer.Option(None, help="override the preset's base (preset name or HF path)"),
                   seed: int = typer.Option(0, help="seed for features and fits"),
                   k_max: int = typer.Option(None, help="fit combiners for k = 1..k_max latent steps (<= 4)"),
+                  ce_lr: float = typer.Option(None, help="override the CE fit's learning rate (published: 1e-3)"),
+                  ce_steps: int = typer.Option(None, help="override the CE fit's steps (published: 80)"),
                   out: Path = typer.Option(None, help="artifact directory (default models/combiner-<preset>-<base>)")):
         """Cache (h, T_1..T_k, next token) features and fit the combiner by cross-entropy and ridge."""
         from lab.bases import load_base
         from lab.combiner import Config, artifact_dir, train
-        over = {k: v for k, v in dict(base=base, seed=seed, k_max=k_max).items() if v is not None}
+        over = {k: v for k, v in dict(base=base, seed=seed, k_max=k_max, ce_lr=ce_lr,
+                                                        ce_steps=ce_steps).items() if v is not None}
         cfg = Config.preset(preset, **over)
         b = load_base(cfg.base, train_if_missing=preset == "smoke")
         art = train(cfg, b, out_dir=out or artifact_dir(preset, cfg.base))

@@ -253,6 +253,7 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
                        error={fit: ([deltas[(fit, k)][1].ci_low for k in range(1, cfg.k_max + 1)],
                                     [deltas[(fit, k)][1].ci_high for k in range(1, cfg.k_max + 1)]) for fit in FITS})
     fig.add_hline(y=0, line_dash="dot", line_color="#444")
+    fig.update_xaxes(dtick=1)
     rep.figures["delta_vs_k"] = fig
     names, vals, lo, hi = [], [], [], []
     for label, nats in [("base", base_nats), ("identity", id_nats), ("no-thought control", ctrl_nats)] + \

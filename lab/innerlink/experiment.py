@@ -147,17 +147,28 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     return rep
 
 
-def _matches(path: Path, cfg) -> bool:
+# The config fields that change the inner link itself (the hand-off and reconstruction fields do not).
+LINK_FIELDS = ("base", "train_docs", "heldout_docs", "cache_seed", "max_tokens", "steps", "batch_size", "lr",
+               "warmup", "seed", "eval_rows")
+
+
+def _matches(path: Path, cfg, fields: tuple | None = None) -> bool:
+    """An artifact at `path` was made with `cfg` (on `fields` only, if given)."""
     try:
-        return (path / "config.json").exists() and read_json(path / "config.json") == cfg.to_dict_json()
+        if not (path / "config.json").exists():
+            return False
+        have, want = read_json(path / "config.json"), cfg.to_dict_json()
     except LabError:
         return False
+    if fields is None:
+        return have == want
+    return all(have.get(f) == want.get(f) for f in fields)
 
 
 def ensure_trained(cfg, base, preset: str) -> Artifact | Path:
     """The preset's inner-link artifact, trained if missing or made with another config."""
     from lab.innerlink.training import artifact_dir, train
     path = artifact_dir(preset, base)
-    if _matches(path, cfg):
+    if _matches(path, cfg, LINK_FIELDS):
         return path
     return train(cfg, base, out_dir=path)

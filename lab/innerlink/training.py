@@ -48,7 +48,7 @@ class Config:
     handoff_distractors: tuple = (1, 3)  # pointer task: distractor chains per item (inclusive range)
     handoff_steps: int = 4           # latents A hands over (m rollout steps)
     # --- state-reconstruction hand-off map (lab.innerlink.reconstruct) ---
-    recon_steps: int = 800
+    recon_steps: int = 300           # (each step backpropagates through m+1 base forwards: ~1-3 s on a busy CPU)
     recon_batch: int = 16            # training items per step (disjoint from the held-out items)
     recon_lr: float = 5e-4
 

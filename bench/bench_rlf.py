@@ -29,9 +29,9 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     from lab.bases import load_base
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
-    from lab.rlf.evaluate import base_cot, outcomes, solve
+    from lab.rlf.evaluation import base_cot, outcomes, solve
     from lab.rlf.explore import Explorer, latency
-    from lab.rlf.train import default_out_dir, load, train
+    from lab.rlf.training import default_out_dir, load, train
     from lab.stats import proportion
 
     cfg = Config.preset(preset)

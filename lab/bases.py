@@ -192,7 +192,10 @@ def load_base(name_or_path: str | Path, device: str | None = None, dtype: torch.
             pretrain(key)
         name = key
     else:
-        path = Path(key).expanduser()
+        try:
+            path = Path(key).expanduser()
+        except RuntimeError:  # "~user" for a user that does not exist
+            raise LabError(f"no such base path {key!r}: cannot expand the home directory in it") from None
         name = key
         if path.exists():
             if not path.is_dir() or not (path / "config.json").exists():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,7 +67,8 @@ def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", str(headless).lower(),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
-    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    # exec, not a child process: stopping `lab app` must stop the server, not orphan it
+    os.execve(sys.executable, cmd, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @app.command()

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/lab-numba-cache")
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not CI logs
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +72,10 @@ def any_base(request, lab_home, tmp_path_factory):
     if request.param.startswith("smoke"):
         return load_base(request.param, train_if_missing=True)
     return load_base(str(_tiny_random(tmp_path_factory, request.param)))
+
+
+@pytest.fixture(scope="session")
+def smoke_results(smoke_gpt2, smoke_mamba2, lab_home):
+    """`lab reproduce --preset smoke` once per session: every mechanism's smoke artifacts and report."""
+    from lab.reproduce import reproduce
+    return reproduce(preset="smoke", run="ci-smoke", seed=0)

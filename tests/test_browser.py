@@ -34,7 +34,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(smoke_gpt2, lab_home):
+def app_url(smoke_results, lab_home):
+    """The app over a LAB_HOME holding the smoke bases, every mechanism's smoke artifacts and a report."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian chromium is required for browser tests: apt-get install chromium")
     port = _free_port()
@@ -69,17 +70,20 @@ def browser():
 
 
 def _settle(page, timeout_s: float = 120) -> None:
-    """Wait until Streamlit has finished running the script."""
+    """Wait until Streamlit has finished the script run: no spinner, no running status, and the
+    main area's text unchanged over three checks in a row."""
     page.wait_for_selector('[data-testid="stMain"] [data-testid="stElementContainer"]', timeout=timeout_s * 1000)
     deadline = time.time() + timeout_s
-    time.sleep(0.5)
+    last, stable = None, 0
     while time.time() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').count() > 0 and \
-            "Running" in (page.locator('[data-testid="stStatusWidget"]').first.inner_text() or "")
-        spinning = page.locator('[data-testid="stSpinner"]').count() > 0
-        if not running and not spinning:
+        time.sleep(0.7)
+        busy = page.locator('[data-testid="stSpinner"]').count() > 0 or \
+            "Running" in " ".join(page.locator('[data-testid="stStatusWidget"]').all_inner_texts())
+        text = _main_text(page)
+        stable = stable + 1 if (text == last and not busy) else 0
+        last = text
+        if stable >= 3:
             return
-        time.sleep(0.25)
     raise AssertionError("the page kept running")
 
 
@@ -112,13 +116,15 @@ def test_home_page_in_browser(app_url, browser, lab_home):
 def test_every_page_renders_and_reacts(app_url, browser, lab_home, page_file):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.goto(f"{app_url}/{_url_path(page_file)}")
-    _settle(page, 300)  # a page may train its smoke artifact on first open
+    page.wait_for_selector('[data-testid="stSlider"]', timeout=300_000)  # first open loads models and caches
+    _settle(page, 300)
+    page.screenshot(path=str(_shots_dir(lab_home) / f"{page_file.stem}-opened.png"), full_page=True)
     _assert_no_exception(page, page_file.stem)
     before = _main_text(page)
-    sliders = page.locator('[data-testid="stSlider"] [role="slider"]')
+    sliders = page.locator('[data-testid="stSlider"] input[type="range"]')
     assert sliders.count() > 0, f"{page_file.stem} has no slider"
     lifeline = page.locator('[data-testid="stSlider"]').filter(has_text="Lifeline scale")
-    target = lifeline.locator('[role="slider"]') if lifeline.count() else sliders.first
+    target = lifeline.locator('input[type="range"]') if lifeline.count() else sliders.first
     target.focus()
     for _ in range(3):
         page.keyboard.press("ArrowLeft")

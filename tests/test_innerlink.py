@@ -314,7 +314,7 @@ def test_app_page(lab_home, trained):
     at.run()
     assert not at.exception, at.exception
     before = [m.value for m in at.markdown]
-    item_box = at.number_input(key="il-item")
+    item_box = at.slider(key="il-item")
     item_box.set_value(item_box.value + 1).run()
     assert not at.exception, at.exception
     after = [m.value for m in at.markdown]

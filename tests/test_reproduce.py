@@ -14,9 +14,8 @@ FORMATS = (".png", ".svg", ".pdf", ".html")
 
 
 @pytest.fixture(scope="module")
-def smoke_report(smoke_gpt2, smoke_mamba2, lab_home):
-    out = reproduce(preset="smoke", run="ci-smoke", seed=0)
-    return out, json.loads((out / "report.json").read_text())
+def smoke_report(smoke_results):
+    return smoke_results, json.loads((smoke_results / "report.json").read_text())
 
 
 def test_report_has_every_mechanism_with_honest_numbers(smoke_report):

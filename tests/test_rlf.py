@@ -17,7 +17,7 @@ from lab import LabError
 def rlf_smoke(smoke_gpt2, lab_home):
     """A smoke RLF model (transformer core) trained once per session into LAB_HOME."""
     from lab.rlf import Config
-    from lab.rlf.train import load, train_or_load
+    from lab.rlf.training import load, train_or_load
     cfg = Config.preset("smoke")
     return load(train_or_load(cfg, smoke_gpt2).artifact.path, smoke_gpt2)
 
@@ -129,7 +129,7 @@ def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, co
 def test_baseline_switches(smoke_gpt2):
     from lab.rlf import Config
     from lab.rlf.model import build
-    from lab.rlf.train import supervision
+    from lab.rlf.training import supervision
     from lab.rlf.data import make_problem
     m = build(Config.preset("smoke", lifeline=False), smoke_gpt2)
     assert "gate" not in {n for n, p in m.named_parameters()} and torch.count_nonzero(m.gate) == 0
@@ -146,7 +146,7 @@ def test_baseline_switches(smoke_gpt2):
 
 def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
     from lab.rlf import Config
-    from lab.rlf.train import train
+    from lab.rlf.training import train
     cfg = Config.preset("smoke", steps=6, eval_every=3, ckpt_every=3, val_n_per_hop=2)
     full = train(cfg, smoke_gpt2, tmp_path / "full")
     part = train(cfg, smoke_gpt2, tmp_path / "resumed", stop_after=3)
@@ -160,7 +160,7 @@ def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
 
 
 def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):
-    from lab.rlf.evaluate import ABLATIONS, evaluate
+    from lab.rlf.evaluation import ABLATIONS, evaluate
     rep = evaluate(rlf_smoke, baselines={"same model (sanity)": rlf_smoke}, n=8, max_hops=4, progress=False)
     names = [m.name for m in rep.measures]
     for h in range(1, 5):
@@ -239,8 +239,8 @@ def test_umap_trajectory_supported(rlf_smoke):
 # --- bad input -------------------------------------------------------------------------------------
 
 def test_bad_input_is_a_clear_error(rlf_smoke, smoke_mamba2, tmp_path):
-    from lab.rlf.evaluate import explain, solve
-    from lab.rlf.train import load
+    from lab.rlf.evaluation import explain, solve
+    from lab.rlf.training import load
     good = "K = walnut. R = K. What is R?\nAnswer:"
     with pytest.raises(LabError, match="answer marker"):
         explain(rlf_smoke, "K = walnut. What is K?", 4)

@@ -16,7 +16,7 @@ st.caption("A frozen base encodes the prompt once; a small core loops over the r
 
 @st.cache_resource(show_spinner="loading the RLF model…")
 def cached_model(path: str, base_name: str):
-    from lab.rlf.train import load
+    from lab.rlf.training import load
     return load(path, cached_base(base_name))
 
 
@@ -40,7 +40,7 @@ def examples(max_hops: int) -> dict[str, str]:
 
 
 base_name = base_picker(key="rlf-base")
-from lab.rlf.train import artifacts_for  # noqa: E402
+from lab.rlf.training import artifacts_for  # noqa: E402
 
 arts = artifacts_for(base_name)
 if not arts:

@@ -71,7 +71,7 @@ try:
                  hide_index=True)
 
     st.header("One item")
-    i = int(st.number_input("Item", 0, len(res.items) - 1, 0, key="il-item"))
+    i = int(st.slider("Item", 0, len(res.items) - 1, 0, key="il-item"))
     row = res.rows()[i]
     left, right = st.columns(2)
     with left:

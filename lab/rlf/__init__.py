@@ -25,17 +25,17 @@ N_NULL_RUNS = 2  # shuffled-supervision control runs for the null-calibrated gat
 
 
 def train(config, base=None, out_dir=None, **kw):
-    from lab.rlf.train import train as _train
+    from lab.rlf.training import train as _train
     return _train(config, base, out_dir, **kw)
 
 
 def load(path_or_artifact, base=None):
-    from lab.rlf.train import load as _load
+    from lab.rlf.training import load as _load
     return _load(path_or_artifact, base)
 
 
 def evaluate(model_or_path, base=None, **kw):
-    from lab.rlf.evaluate import evaluate as _evaluate
+    from lab.rlf.evaluation import evaluate as _evaluate
     return _evaluate(model_or_path, base, **kw)
 
 
@@ -50,7 +50,7 @@ def reproduce_section(preset: str, seed: int, out_dir: Path, core: str = "transf
     evaluate and probe; writes the report to out_dir and returns it (`lab reproduce` calls this)."""
     from lab.bases import load_base
     from lab.rlf.data import heldout_set
-    from lab.rlf.train import train_or_load
+    from lab.rlf.training import train_or_load
 
     cfg = Config.preset(preset, core=core, seed=seed)
     base = load_base(cfg.base, train_if_missing=preset == "smoke")
@@ -65,5 +65,4 @@ def reproduce_section(preset: str, seed: int, out_dir: Path, core: str = "transf
     rep.published.update(pr.published)
     rep.figures.update(pr.figures)
     rep.provenance["null_runs"] = [str(m.artifact.path) for m in nulls]
-    rep.save(Path(out_dir), formats=("png", "html") if preset == "smoke" else ("png", "svg", "pdf", "html"))
-    return rep
+    return rep  # lab.reproduce saves it (every figure in every format) under out_dir

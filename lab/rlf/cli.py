@@ -39,7 +39,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
     ):
         """Train the RLF loop (gate + core; the base stays frozen). Resumes if interrupted."""
         from lab.bases import load_base
-        from lab.rlf.train import train
+        from lab.rlf.training import train
         cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps)
         b = load_base(cfg.base, train_if_missing=preset == "smoke")
         art = train(cfg, b, out)
@@ -62,9 +62,9 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         """Evaluate an RLF artifact on the held-out 1-12-hop test sets and write report.md + figures."""
         from lab import results_dir
         from lab.rlf.data import heldout_set
-        from lab.rlf.evaluate import evaluate
+        from lab.rlf.evaluation import evaluate
         from lab.rlf.probes import probe_report
-        from lab.rlf.train import load
+        from lab.rlf.training import load
         model = load(artifact)
         rep = evaluate(model, baselines={p.name: p for p in (baseline or [])}, n=n)
         out_dir = Path(out) if out else results_dir() / artifact.name

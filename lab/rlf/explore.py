@@ -40,7 +40,7 @@ class Explorer:
 
     def view(self, prompt: str, cap: int = 8, lifeline: bool = True, scale: float = 1.0, ram_scale: float = 1.0,
              alu_scale: float = 1.0, topk: int = 5) -> dict:
-        from lab.rlf.evaluate import explain
+        from lab.rlf.evaluation import explain
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
             raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
         ll = self.lifeline(lifeline, scale, ram_scale, alu_scale)

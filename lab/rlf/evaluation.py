@@ -231,7 +231,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     from lab.figures import line, style
     from lab.report import Report
     from lab.rlf.data import heldout_sets
-    from lab.rlf.train import load
+    from lab.rlf.training import load
 
     model = model_or_path if isinstance(model_or_path, RLF) else load(model_or_path, base)
     cfg = model.config

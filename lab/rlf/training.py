@@ -48,7 +48,7 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     """Train the gate and core (the base stays frozen) and save the artifact (safetensors + config).
     Resumes from `.<out_dir>.ckpt` if a run was interrupted; stop_after simulates a kill (for tests)."""
     from lab.bases import load_base
-    from lab.rlf.evaluate import final_answer_accuracy
+    from lab.rlf.evaluation import final_answer_accuracy
 
     if base is None:
         base = load_base(config.base)

@@ -126,8 +126,9 @@ def test_every_page_renders_and_reacts(app_url, browser, lab_home, page_file):
     lifeline = page.locator('[data-testid="stSlider"]').filter(has_text="Lifeline scale")
     target = lifeline.locator('input[type="range"]') if lifeline.count() else sliders.first
     target.focus()
-    for _ in range(3):
-        page.keyboard.press("ArrowLeft")
+    at_max = target.evaluate("el => Number(el.value) >= Number(el.max)")
+    for _ in range(3):  # move away from whichever end the slider sits at
+        page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
     _settle(page)
     _assert_no_exception(page, page_file.stem)
     after_slider = _main_text(page)

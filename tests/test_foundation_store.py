@@ -56,12 +56,13 @@ def test_failed_write_leaves_old_artifact(smoke_gpt2, tmp_path):
 def test_no_pickle_loading_in_the_code():
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1] / "lab"
+    loader, remote = "torch" + ".load(", "trust_remote_code" + "=True"  # split so this file is not a hit itself
     for py in root.rglob("*.py"):
         src = py.read_text()
         for line in src.splitlines():
-            if "torch.load(" in line:
+            if loader in line:
                 assert "weights_only=True" in line, f"{py}: {line.strip()}"
-        assert "trust_remote_code=True" not in src, py
+        assert remote not in src, py
 
 
 # --- stats -------------------------------------------------------------------------------------

@@ -58,8 +58,8 @@ try:
     fit = c1.radio("Fit", ["ce", "ridge"], horizontal=True, key="comb-fit",
                    help="ce: cross-entropy by AdamW (as published); ridge: closed form on the logit-gradient target")
     k = c2.selectbox("Latent steps k", list(range(1, cfg.k_max + 1)), key="comb-k")
-    n_docs = c3.select_slider("Held-out documents", [min(cfg.eval_docs, n) for n in (100, 300, 1000, 3000)],
-                              value=min(cfg.eval_docs, 300), key="comb-docs")
+    doc_options = sorted({min(cfg.eval_docs, n) for n in (100, 300, 1000, 3000)})  # distinct: a slider step must change n
+    n_docs = c3.select_slider("Held-out documents", doc_options, value=min(cfg.eval_docs, 300), key="comb-docs")
     comb = combs[(fit, k)]
     fitted_alpha = float(comb.alpha)
     s1, s2 = st.columns(2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
-from lab import LabError
+from lab import LabError, models_dir
 from lab.figures import to_bytes
 
 
@@ -27,6 +29,31 @@ def base_picker(key: str = "base", prefer: tuple[str, ...] = ("tiny-gpt2", "smok
         st.stop()
     default = next((i for i, n in enumerate(names) if n in prefer), 0)
     return st.selectbox("Base", names, index=default, key=key)
+
+
+def artifacts(kind: str, base_name: str) -> dict[str, Path]:
+    """The `kind` artifacts on disk trained on `base_name`, by their manifests: {the folder under
+    models_dir() that holds it: its path}, sorted by name. Unreadable manifests are skipped."""
+    from lab.store import MANIFEST, read_json
+    root, out = models_dir(), {}
+    for man in sorted([*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]):
+        try:
+            m = read_json(man)
+        except (LabError, OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("kind") == kind and (m.get("base") or {}).get("name") == base_name:
+            rel = man.parent.relative_to(root)
+            out[rel.parts[0] if rel.parts[0] not in out else rel.as_posix()] = man.parent
+    return dict(sorted(out.items()))
+
+
+def stop_if_none(arts, what: str, mech: str, base_name: str) -> None:
+    """When `arts` is empty, stop the page with the command that trains `what` on the base."""
+    if not arts:
+        preset = "smoke" if base_name.startswith("smoke") else "tiny"
+        st.warning(f"No {what} is trained on {base_name!r} yet. Train one with:  "
+                   f"`lab train {mech} --base {base_name} --preset {preset}`")
+        st.stop()
 
 
 def export_buttons(fig, name: str, key: str) -> None:

@@ -332,10 +332,10 @@ def test_artifact_on_another_base_is_refused(smoke_artifacts, smoke_mamba2):
 
 
 def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
-    from lab.channels import evaluate
+    from lab.channels import evaluate, write_lexicons
     cfg, arts = smoke_artifacts
     rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=arts["text"], native_paths=arts["native"],
-                   out_dir=tmp_path / "rep", log=lambda s: None)
+                   log=lambda s: None)
     for cap in CAPABILITIES:
         for kind in ("LL preferred", "generation", "conflict", "channel arm vs text arm"):
             m = next(m for m in rep.measures if m.name.startswith(f"{cap}: {kind}"))
@@ -343,6 +343,8 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
                 "channels zeroed" if kind != "channel arm vs text arm" else "state as text, equally trained")
     assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
+    rep.save(tmp_path / "rep", formats=())                          # evaluate writes nothing; the caller saves
+    write_lexicons(tmp_path / "rep")
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "lexicons.json").exists()
     arms = rep.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"]
     assert all(r["tokens_text"] > 0 and r["tokens_channel"] == 0 for r in arms)

@@ -41,6 +41,42 @@ def test_home_page(smoke_gpt2, lab_home):
     assert "smoke-gpt2" in text
 
 
+def test_ui_lists_artifacts_from_their_manifests(tmp_path, monkeypatch):
+    from lab.store import write_json
+    from lab.ui import artifacts
+    monkeypatch.setenv("LAB_HOME", str(tmp_path))
+    assert artifacts("innerlink", "smoke-gpt2") == {}                   # no models/ at all
+    models = tmp_path / "models"
+    for rel, kind, base in [("innerlink-b-smoke-gpt2", "innerlink", "smoke-gpt2"),
+                            ("innerlink-a-smoke-gpt2", "innerlink", "smoke-gpt2"),
+                            ("innerlink-recon-a-smoke-gpt2", "innerlink-recon", "smoke-gpt2"),
+                            ("innerlink-a-gpt2", "innerlink", "gpt2"),
+                            ("channels-a-smoke-gpt2/adapter", "channels-adapter", "smoke-gpt2"),
+                            ("channels-native-a/channels", "channels-native", None)]:
+        write_json(models / rel / "manifest.json", {"kind": kind, "base": base and {"name": base}})
+    (models / "innerlink-broken").mkdir()
+    (models / "innerlink-broken" / "manifest.json").write_text("{not json")
+    assert artifacts("innerlink", "smoke-gpt2") == {"innerlink-a-smoke-gpt2": models / "innerlink-a-smoke-gpt2",
+                                                    "innerlink-b-smoke-gpt2": models / "innerlink-b-smoke-gpt2"}
+    assert artifacts("channels-adapter", "smoke-gpt2") == {"channels-a-smoke-gpt2": models / "channels-a-smoke-gpt2" / "adapter"}
+
+
+def test_ui_stops_with_the_training_command_when_nothing_is_trained():
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+        from lab.ui import stop_if_none
+        stop_if_none({}, "inner link", "innerlink", "tiny-mamba2")
+        st.markdown("not reached")
+
+    at = AppTest.from_function(page, default_timeout=30)
+    at.run()
+    assert not at.exception, at.exception
+    assert "`lab train innerlink --base tiny-mamba2 --preset tiny`" in at.warning[0].value
+    assert not at.markdown
+
+
 @pytest.mark.slow
 def test_pretrain_under_accelerate_launch_two_processes(lab_home, tmp_path):
     env = {**os.environ, "LAB_HOME": str(tmp_path)}

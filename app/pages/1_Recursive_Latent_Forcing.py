@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from lab import LabError
-from lab.ui import base_picker, cached_base, export_buttons, show_error
+from lab.ui import base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Recursive Latent Forcing", layout="wide")
 st.title("Recursive Latent Forcing")
@@ -43,10 +43,7 @@ base_name = base_picker(key="rlf-base")
 from lab.rlf.training import artifacts_for  # noqa: E402
 
 arts = artifacts_for(base_name)
-if not arts:
-    st.warning(f"No RLF model trained on {base_name!r} yet. Train one with:  "
-               f"`lab train rlf --base {base_name} --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
-    st.stop()
+stop_if_none(arts, "RLF model", "rlf", base_name)
 art_name = st.selectbox("RLF model", list(arts), key="rlf-artifact")
 try:
     explorer = cached_explorer(str(arts[art_name]), base_name)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from lab import LabError, models_dir
-from lab.ui import base_picker, cached_base, export_buttons, show_error
+from lab import LabError
+from lab.ui import artifacts, base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Proprioceptive channels", layout="wide")
 st.title("Proprioceptive channels: state in the channel, content in the prompt")
@@ -19,16 +19,10 @@ st.markdown(
 )
 
 
-def adapters_for(base_name: str) -> list[str]:
-    if not models_dir().exists():
-        return []
-    return sorted(p.name for p in models_dir().glob(f"channels-*-{base_name}") if (p / "adapter" / "manifest.json").exists())
-
-
 @st.cache_resource(show_spinner="loading the channel adapter…")
-def cached_model(base_name: str, artifact: str):
+def cached_model(base_name: str, path: str):
     from lab.channels import load_model
-    return load_model(models_dir() / artifact / "adapter", cached_base(base_name))
+    return load_model(path, cached_base(base_name))
 
 
 try:
@@ -36,13 +30,11 @@ try:
     from lab.channels.encoders import ETHICS_CATEGORIES, ETHICS_POSTURES, ChannelState
 
     base_name = base_picker(key="ch-base")
-    arts = adapters_for(base_name)
-    if not arts:
-        st.warning(f"No channel adapter is trained on {base_name} yet. Train one with:  "
-                   f"`lab train channels --base {base_name} --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
-        st.stop()
-    artifact = st.selectbox("Adapter", arts, key="ch-art")
-    model = cached_model(base_name, artifact)
+    from lab.channels.train import KIND_ADAPTER
+    arts = artifacts(KIND_ADAPTER, base_name)
+    stop_if_none(arts, "channel adapter", "channels", base_name)
+    artifact = st.selectbox("Adapter", list(arts), key="ch-art")
+    model = cached_model(base_name, str(arts[artifact]))
 
     st.subheader("Channels")
     c1, c2, c3, c4 = st.columns(4)
@@ -110,7 +102,7 @@ try:
     hist = None
     try:
         from lab.store import read_json
-        hist = read_json(models_dir() / artifact / "adapter" / "manifest.json")["metrics"].get("alpha_history")
+        hist = read_json(arts[artifact] / "manifest.json")["metrics"].get("alpha_history")
     except LabError:
         pass
     if hist:

@@ -3,12 +3,14 @@ and the latent's nearest tokens. Display only: the computation is lab.innerlink.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
-from lab import LabError, models_dir
+from lab import LabError
 from lab.innerlink.handoff import TASKS
-from lab.ui import base_picker, cached_base, export_buttons, show_error
+from lab.ui import artifacts, base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Inner link", layout="wide")
 st.title("Inner link: a latent across a session boundary")
@@ -19,22 +21,15 @@ st.markdown(
 )
 
 
-def artifacts_for(base_name: str) -> list[str]:
-    if not models_dir().exists():
-        return []
-    return sorted(p.name for p in models_dir().glob(f"innerlink-*-{base_name}")
-                  if not p.name.startswith("innerlink-recon-") and (p / "manifest.json").exists())
-
-
 @st.cache_resource(show_spinner="running the hand-off benchmark on these items…")
-def benchmark(base_name: str, artifact: str, task: str, n_items: int, seed: int):
+def benchmark(base_name: str, path: str, task: str, n_items: int, seed: int):
     from lab.innerlink import handoff as H
     from lab.innerlink import reconstruct as RC
     from lab.innerlink.training import load
     base = cached_base(base_name)
-    link, cfg, _ = load(models_dir() / artifact, base)
+    link, cfg, _ = load(Path(path), base)
     maps = {}
-    recon_dir = models_dir() / artifact.replace("innerlink-", "innerlink-recon-", 1)
+    recon_dir = Path(path).with_name(Path(path).name.replace("innerlink-", "innerlink-recon-", 1))
     if (recon_dir / "manifest.json").exists():
         maps["recon"] = RC.load_recon(recon_dir, base)[0]
     items = H.items_for(cfg, n_items, seed=seed, task=task)
@@ -43,17 +38,15 @@ def benchmark(base_name: str, artifact: str, task: str, n_items: int, seed: int)
 
 try:
     base_name = base_picker(key="il-base")
-    arts = artifacts_for(base_name)
-    if not arts:
-        st.warning(f"No inner link is trained on {base_name} yet. Train one with:  "
-                   f"`lab train innerlink --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
-        st.stop()
+    from lab.innerlink.training import KIND
+    arts = artifacts(KIND, base_name)
+    stop_if_none(arts, "inner link", "innerlink", base_name)
     c1, c2, c3, c4 = st.columns(4)
-    artifact = c1.selectbox("Inner-link artifact", arts, key="il-art")
+    artifact = c1.selectbox("Inner-link artifact", list(arts), key="il-art")
     task = c2.selectbox("Task", list(TASKS), key="il-task")
     n_items = int(c3.number_input("Items (held-out)", 8, 400, 24, step=8, key="il-n"))
     seed = int(c4.number_input("Seed", 0, 10_000, 0, key="il-seed"))
-    res = benchmark(base_name, artifact, task, n_items, seed)
+    res = benchmark(base_name, str(arts[artifact]), task, n_items, seed)
     base = cached_base(base_name)
 
     from lab.figures import bars_with_ci

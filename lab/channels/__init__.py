@@ -26,7 +26,8 @@ from lab.report import Report
 from lab.store import Artifact, load_artifact
 
 __all__ = ["Config", "build", "train", "evaluate", "reproduce_section", "ChannelModel", "ChannelInjector",
-           "ChannelState", "TextEncoder", "inject", "CHANNELS", "CAPABILITIES", "load_model", "train_all"]
+           "ChannelState", "TextEncoder", "inject", "CHANNELS", "CAPABILITIES", "load_model", "train_all",
+           "write_lexicons"]
 
 
 def train_all(config: Config, base, force: bool = False, native: bool | None = None) -> dict:
@@ -42,10 +43,10 @@ def train_all(config: Config, base, force: bool = False, native: bool | None = N
 
 
 def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Path | None = None,
-             native_paths: dict | None = None, out_dir: Path | None = None, attribution: bool = True,
-             log=print) -> Report:
+             native_paths: dict | None = None, attribution: bool = True, log=print) -> Report:
     """The channels report: per capability n, rate, control and exact McNemar p (LL and generation
-    versions), conflict test, channel-vs-text arms, native track, alpha probes and captum attribution."""
+    versions), conflict test, channel-vs-text arms, native track, alpha probes and captum attribution.
+    Writes nothing: the caller saves it (`rep.save(dir)`, then `write_lexicons(dir)`)."""
     from lab.channels import probes
     from lab.channels.data import heldout_items
     from lab.channels.eval import evaluate_adapter, evaluate_native, threads
@@ -81,6 +82,8 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
                 {"capability": c, "n": sum(r["capability"] == c for r in rows),
                  **{n: sum(r[n] for r in rows if r["capability"] == c) / max(1, sum(r["capability"] == c for r in rows))
                     for n in names}} for c in caps]
+            rep.notes.append("Attribution: integrated gradients from all channels zeroed; a channel's score is "
+                             "|sum of its dimensions' IG|, so it does not grow with the channel's width.")
         rep.notes += [
             "Held-out items use templates, channel texts and entities disjoint from training (lab.channels.data).",
             "'Channels zeroed' removes the channels' contribution exactly (bias-free projections).",
@@ -88,12 +91,15 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             "text), as in the published work; the LL version's zeroed control is not (chance 1/2 per pole).",
             f"Evaluation took {time.perf_counter() - t0:.0f} s.",
         ]
-    if out_dir is not None:
-        rep.save(Path(out_dir))
-        from lab.channels.eval import LEXICONS
-        from lab.store import write_json
-        write_json(Path(out_dir) / "lexicons.json", {**LEXICONS, "affect": "vaderSentiment compound"})
     return rep
+
+
+def write_lexicons(out_dir: Path) -> None:
+    """lexicons.json beside a saved report: the phrase lists the judge-free generation scoring used."""
+    from lab.channels.eval import LEXICONS
+    from lab.store import write_json
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out_dir) / "lexicons.json", {**LEXICONS, "affect": "vaderSentiment compound"})
 
 
 def _attribution_items(config) -> list:
@@ -118,23 +124,24 @@ def _attribution_items(config) -> list:
 
 def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     """Train what is missing for the preset (adapter on its base, text arm, native track) and evaluate.
-    On "tiny" the adapter track also runs on tiny-mamba2 when that base is on disk (its measures are
-    appended to the same report, prefixed "[tiny-mamba2]")."""
+    On "tiny" the adapter track also runs on tiny-mamba2 when that base is on disk (its measures, tables
+    and figures join the same report, marked "[tiny-mamba2]" / "_tiny_mamba2"). Writes only lexicons.json
+    to out_dir: the caller (`lab reproduce`) saves the report and its figures, once."""
     from lab.bases import load_base, preset_path
     config = Config.preset(preset, seed=seed)
     base = load_base(config.base, train_if_missing=preset == "smoke")
     arts = train_all(config, base)
-    out_dir = Path(out_dir)
-    rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_paths=arts.get("native"),
-                   out_dir=out_dir)
+    rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_paths=arts.get("native"))
     if preset == "tiny" and (preset_path("tiny-mamba2") / "config.json").exists():
         mcfg = Config.preset(preset, seed=seed, base="tiny-mamba2", train_text_arm=False, native=False)
         mbase = load_base("tiny-mamba2")
         marts = train_all(mcfg, mbase)
-        mrep = evaluate(marts["adapter"], mbase, attribution=False, out_dir=out_dir / "tiny-mamba2")
+        mrep = evaluate(marts["adapter"], mbase, attribution=False)
         for m in mrep.measures:
             m.name = f"[tiny-mamba2] {m.name}"
             rep.add(m, mrep.published.get(m.name.split("] ", 1)[1]))
-        rep.figures["alpha_heatmap_tiny_mamba2"] = mrep.figures["alpha_heatmap"]
-        rep.save(out_dir)
+        rep.figures.update({f"{k}_tiny_mamba2": fig for k, fig in mrep.figures.items()})
+        rep.tables.update({f"[tiny-mamba2] {k}": t for k, t in mrep.tables.items() if k != "lexicons"})
+        rep.provenance["tiny-mamba2 artifact"] = mrep.provenance["artifact"]
+    write_lexicons(Path(out_dir))
     return rep

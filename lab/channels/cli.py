@@ -59,7 +59,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         """Held-out, judge-free report: n, rate, control and McNemar p per capability; writes report.md."""
         from lab import results_dir
         from lab.bases import load_base
-        from lab.channels import evaluate
+        from lab.channels import evaluate, write_lexicons
         from lab.channels.train import artifact_root
         from lab.channels.model import Config
         cfg = _config(preset, base, mode, None, seed)
@@ -75,6 +75,8 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
             if read_json(native["channels"] / "config.json").get("text_base_fingerprint") != b.fingerprint:
                 native = None  # the native track was trained with another base's text encoder
         out = out or results_dir() / root.name
-        evaluate(root / "adapter", b, text_artifact=text if (text / "manifest.json").exists() else None,
-                 native_paths=native, out_dir=out, attribution=attribution, log=typer.echo)
+        rep = evaluate(root / "adapter", b, text_artifact=text if (text / "manifest.json").exists() else None,
+                       native_paths=native, attribution=attribution, log=typer.echo)
+        rep.save(out)
+        write_lexicons(out)
         typer.echo(f"report: {out / 'report.md'}")

@@ -363,6 +363,10 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
         "HALT precision counts only the first HALT of each problem (the published metric counted padded HALT loops).",
         "Baselines are compared with the method on the same problems (exact McNemar); lifeline ablations act at inference only.",
     ]
+    if cfg.base_blocks != -1:
+        rep.notes.append(f"The loop starts from the base's state after {cfg.base_blocks} of its blocks "
+                         f"({'its embedding layer' if cfg.base_blocks == 0 else 'not its final block'}), not from the "
+                         "whole base as published; the base's final norm and unembedding read every loop.")
     return rep
 
 

@@ -114,34 +114,33 @@ def _apply_token_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 class CoreBlock(nn.Module):
     """One pre-norm causal self-attention + MLP block (nanoGPT-style), with optional rotary embeddings
-    over token positions, and an optional short causal depthwise convolution that mixes the last few
-    positions into the queries and keys (identity at init). With it, the key at " walnut" in
-    "K = walnut." can carry "K" and the query at ":" can carry the name in "What is K?", so one
-    attention layer can dereference; values come from the unmixed stream (the token itself)."""
+    over token positions, and optional short causal depthwise convolutions on the queries and on the
+    keys (separate, as in H3 / Based; identity at init). Why: a pointer lookup needs the key at
+    " walnut" in "K = walnut." to carry "K" (two tokens back) and the query at ":" to carry the name
+    asked in "What is K?" (four tokens back); with a short convolution on each, one attention layer can
+    dereference, where plain attention must first discover a previous-token head (the "induction
+    plateau": 1,000+ steps at chance in our trials). Values come from the unmixed stream."""
 
     def __init__(self, d: int, n_heads: int, ff_mult: int, token_rope: bool, conv: int = 0):
         super().__init__()
         self.n_heads, self.token_rope, self.conv_width = n_heads, token_rope, conv
         if conv:
-            self.conv = nn.Conv1d(d, d, conv, groups=d, bias=False)
+            self.q_conv = nn.Conv1d(d, d, conv, groups=d, bias=False)
+            self.k_conv = nn.Conv1d(d, d, conv, groups=d, bias=False)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, ff_mult * d), nn.GELU(), nn.Linear(ff_mult * d, d))
 
+    def _short_conv(self, conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:  # causal: (B, T, d) -> (B, T, d)
+        return conv(nn.functional.pad(t.transpose(1, 2), (self.conv_width - 1, 0))).transpose(1, 2)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:                  # (B, T, d) -> (B, T, d)
         B, T, d = h.shape
-        u = self.ln1(h)
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)
         if self.conv_width:
-            mixed = self.conv(nn.functional.pad(u.transpose(1, 2), (self.conv_width - 1, 0))).transpose(1, 2)
-            w = self.qkv.weight.view(3, d, d)
-            bq = self.qkv.bias.view(3, d)
-            q = (mixed @ w[0].T + bq[0])
-            k = (mixed @ w[1].T + bq[1])
-            v = (u @ w[2].T + bq[2])
-            q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        else:
-            q, k, v = self.qkv(u).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+            q, k = self._short_conv(self.q_conv, q), self._short_conv(self.k_conv, k)
+        q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if self.token_rope:                                               # q, k: (B, H, T, hd)
             cos, sin = _token_rope(T, d // self.n_heads, h.device, h.dtype)
             q, k = _apply_token_rope(q, cos, sin), _apply_token_rope(k, cos, sin)
@@ -250,13 +249,16 @@ class RLF(nn.Module):
                 continue
             with torch.no_grad():
                 if m.conv_width:
-                    # "match" init: q and k see the mean of the last few positions, so the query at ":"
-                    # holds the asked name and the key at " walnut" holds "K"; otherwise the identity.
-                    m.conv.weight.zero_()
-                    if self.config.core_init == "match":
-                        m.conv.weight.fill_(1.0 / m.conv_width)
-                    else:
-                        m.conv.weight[:, 0, -1] = 1.0
+                    # "match": q and k start as the mean of the last few positions, so the query at ":"
+                    # holds the asked name and the key at " walnut" holds "K" (with W_K = W_Q below the
+                    # lookup has a gradient from step 0; identity taps start it at a bilinear saddle).
+                    # "random": identity (the last tap).
+                    for conv in (m.q_conv, m.k_conv):
+                        conv.weight.zero_()
+                        if self.config.core_init == "match":
+                            conv.weight.fill_(1.0 / m.conv_width)
+                        else:
+                            conv.weight[:, 0, -1] = 1.0
                 if self.config.core_init == "match":
                     # W_K = W_Q: attention starts content-addressable (a position scores high when it
                     # holds the same tokens as the query), the prior a pointer lookup needs.

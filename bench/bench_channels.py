@@ -9,6 +9,12 @@ Measures (interleaved repetitions, medians; one intra-op thread so the shared co
   app_p95_ms            the app page's non-generative recompute: encode the six channels, log-prob shift of
                         six words (with / zeroed), alpha heatmap figure; target <= 150 ms p95
 Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
+
+    python bench/bench_channels.py --gpt2-small-shape
+
+also measures the same on a randomly initialised GPT-2-124M-shaped model (d 768, 12 layers, the lab's
+vocabulary; built offline): the hooks' fixed per-layer cost is a larger share of a 4-layer d-128 forward
+than of a real base's.
 """
 
 from __future__ import annotations
@@ -34,14 +40,29 @@ def _time(fn, reps):
     return out
 
 
-def main(batch: int = 8, seq: int = 64, reps: int = 60) -> dict:
+def gpt2_small_shape(directory) -> object:
+    """A random-init GPT-2-124M-shaped base in `directory` (saved with save_pretrained, loaded by load_base)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lab.bases import load_base
+    from lab.corpus import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+                    ).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return load_base(directory)
+
+
+def main(batch: int = 8, seq: int = 64, reps: int = 60, base=None) -> dict:
     from lab.channels import Config, build
     from lab.channels.encoders import ChannelState
     from lab.channels.injection import inject
     from lab.channels.probes import alpha_heatmap, logprob_shift
 
     torch.set_num_threads(1)
-    base = _base()
+    base = base or _base()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, len(base.tokenizer) - 10, (batch, seq), generator=g)
     cfg = Config.preset("tiny", base=base.name)
@@ -110,8 +131,7 @@ def main(batch: int = 8, seq: int = 64, reps: int = 60) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    r = main()
+def _print(r: dict) -> None:
     print(f"base {r['base']}, batch {r['batch']} x {r['seq']} tokens, {r['reps']} interleaved reps (medians)")
     print(f"  base forward              {r['forward_ms']:8.2f} ms   1.000")
     print(f"  + channels (additive)     {r['additive_ms']:8.2f} ms   {r['additive_ratio']:.3f}   (target <= 1.05)")
@@ -119,3 +139,13 @@ if __name__ == "__main__":
     print(f"  additive, ratio of fastest runs {r['additive_ratio_min']:.3f}; one context over 4 forwards "
           f"(generation/scoring) {r['additive_steady_ratio']:.3f}")
     print(f"  app non-generative recompute: p95 {r['app_p95_ms']:.1f} ms, median {r['app_median_ms']:.1f} ms (target <= 150)")
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    _print(main())
+    if "--gpt2-small-shape" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            _print(main(reps=20, base=gpt2_small_shape(tmp)))

@@ -10,6 +10,11 @@ Prints, side by side:
 - p95 / median wall ms of one app interaction (Explorer.view: base pass + loop + lifeline-off overlay
   + figures) vs the 150 ms target;
 - RLF inference ms per problem vs the base's own token chain-of-thought (the ratio).
+
+    python bench/bench_rlf.py --start-sweep [--steps=600]
+
+The diagnostic behind the tiny preset's base_blocks=0: 1-hop problems only, the same seed, steps and
+trainer for each loop start (after 0, 1, 2 or all base blocks); prints each learning curve side by side.
 """
 
 from __future__ import annotations
@@ -94,5 +99,31 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     return out
 
 
+def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
+    """1-hop validation accuracy over training for each loop start (base_blocks), one run each."""
+    from lab.bases import load_base
+    from lab.rlf import Config
+    from lab.rlf.training import train
+
+    curves = {}
+    for bb in starts:
+        cfg = Config.preset("tiny").with_(base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps,
+                                          eval_every=50, ckpt_every=steps)
+        base = load_base(cfg.base)
+        with tempfile.TemporaryDirectory() as tmp:
+            art = train(cfg, base, Path(tmp) / "rlf")
+        curves[bb] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]
+    steps_seen = [s for s, _ in curves[starts[0]]]
+    print(f"{'step':>6} " + " ".join(f"{'start ' + (str(b) if b >= 0 else 'all'):>10}" for b in starts)
+          + "   (1-hop validation accuracy, n=60; base blocks before the loop)")
+    for i, st in enumerate(steps_seen):
+        print(f"{st:>6} " + " ".join(f"{curves[b][i][1]:>10.3f}" for b in starts))
+    print(json.dumps({"start_sweep": {str(b): c for b, c in curves.items()}}))
+    return curves
+
+
 if __name__ == "__main__":
+    if "--start-sweep" in sys.argv:
+        start_sweep(int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--steps=")), 600)))
+        sys.exit(0)
     main(reuse="--reuse" in sys.argv, preset=next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"))

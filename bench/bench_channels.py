@@ -49,8 +49,8 @@ def gpt2_small_shape(directory) -> object:
 
     tok = load_tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12)
-                    ).save_pretrained(directory)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(directory)
     tok.save_pretrained(directory)
     return load_base(directory)
 
@@ -148,4 +148,5 @@ if __name__ == "__main__":
     _print(main())
     if "--gpt2-small-shape" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
-            _print(main(reps=20, base=gpt2_small_shape(tmp)))
+            r = main(reps=20, base=gpt2_small_shape(tmp))
+            _print({**r, "base": "random-init GPT-2-124M shape (d 768, 12 layers)"})

@@ -34,6 +34,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 200       # steps between resumable checkpoints (0: only at the end)
+    config_hash: str = ""       # the experiment config's hash: a checkpoint of another config is never resumed
     eval_every: int = 200       # steps between held-out evaluations (0: only at the end)
 
     def __post_init__(self):
@@ -153,7 +154,8 @@ def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResul
 def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spec: TrainSpec) -> int:
     meta = read_json(ckpt_dir / "trainer.json")
     if meta["spec"] != asdict(spec):
-        raise LabError(f"checkpoint in {ckpt_dir} was made with another training spec "
+        # the same shapes can hide another config (e.g. where the loop starts): never resume across configs
+        raise LabError(f"checkpoint in {ckpt_dir} was made with another training spec or config "
                        f"({meta['spec']} vs {asdict(spec)}); delete it or use the same settings")
     tensors = load_safetensors(ckpt_dir / "trainable.safetensors")
     own = _trainable(model)

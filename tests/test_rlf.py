@@ -157,6 +157,10 @@ def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
         assert torch.allclose(v, resumed.tensors[k], atol=1e-6), k
     hist = full.manifest["metrics"]["history"]
     assert [h["step"] for h in hist] == [3, 6] and all("val_acc" in h for h in hist)
+    # a checkpoint of another config with the same shapes (another loop start) is never resumed
+    train(cfg, smoke_gpt2, tmp_path / "other", stop_after=3)
+    with pytest.raises(LabError, match="another training spec or config"):
+        train(cfg.with_(base_blocks=1), smoke_gpt2, tmp_path / "other")
 
 
 def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):

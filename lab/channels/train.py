@@ -17,7 +17,7 @@ from lab import LabError, models_dir
 from lab.channels.data import CAPABILITIES, heldout_items, train_batch_items
 from lab.channels.encoders import TextEncoder
 from lab.channels.model import ChannelModel, Config, build
-from lab.store import Artifact, atomic_write_text, load_artifact, read_json, save_artifact
+from lab.store import Artifact, atomic_write_text, config_hash, load_artifact, read_json, save_artifact
 from lab.trainer import TrainSpec, fit
 
 KIND_ADAPTER = "channels-adapter"
@@ -46,7 +46,8 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
         print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
     model = build(config, base, arm=arm)
     spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 5 or 1),
-                     seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every)
+                     seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every,
+                     config_hash=config_hash(config.to_dict()))
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     alpha_log = _alpha_log_path(ckpt)
     history = json.loads(alpha_log.read_text()) if alpha_log.exists() and (ckpt / "trainer.json").exists() else []

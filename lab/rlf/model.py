@@ -9,10 +9,11 @@
         logits_k = base.logits(x[answer])                      (the base's own final norm + unembedding)
 
 Choices the write-up leaves open, decided here:
-- The loop starts from the last block's output before the final norm (`blocks.{L-1}.resid_post`),
-  so `base.logits` (final norm + head) reads every loop exactly as it reads the base. At init the
-  core adds zero and the final norm is scale-invariant, so loop 0 predicts what the base itself
-  predicts after "Answer:" (the base corpus contains solved lookups: that is the first path step).
+- By default (`base_blocks=-1`) the loop starts from the last block's output before the final norm
+  (`blocks.{L-1}.resid_post`), so `base.logits` (final norm + head) reads every loop exactly as it
+  reads the base; at init the core adds zero and the final norm is scale-invariant, so loop 0
+  predicts what the base itself predicts after "Answer:". `base_blocks=n` starts after n blocks
+  (0: the embedding layer); the tiny preset uses 0 (see lab.rlf.config for the measured reason).
 - Loop RoPE rotates pairs (x[2i], x[2i+1]) by k * 10000^(-2i/d) and is applied to the running
   state each loop, as described (rotations compose across loops).
 - The core works at its own width `d_core` between an input projection and a zero-initialised

@@ -12,7 +12,7 @@ from lab.rlf.config import Config
 from lab.rlf.data import (TRAIN_HOPS, excluded_prompts, shuffled_supervision, train_batch, train_hops_for,
                           validation_set)
 from lab.rlf.model import RLF, build, encode_prompts
-from lab.store import Artifact, load_artifact, save_artifact
+from lab.store import Artifact, config_hash, load_artifact, save_artifact
 from lab.trainer import TrainSpec, fit
 
 KIND = "rlf"
@@ -36,7 +36,7 @@ def supervision(model: RLF, problems, config: Config) -> tuple[torch.Tensor, tor
 def train_spec(config: Config) -> TrainSpec:
     return TrainSpec(steps=config.steps, lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
                      grad_clip=config.grad_clip, seed=config.seed, ckpt_every=config.ckpt_every,
-                     eval_every=config.eval_every)
+                     eval_every=config.eval_every, config_hash=config_hash(config.to_dict()))
 
 
 def default_out_dir(config: Config, base) -> Path:

@@ -122,12 +122,13 @@ PRESETS: dict[str, Config] = {
     # seconds: tests and CI notebooks on the smoke base (numbers are meaningless, shapes are real)
     "smoke": Config(preset_name="smoke", base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15,
                     ckpt_every=15, val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3),
-    # the CPU experiment: tiny-gpt2, <= 10 min to train (see bench/bench_rlf.py). base_blocks=0: the loop
+    # the CPU experiment: tiny-gpt2; target <= 10 min, measured 29 min (see bench/bench_rlf.py). base_blocks=0: the loop
     # starts from the frozen base's embedding layer (token + position embeddings); its final norm and
-    # tied unembedding still read every loop. Measured (1-hop, 600-1000 steps, lr 1e-3): starting after
-    # 1, 2 or all 4 blocks stayed at chance (<= 0.12); from the embeddings, 1.00 by step 450. The deep
-    # states of a 4-layer base carry a confident wrong prediction at ":" (initial loss 11.7 vs 5.7)
-    # that the zero-initialised core must first out-grow. A deviation from the published setup (which
+    # tied unembedding still read every loop. Measured on 1-hop problems, lr 1e-3: `python bench/bench_rlf.py
+    # --start-sweep` (600 steps, the trainer's cosine schedule): from the embeddings 0.43, after 1, 2 or all
+    # 4 blocks <= 0.12; with a constant lr the embedding start reached 1.00 by step 450, the others stayed
+    # <= 0.12 for 600-1,000 steps. The deep states of a 4-layer base carry a confident wrong prediction
+    # at ":" (initial loss 11.7 vs 5.7) that the zero-initialised core must first out-grow. A deviation from the published setup (which
     # reads the whole base); the report says so. The curriculum gives each hop count ~500 steps, the
     # time 1-hop alone took: opening a hop every 200 steps kept 1-hop at 0.15-0.23 through step 500.
     "tiny": Config(preset_name="tiny", base="tiny-gpt2", d_core=256, n_heads=8, lr=1e-3, steps=3000,

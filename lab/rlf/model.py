@@ -116,11 +116,11 @@ def _apply_token_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 class CoreBlock(nn.Module):
     """One pre-norm causal self-attention + MLP block (nanoGPT-style), with optional rotary embeddings
     over token positions, and optional short causal depthwise convolutions on the queries and on the
-    keys (separate, as in H3 / Based; identity at init). Why: a pointer lookup needs the key at
+    keys (separate, as in H3 / Based; RLF.init_weights sets their taps). Why: a pointer lookup needs the key at
     " walnut" in "K = walnut." to carry "K" (two tokens back) and the query at ":" to carry the name
     asked in "What is K?" (four tokens back); with a short convolution on each, one attention layer can
     dereference, where plain attention must first discover a previous-token head (the "induction
-    plateau": 1,000+ steps at chance in our trials). Values come from the unmixed stream."""
+    plateau": 1,000 steps without dereferencing in our trials). Values come from the unmixed stream."""
 
     def __init__(self, d: int, n_heads: int, ff_mult: int, token_rope: bool, conv: int = 0):
         super().__init__()

@@ -251,7 +251,9 @@ def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234) -> np.nd
     docs = documents(split, n_docs, seed)
     eos = tokenizer.eos_token_id
     enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for row in enc for t in (*row, eos)), dtype=np.uint16)
+    # uint16 halves the cache for the lab's own vocabularies; a larger one (a user's HF tokenizer) must not wrap
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    stream = np.fromiter((t for row in enc for t in (*row, eos)), dtype=dtype)
     import io
     buf = io.BytesIO()
     np.save(buf, stream, allow_pickle=False)

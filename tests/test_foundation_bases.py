@@ -115,3 +115,29 @@ def test_pretrain_resume_is_exact(lab_home, tmp_path, monkeypatch):
 def test_generate(smoke_gpt2):
     text = smoke_gpt2.generate("On Monday at dawn,", max_new_tokens=5)
     assert isinstance(text, str)
+
+
+def test_corpus_token_cache_never_wraps_a_large_vocabulary(tmp_path, monkeypatch):
+    """The token cache is uint16 for the lab's vocabulary; a tokenizer past 65,536 ids gets int32, same ids."""
+    from lab.bases import corpus_tokens
+    from lab.corpus import load_tokenizer
+
+    monkeypatch.setenv("LAB_HOME", str(tmp_path))
+    small = load_tokenizer()
+
+    class LargeVocab:  # the lab tokenizer's ids, but a vocabulary (and EOS id) beyond uint16
+        eos_token_id = 70_000
+
+        def __len__(self):
+            return 80_000
+
+        def get_vocab(self):
+            return {**small.get_vocab(), "<far>": 79_999}
+
+        def __call__(self, docs, add_special_tokens=False):
+            return small(docs, add_special_tokens=add_special_tokens)
+
+    a, b = corpus_tokens(small, "heldout", 5), corpus_tokens(LargeVocab(), "heldout", 5)
+    assert a.dtype.name == "uint16" and b.dtype.name == "int32"
+    assert int(b.max()) == 70_000
+    assert (b[b != 70_000] == a[a != small.eos_token_id]).all()

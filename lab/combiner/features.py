@@ -26,12 +26,7 @@ FEATURE_VERSION = 1
 def train_stream(tokenizer, n_docs: int, seed: int = 1234) -> np.ndarray:
     """The training split as one int64 token stream (documents separated by EOS)."""
     from lab.bases import corpus_tokens
-    if len(tokenizer) < 2 ** 16:  # the foundation's cache stores uint16
-        return corpus_tokens(tokenizer, "train", n_docs, seed).astype(np.int64)
-    from lab.corpus import documents
-    eos = tokenizer.eos_token_id
-    rows = tokenizer(documents("train", n_docs, seed), add_special_tokens=False)["input_ids"]
-    return np.fromiter((t for r in rows for t in (*r, eos)), dtype=np.int64)
+    return corpus_tokens(tokenizer, "train", n_docs, seed).astype(np.int64)  # cached; dtype fits any vocabulary
 
 
 def _features_schema(d: int, k_max: int, extra: dict | None = None):

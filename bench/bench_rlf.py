@@ -106,10 +106,10 @@ def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
     from lab.rlf.training import train
 
     curves = {}
+    base = load_base(Config.preset("tiny").base)
     for bb in starts:
         cfg = Config.preset("tiny").with_(base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps,
                                           eval_every=50, ckpt_every=steps)
-        base = load_base(cfg.base)
         with tempfile.TemporaryDirectory() as tmp:
             art = train(cfg, base, Path(tmp) / "rlf")
         curves[bb] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from lab import LabError
-from lab.ui import base_picker, cached_base, export_buttons, show_error
+from lab.ui import base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Thinking combiner", layout="wide")
 st.title("Thinking combiner")
@@ -46,10 +46,7 @@ try:
     found = [str(p) for p in find_artifacts(base_name)]
     if env_art and env_art not in found:
         found.insert(0, env_art)
-    if not found:
-        st.warning(f"No trained combiner for {base_name!r} yet. Train one with:  "
-                   f"`lab train combiner --preset {'smoke' if base_name.startswith('smoke') else 'tiny'}`")
-        st.stop()
+    stop_if_none(found, "combiner", "combiner", base_name)
     path = st.selectbox("Trained combiner", found, key="comb-artifact")
     art, cfg, combs, ctrl = load_combiners(path, base_name)
     base = cached_base(base_name)

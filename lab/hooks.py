@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -192,21 +192,41 @@ def add(base, layer: int, delta: torch.Tensor | Callable[[torch.Tensor], torch.T
         positions: Sequence[int] | int | None = None, site: str = "resid_pre") -> Iterator[None]:
     """Add `delta` (a tensor broadcastable to (B, T, d), or a callable h -> such a tensor, e.g. a
     module) to the stream at `layer`/`site`. The primitive that channels and lifelines build on."""
-    layer, site = _check_layer(base, layer), _check_site(site)
-    if not callable(delta) and not torch.is_tensor(delta):
-        raise LabError(f"delta must be a tensor or a callable, got {type(delta).__name__}")
+    with add_to_layers(base, {layer: delta}, positions, site):
+        yield
 
-    def fn(h):
-        d = delta(h) if callable(delta) and not torch.is_tensor(delta) else delta
-        pos = _positions(positions, h.shape[1])
-        _check_values(base, "added delta", d, h, pos)
-        if pos is None:
-            return h + d
-        h = h.clone()
-        h[:, pos] = h[:, pos] + d
-        return h
 
-    with _hooks(lambda: [_register(base, layer, site, fn)]):
+@contextlib.contextmanager
+def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tensor], torch.Tensor]],
+                  positions: Sequence[int] | int | None = None, site: str = "resid_pre") -> Iterator[None]:
+    """`add` at several layers in one context: {layer: delta}. One context instead of one per layer
+    matters on small bases, where per-forward Python setup is a visible share of the forward."""
+    site = _check_site(site)
+    checked = {}
+    for layer, delta in deltas.items():
+        if not callable(delta) and not torch.is_tensor(delta):
+            raise LabError(f"delta must be a tensor or a callable, got {type(delta).__name__}")
+        checked[_check_layer(base, layer)] = delta
+
+    def make(delta):
+        fixed = torch.is_tensor(delta)
+        checked_shapes = set()  # a fixed tensor is checked once per stream shape, not on every call
+
+        def fn(h):
+            d = delta if fixed else delta(h)
+            pos = _positions(positions, h.shape[1])
+            if not fixed or (h.shape, h.dtype) not in checked_shapes:
+                _check_values(base, "added delta", d, h, pos)
+                if fixed:
+                    checked_shapes.add((h.shape, h.dtype))
+            if pos is None:
+                return h + d
+            h = h.clone()
+            h[:, pos] = h[:, pos] + d
+            return h
+        return fn
+
+    with _hooks(lambda: [_register(base, layer, site, make(delta)) for layer, delta in checked.items()]):
         yield
 
 

@@ -19,7 +19,7 @@ Two variants, one module class (`ChannelInjector`, chosen by `mode`):
   read different parts of a channel.
 
 Site: ``resid_pre`` of every block (the stream entering block i), so "channels from layer 1" means the
-very first block already sees them. Hooks are registered by `lab.hooks.add` (one callable per layer)
+very first block already sees them. Hooks are registered by `lab.hooks.add_to_layers` (one delta per layer, one context)
 and removed when the `inject` context exits, even on error.
 
 Zero-init guarantee: alpha starts at 0 and the projections have no bias, so (a) at init the model is
@@ -219,17 +219,16 @@ def inject(base, injector: ChannelInjector, channels: Mapping[str, torch.Tensor]
         raise LabError(f"injector built for d_model={injector.d_model}, {injector.n_layers} layers, but base "
                        f"{base.name!r} has d_model={base.d_model}, {base.n_layers} layers")
     x = check_channel_values(channels, injector.widths, batch, dtype=base.dtype)
-    x = {k: v.to(base.device) for k, v in x.items()}
+    device = base.device
+    x = {k: (v if v.device == device else v.to(device)) for k, v in x.items()}
     from lab import hooks
 
-    with contextlib.ExitStack() as stack:
-        if injector.mode == "additive":
-            deltas = injector.additive_deltas(x).to(base.dtype).unsqueeze(2)   # (L, B, 1, d): once per forward
-            for layer in range(base.n_layers):
-                stack.enter_context(hooks.add(base, layer, (lambda h, layer=layer: deltas[layer]), site=site))
-        else:
-            tokens = injector.channel_tokens(x).to(base.dtype)                 # (B, C, K, d)
-            for layer in range(base.n_layers):
-                fn = (lambda h, layer=layer: injector.xattn_delta(layer, h, tokens))
-                stack.enter_context(hooks.add(base, layer, fn, site=site))
+    if injector.mode == "additive":
+        deltas = injector.additive_deltas(x).to(base.dtype).unsqueeze(2)      # (L, B, 1, d): once per forward
+        per_layer = dict(enumerate(deltas))
+    else:
+        tokens = injector.channel_tokens(x).to(base.dtype)                    # (B, C, K, d)
+        per_layer = {layer: (lambda h, layer=layer: injector.xattn_delta(layer, h, tokens))
+                     for layer in range(base.n_layers)}
+    with hooks.add_to_layers(base, per_layer, site=site):
         yield

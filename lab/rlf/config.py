@@ -44,6 +44,7 @@ class Config:
     grad_clip: float = 1.0
     max_train_hops: int = 5          # training problems have 1..max_train_hops hops
     curriculum_steps: int = 0        # open one more hop every curriculum_steps / max_train_hops steps (0: off)
+    one_hop_count_per_batch: bool = False  # each batch draws one hop count: it runs hops+1 loops, not the longest's
     eval_every: int = 100            # live held-out accuracy on the progress bar
     ckpt_every: int = 100
     val_n_per_hop: int = 60          # validation problems per hop for the progress bar (not the test sets)

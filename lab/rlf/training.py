@@ -59,7 +59,7 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         probs = train_batch(step, config.batch_size // world, config.seed, config.max_train_hops,
-                            config.curriculum_steps, exclude, rank)
+                            config.curriculum_steps, exclude, rank, config.one_hop_count_per_batch)
         if config.shuffle_supervision:
             probs = shuffled_supervision(probs, seed=config.seed * 100_003 + step)
         ids, mask = encode_prompts(base, [p.prompt for p in probs])

@@ -75,6 +75,11 @@ def test_heldout_sets_saved_deterministic_and_disjoint_from_training(lab_home):
     assert not {p.prompt for p in a} & ex
     assert {p.hops for p in train_batch(0, 256, seed=0)} == {1, 2, 3, 4, 5}
     assert {p.hops for p in train_batch(0, 64, seed=0, curriculum_steps=500)} == {1}
+    # one hop count per batch: every problem of a batch has the same hops, all hop counts still drawn
+    one = [train_batch(s, 16, seed=0, one_hop_count=True) for s in range(60)]
+    assert all(len({p.hops for p in b}) == 1 for b in one)
+    assert {b[0].hops for b in one} == {1, 2, 3, 4, 5}
+    assert [p.prompt for p in one[7]] == [p.prompt for p in train_batch(7, 16, seed=0, one_hop_count=True)]
 
 
 # --- model -----------------------------------------------------------------------------------------

@@ -181,9 +181,37 @@ def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke,
     same = rep.measure("in-dist final-answer acc, baseline same model (sanity)")
     assert same.p_value == 1.0 and same.value == same.control_value   # identical arm: no discordant pairs
     assert {"rlf_final_by_hops", "rlf_trace_by_hops", "rlf_halt_by_hops"} <= set(rep.figures)
+    assert "where wrong traces first break (RLF)" in rep.tables
     assert rep.published  # headline measures answer a published figure
     out = rep.save(tmp_path / "rep", formats=("html",))
     assert (out / "report.md").exists() and (out / "figures" / "rlf_final_by_hops.html").exists()
+
+
+def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
+    import numpy as np
+    from lab.rlf.data import Problem
+    from lab.rlf.evaluation import ERROR_KINDS, Trace, first_error_table, first_errors
+    w = rlf_smoke.vocab.word_id
+    halt = rlf_smoke.vocab.halt_id
+    p = Problem("SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:", "SX", ("P", "D", "willow"), 3, 2)
+    preds = {  # what each loop emitted -> expected first error (None: a right trace)
+        ("P", "D", "willow", halt): None,
+        ("P", "P", "willow", halt): (1, ERROR_KINDS[0]),        # stays on the name it should dereference
+        ("P", "SX", "willow", halt): (1, ERROR_KINDS[1]),       # goes back up the chain
+        ("P", "willow", halt, halt): (1, ERROR_KINDS[2]),       # skips a step
+        ("P", halt, halt, halt): (1, ERROR_KINDS[3]),
+        ("cobalt", "D", "willow", halt): (0, ERROR_KINDS[4]),   # reads a distractor's assignment
+        ("RJ", "D", "willow", halt): (0, ERROR_KINDS[5]),
+        ("P", "D", "willow", "willow"): None,                   # only the HALT missed: HALT recall's business
+    }
+    for emitted, want in preds.items():
+        ids = np.array([[x if isinstance(x, int) else w[x] for x in emitted]])
+        hl = np.where(ids[0] == halt)[0]
+        tr = Trace(ids, np.array([hl[0] if len(hl) else -1]), np.array([-1]), halt)
+        rows = first_errors(rlf_smoke, [p], tr)
+        assert (rows[0]["loop"], rows[0]["kind"]) == want if want else rows == [], emitted
+    table = first_error_table([{"hops": 3, "loop": 1, "kind": ERROR_KINDS[0]}] * 2, [3], {3: 10})
+    assert table == [{"hops": 3, "n": 10, "first wrong loop": 1, "kind": ERROR_KINDS[0], "count": 2, "share of problems": 0.2}]
 
 
 def test_lifeline_interventions_change_the_loop(rlf_smoke):

@@ -84,6 +84,52 @@ def outcomes(model: RLF, problems: list[Problem], trace: Trace) -> dict[str, np.
     return {"final": final, "trace": full, "halted": trace.halted, "halt_right": trace.halt_loop == hops}
 
 
+ERROR_KINDS = ("repeats the name it should dereference", "an earlier element of the chain",
+               "skips ahead in the chain", "HALT too early", "a distractor's right-hand side", "other")
+
+
+def first_errors(model: RLF, problems: list[Problem], trace: Trace) -> list[dict]:
+    """Where and how each wrong trace first goes wrong: one row per problem whose trace is wrong,
+    {hops, loop, kind}, kind one of ERROR_KINDS (at that loop the model should emit path[loop]
+    while dereferencing chain[loop], where chain = [query, *path])."""
+    wid, halt = model.vocab.word_id, trace.halt_id
+    rows = []
+    for n, p in enumerate(problems):
+        chain = [wid[w] for w in (p.query, *p.path)]
+        want = chain[1:] + [halt]
+        got = trace.preds[n, : len(want)].tolist()
+        k = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+        if k is None:
+            continue
+        g = got[k]
+        if k == len(want) - 1:
+            continue  # every step right, only the HALT missed: counted by HALT recall, not here
+        rhs = {wid[s.split("=")[1].strip()] for s in p.prompt.split("What is")[0].split(".") if "=" in s}
+        if g == chain[k]:
+            kind = ERROR_KINDS[0]
+        elif g in chain[:k]:
+            kind = ERROR_KINDS[1]
+        elif g in chain[k + 2:]:
+            kind = ERROR_KINDS[2]
+        elif g == halt:
+            kind = ERROR_KINDS[3]
+        elif g in rhs:
+            kind = ERROR_KINDS[4]
+        else:
+            kind = ERROR_KINDS[5]
+        rows.append({"hops": p.hops, "loop": k, "kind": kind})
+    return rows
+
+
+def first_error_table(rows: list[dict], hops: list[int], n_by_hops: dict[int, int]) -> list[dict]:
+    """Counts of first errors by hop count, loop and kind (n = problems of that hop count)."""
+    from collections import Counter
+    c = Counter((r["hops"], r["loop"], r["kind"]) for r in rows)
+    return [{"hops": h, "n": n_by_hops[h], "first wrong loop": k, "kind": kind, "count": cnt,
+             "share of problems": round(cnt / n_by_hops[h], 4)}
+            for (h, k, kind), cnt in sorted(c.items()) if h in hops]
+
+
 def final_answer_accuracy(model: RLF, problems: list[Problem], cap: int) -> dict:
     """{hops: accuracy, 'all': accuracy} of the final answer (the progress bar's live metric)."""
     was = model.training
@@ -327,6 +373,8 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
             rows.append({"arm": "base chain-of-thought", "hops": h, "n": len(cot_by[h]["final"]),
                          "final": _ci_str(m1), "trace": _ci_str(m2), "halt_precision": "-", "halt_recall": "-"})
     rep.tables["per-hop results"] = rows
+    errs = [r for h in hops for r in first_errors(model, sets[h], main[h]["trace_obj"])]
+    rep.tables["where wrong traces first break (RLF)"] = first_error_table(errs, hops, {h: len(sets[h]) for h in hops})
 
     # Figures: accuracy by hop count for every arm, with Wilson bands.
     for key, label in (("final", "final-answer accuracy"), ("trace", "full-trace accuracy")):
@@ -362,6 +410,8 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
         "that occurs in a test or validation set. Assignments are shuffled and 1-3 distractor chains are present.",
         "HALT precision counts only the first HALT of each problem (the published metric counted padded HALT loops).",
         "Baselines are compared with the method on the same problems (exact McNemar); lifeline ablations act at inference only.",
+        "'Where wrong traces first break' classifies the first wrong loop of each wrong trace by what it emitted instead "
+        "(traces whose only miss is the final HALT are left to HALT recall).",
     ]
     if cfg.base_blocks != -1:
         rep.notes.append(f"The loop starts from the base's state after {cfg.base_blocks} of its blocks "

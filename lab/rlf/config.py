@@ -135,7 +135,8 @@ PRESETS: dict[str, Config] = {
     # count gets ~500 steps (opening one every 200 steps kept 1-hop at 0.15-0.23 through step 500).
     # one_hop_count_per_batch + ff_mult 2 halve the step time (1-3 hops, 1,500 steps: 348 s) with the
     # same curve as mixed batches and ff_mult 4 at equal steps (2-hop 0.85, 3-hop 0.55-0.57 at step 1,500);
-    # lr 2e-3 gave the same curve as 1e-3 (0.81 vs 0.80 at step 1,500).
+    # lr 2e-3 gave the same curve as 1e-3 (0.81 vs 0.80 at step 1,500); a key convolution that averages only
+    # the tokens before the key (H3's shift, so "P = K" stops matching a query for K) also: 0.78.
     "tiny": Config(preset_name="tiny", base="tiny-gpt2", d_core=256, n_heads=8, ff_mult=2, lr=1e-3, steps=3000,
                    curriculum_steps=2500, base_blocks=0, one_hop_count_per_batch=True),
     # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)

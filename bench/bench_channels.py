@@ -2,7 +2,7 @@
 
     python bench/bench_channels.py
 
-Measures (interleaved repetitions, medians; one intra-op thread so the shared cores do not oversubscribe):
+Measures (interleaved repetitions, medians, ratios with a paired bootstrap CI over reps; one intra-op thread so the shared cores do not oversubscribe):
   forward_ms            the bare base forward (B x T tokens)
   additive_ms / ratio   with all six channels injected into every layer (gated projection); target <= 1.05
   xattn_ms / ratio      the multi-token cross-attention variant (per-position attention: costs more)
@@ -55,11 +55,12 @@ def gpt2_small_shape(directory) -> object:
     return load_base(directory)
 
 
-def main(batch: int = 8, seq: int = 64, reps: int = 60, base=None) -> dict:
+def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None) -> dict:
     from lab.channels import Config, build
     from lab.channels.encoders import ChannelState
     from lab.channels.injection import inject
     from lab.channels.probes import alpha_heatmap, logprob_shift
+    from lab.stats import paired_ratio
 
     torch.set_num_threads(1)
     base = base or _base()
@@ -122,6 +123,7 @@ def main(batch: int = 8, seq: int = 64, reps: int = 60, base=None) -> dict:
         "base": base.name, "batch": batch, "seq": seq, "reps": reps,
         "forward_ms": round(med["forward"], 3),
         "additive_ms": round(med["additive"], 3), "additive_ratio": round(med["additive"] / med["forward"], 4),
+        "additive_ratio_ci95": [round(v, 4) for v in paired_ratio(times["additive"], times["forward"])[1:]],
         "xattn_ms": round(med["xattn"], 3), "xattn_ratio": round(med["xattn"] / med["forward"], 4),
         "additive_steady_ratio": round(med["additive x4"] / med["forward x4"], 4),
         "additive_ratio_min": round(min(times["additive"]) / min(times["forward"]), 4),
@@ -134,7 +136,9 @@ def main(batch: int = 8, seq: int = 64, reps: int = 60, base=None) -> dict:
 def _print(r: dict) -> None:
     print(f"base {r['base']}, batch {r['batch']} x {r['seq']} tokens, {r['reps']} interleaved reps (medians)")
     print(f"  base forward              {r['forward_ms']:8.2f} ms   1.000")
-    print(f"  + channels (additive)     {r['additive_ms']:8.2f} ms   {r['additive_ratio']:.3f}   (target <= 1.05)")
+    lo, hi = r["additive_ratio_ci95"]
+    print(f"  + channels (additive)     {r['additive_ms']:8.2f} ms   {r['additive_ratio']:.3f}   "
+          f"[{lo:.3f}, {hi:.3f}] paired-bootstrap 95% CI over reps (target <= 1.05)")
     print(f"  + channels (xattn, K=4)   {r['xattn_ms']:8.2f} ms   {r['xattn_ratio']:.3f}")
     print(f"  additive, ratio of fastest runs {r['additive_ratio_min']:.3f}; one context over 4 forwards "
           f"(generation/scoring) {r['additive_steady_ratio']:.3f}")

@@ -96,6 +96,10 @@ def test_bad_layer_shape_dtype(smoke_gpt2):
     with pytest.raises(LabError, match="does not broadcast"):
         with hooks.add(b, 0, torch.zeros(b.d_model + 1)):
             b.model(input_ids=ids)
+    # broadcastable with the stream but not *to* it: h + delta would gain a dimension, so it is refused
+    with pytest.raises(LabError, match="does not broadcast"):
+        with hooks.add(b, 0, torch.zeros(2, 1, 1, b.d_model)):
+            b.model(input_ids=ids)
     with pytest.raises(LabError, match="dtype"):
         with hooks.patch(b, 0, torch.zeros(b.d_model, dtype=torch.float64)):
             b.model(input_ids=ids)

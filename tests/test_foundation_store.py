@@ -95,6 +95,20 @@ def test_bootstrap_and_paired_delta():
     assert d.value == pytest.approx(0.5) and d.p_value < 1e-6
 
 
+def test_paired_ratio_of_timings():
+    rng = np.random.default_rng(0)
+    load = rng.gamma(4.0, 2.5, 300)                          # shared, drifting load hits both arms of a rep
+    bare = 10.0 + load
+    hooked = 1.03 * bare + rng.normal(0, 0.05, 300)
+    r, lo, hi = stats.paired_ratio(hooked, bare)
+    assert lo <= r <= hi
+    assert 1.02 < lo and hi < 1.04                           # pairing removes the load: a tight CI
+    with pytest.raises(LabError, match="equal length"):
+        stats.paired_ratio(hooked, bare[:-1])
+    with pytest.raises(LabError, match="positive control"):
+        stats.paired_ratio(hooked, -bare)
+
+
 def test_permutation_and_null():
     rng = np.random.default_rng(1)
     assert stats.permutation_pvalue(rng.normal(0, 1, 50), rng.normal(2, 1, 50), n_resamples=999) < 0.01

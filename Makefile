@@ -13,9 +13,10 @@ install:
 reproduce: install
 	lab reproduce --preset tiny
 
+# notebook cells that train (the RLF baselines on smoke) took > 300 s, nbmake's default timeout, on a loaded 2-core machine
 test: install-quiet
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
-	LAB_PRESET=smoke LAB_HOME=$$(mktemp -d) $(PY) -m pytest -q -p no:cacheprovider --nbmake notebooks
+	LAB_PRESET=smoke LAB_HOME=$$(mktemp -d) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
 
 test-slow: install-quiet
 	$(PY) -m pytest -q -m slow tests

@@ -150,7 +150,7 @@ def _check_values(base, name: str, value: torch.Tensor, hidden: torch.Tensor, po
         raise LabError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != hidden.dtype:
         raise LabError(f"{name} has dtype {value.dtype}, but the residual stream is {hidden.dtype}")
-    target = hidden.shape if positions is None else hidden[:, positions].shape
+    target = hidden.shape if positions is None else (hidden.shape[0], len(positions), *hidden.shape[2:])
     # value must broadcast *to* the stream's shape (h + value keeps h's shape); a plain tuple check,
     # because torch.broadcast_shapes costs ~75 us, a visible share of a small base's forward per hook
     if len(value.shape) > len(target) or any(v not in (1, t) for v, t in zip(reversed(value.shape), reversed(target))):

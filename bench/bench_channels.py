@@ -2,7 +2,7 @@
 
     python bench/bench_channels.py
 
-Measures (interleaved repetitions, medians, ratios with a paired bootstrap CI over reps; one intra-op thread so the shared cores do not oversubscribe):
+Measures (interleaved repetitions in a shuffled order, medians, ratios with a paired bootstrap CI over reps; one intra-op thread so the shared cores do not oversubscribe):
   forward_ms            the bare base forward (B x T tokens)
   additive_ms / ratio   with all six channels injected into every layer (gated projection); target <= 1.05
   xattn_ms / ratio      the multi-token cross-attention variant (per-position attention: costs more)
@@ -19,6 +19,7 @@ than of a real base's.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -103,9 +104,12 @@ def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None) -> dict:
     for f in fns.values():  # warm-up
         f()
     times = {k: [] for k in fns}
-    for _ in range(reps):  # interleaved, so drifting load hits every arm alike
-        for k, f in fns.items():
-            times[k] += _time(f, 1)
+    order = list(fns)
+    rng = random.Random(0)
+    for _ in range(reps):  # interleaved, so drifting load hits every arm alike; a fresh order each rep, so
+        rng.shuffle(order)  # no arm always runs after the same one (what ran before shifts cache state by ~1%)
+        for k in order:
+            times[k] += _time(fns[k], 1)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
     words = ["joyful", "gloomy", "morning", "night", "carefully", "gladly"]

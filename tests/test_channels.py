@@ -18,7 +18,7 @@ from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, TEMPLATES
                                heldout_items, sample_items, train_batch_items)
 from lab.channels.encoders import (ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states,
                                    encode_time)
-from lab.channels.injection import check_channel_values
+from lab.channels.injection import check_channel_values, concat_channel_values
 
 PROMPTS = ["On Monday at dawn, Mara felt", "User: Can you help me with the market?\nAssistant: I would go"]
 
@@ -181,6 +181,21 @@ def test_check_channel_values_rejects_every_non_finite(vals):
     else:
         with pytest.raises(LabError, match="NaN or infinite"):
             check_channel_values(x, {"affect": 2})
+    # the additive hot path's check (a finite sum first) agrees, including sums that overflow
+    if all(math.isfinite(v) for v in vals):
+        xc = concat_channel_values(x, {"time": 8, "affect": 2}, batch=3)
+        assert xc.shape == (3, 10) and torch.equal(xc[:, 8:], torch.tensor(vals).expand(3, 2))
+    else:
+        with pytest.raises(LabError, match="'affect' holds"):
+            concat_channel_values(x, {"time": 8, "affect": 2})
+
+
+def test_concat_channel_values_accepts_finite_values_whose_sum_overflows():
+    big = torch.full((2, 8), 3e38)  # every value finite, the sum is inf
+    assert torch.equal(concat_channel_values({"time": big}, {"affect": 2, "time": 8})[:, 2:], big)
+    with pytest.raises(LabError, match="'time' holds 1 NaN"):
+        concat_channel_values({"time": big.index_put((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan")))},
+                              {"affect": 2, "time": 8})
 
 
 # --- encoders ----------------------------------------------------------------------------------------

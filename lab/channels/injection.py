@@ -57,13 +57,8 @@ def check_widths(widths: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
-                         batch: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Validate channel inputs: known names, (B, width) or (width,) shapes, one batch size, finite values.
-
-    Channels not given are zeros (= switched off, see module doc). Returns {name: (B, width)} for
-    every channel in `widths`, in its order.
-    """
+def _checked_rows(values, widths: Mapping[str, int], batch: int | None):
+    """Names, shapes, dtypes and one batch size (Python-only checks): ({name: (b, width)}, B, device)."""
     if not isinstance(values, Mapping):
         raise LabError(f"channel values must be a mapping name -> tensor, got {type(values).__name__}")
     unknown = [k for k in values if k not in widths]
@@ -81,12 +76,6 @@ def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str
         if not torch.is_floating_point(v):
             raise LabError(f"channel {name!r} must be a floating-point tensor, got dtype {v.dtype}")
         rows[name] = v
-    # one finiteness check over all channels (cheap on the hot path); name the culprits only on failure
-    if rows and not torch.isfinite(torch.cat([v.reshape(-1).float() for v in rows.values()])).all():
-        for name, v in rows.items():
-            if not torch.isfinite(v).all():
-                bad = int((~torch.isfinite(v)).sum())
-                raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
     sizes = {v.shape[0] for v in rows.values()}
     if batch is not None:
         sizes.add(batch)
@@ -96,11 +85,54 @@ def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str
                        f"({ {k: v.shape[0] for k, v in rows.items()} }{'' if batch is None else f', input batch {batch}'})")
     B = sizes.pop() if sizes else 1
     device = next((v.device for v in rows.values()), torch.device("cpu"))
+    return rows, B, device
+
+
+def _raise_non_finite(rows: Mapping[str, torch.Tensor]) -> None:
+    for name, v in rows.items():
+        if not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
+
+
+def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
+                         batch: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Validate channel inputs: known names, (B, width) or (width,) shapes, one batch size, finite values.
+
+    Channels not given are zeros (= switched off, see module doc). Returns {name: (B, width)} for
+    every channel in `widths`, in its order.
+    """
+    rows, B, device = _checked_rows(values, widths, batch)
+    # one finiteness check over all channels; name the culprits only on failure
+    if rows and not torch.isfinite(torch.cat([v.reshape(-1) for v in rows.values()])).all():
+        _raise_non_finite(rows)
     out = {}
     for name, w in widths.items():
         v = rows.get(name)
         out[name] = torch.zeros(B, w, dtype=dtype, device=device) if v is None else v.to(dtype).expand(B, w)
     return out
+
+
+def concat_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
+                          batch: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same checks as `check_channel_values`, returning the channels concatenated in `widths` order:
+    (B, sum of widths). The additive injection's hot path: one cat and one finiteness check per forward."""
+    rows, B, device = _checked_rows(values, widths, batch)
+    parts = []
+    for n, w in widths.items():
+        v = rows.get(n)
+        if v is None:
+            v = torch.zeros(B, w, dtype=dtype, device=device)
+        else:
+            v = v if v.dtype == dtype else v.to(dtype)
+            v = v if v.shape[0] == B else v.expand(B, w)
+        parts.append(v)
+    xc = torch.cat(parts, -1)
+    # fast path: a finite sum proves every value finite (NaN and inf propagate); only a non-finite sum,
+    # which an overflow of large finite values can also give, pays for the element-wise check
+    if not math.isfinite(float(xc.sum())) and not torch.isfinite(xc).all():
+        _raise_non_finite(rows)
+    return xc
 
 
 class ChannelInjector(nn.Module):
@@ -173,11 +205,14 @@ class ChannelInjector(nn.Module):
 
     # --- computation ---------------------------------------------------------------------------
 
-    def additive_deltas(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(L, B, d): sum_c alpha[l,c] W[l,c] x_c for every layer at once."""
-        xc = torch.cat([x[n] for n in self.names], -1)                       # (B, W)
-        gated = xc.unsqueeze(0) * self.alpha[:, self.chan_of_dim].unsqueeze(1)  # (L, B, W): alpha[l, c(w)] x_w
-        return torch.bmm(gated, self.proj) * self.proj_scale                  # (L, B, d)
+    def additive_deltas(self, x: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """(L, B, d): sum_c alpha[l,c] W[l,c] x_c for every layer at once.
+
+        x: {name: (B, width)}, or those already concatenated in `names` order, (B, sum of widths)."""
+        xc = x if torch.is_tensor(x) else torch.cat([x[n] for n in self.names], -1)  # (B, W)
+        gated = xc * self.alpha[:, self.chan_of_dim].unsqueeze(1)            # (L, B, W): alpha[l, c(w)] x_w
+        out = torch.bmm(gated, self.proj)                                    # (L, B, d)
+        return out if self.proj_scale == 1.0 else out * self.proj_scale
 
     def channel_tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C, K, d): each channel's key/value tokens (xattn variant)."""
@@ -218,15 +253,18 @@ def inject(base, injector: ChannelInjector, channels: Mapping[str, torch.Tensor]
     if injector.d_model != base.d_model or injector.n_layers != base.n_layers:
         raise LabError(f"injector built for d_model={injector.d_model}, {injector.n_layers} layers, but base "
                        f"{base.name!r} has d_model={base.d_model}, {base.n_layers} layers")
-    x = check_channel_values(channels, injector.widths, batch, dtype=base.dtype)
-    device = base.device
-    x = {k: (v if v.device == device else v.to(device)) for k, v in x.items()}
     from lab import hooks
 
+    device = base.device
     if injector.mode == "additive":
-        deltas = injector.additive_deltas(x).to(base.dtype).unsqueeze(2)      # (L, B, 1, d): once per forward
-        per_layer = dict(enumerate(deltas))
+        # the per-context cost is a visible share of a small base's forward: one cat, one finiteness check,
+        # one batched matmul for every layer and channel (bench/bench_channels.py)
+        xc = concat_channel_values(channels, injector.widths, batch, dtype=base.dtype)
+        deltas = injector.additive_deltas(xc.to(device)).to(base.dtype).unsqueeze(2)  # (L, B, 1, d)
+        per_layer = {layer: deltas[layer] for layer in range(base.n_layers)}
     else:
+        x = check_channel_values(channels, injector.widths, batch, dtype=base.dtype)
+        x = {k: (v if v.device == device else v.to(device)) for k, v in x.items()}
         tokens = injector.channel_tokens(x).to(base.dtype)                    # (B, C, K, d)
         per_layer = {layer: (lambda h, layer=layer: injector.xattn_delta(layer, h, tokens))
                      for layer in range(base.n_layers)}

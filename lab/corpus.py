@@ -133,13 +133,28 @@ def facts(rng: random.Random) -> str:
     return " ".join(out)
 
 
-def pointer_chain(rng: random.Random, hops: int, n_distractors: int) -> tuple[list[str], str, list[str]]:
+def pointer_chain(rng: random.Random, hops: int, n_distractors: int,
+                  matched: bool = False) -> tuple[list[str], str, list[str]]:
     """A shuffled set of assignments with one queried chain of `hops` dereferences and
     `n_distractors` distractor chains. Returns (assignment sentences, queried name, path),
-    where path = the names met after the queried one, then the value (len == hops)."""
-    total_names = hops + 2 * n_distractors
+    where path = the names met after the queried one, then the value (len == hops).
+
+    matched=False (the base corpus's solved lookups): each distractor is a 1- or 2-hop chain, so for
+    hops >= 3 the queried chain is always the longest one on the page and "the value at the end of the
+    longest chain" answers without reading the query (100% on 3-12 hops; measured by
+    `lab.rlf.data.longest_chain_answer`). Kept as it was because the tiny bases were pretrained on it.
+    matched=True (the RLF task): the first distractor is a twin chain of exactly `hops` dereferences,
+    the others have 1..hops, every distractor ends in a value other than the queried one, and with
+    probability 1/2 one extra name points into the queried chain or the twin (so a name on the path is
+    also the target of a name off it). Length and shape then no longer single out the queried chain:
+    only the query does."""
     if hops < 1:
         raise LabError(f"hops must be >= 1, got {hops}")
+    if n_distractors < 0:
+        raise LabError(f"n_distractors must be >= 0, got {n_distractors}")
+    if matched:
+        return _matched_pointer_chain(rng, hops, n_distractors)
+    total_names = hops + 2 * n_distractors
     if total_names > len(VARIABLE_NAMES):
         raise LabError(f"a {hops}-hop chain with {n_distractors} distractors needs {total_names} names; "
                        f"only {len(VARIABLE_NAMES)} exist")
@@ -156,6 +171,36 @@ def pointer_chain(rng: random.Random, hops: int, n_distractors: int) -> tuple[li
             sents += [f"{a} = {b}.", f"{b} = {rng.choice(VALUE_WORDS)}."]
         else:
             sents += [f"{a} = {rng.choice(chain)}.", f"{b} = {rng.choice(VALUE_WORDS)}."]
+    rng.shuffle(sents)
+    return sents, chain[0], chain[1:] + [value]
+
+
+def _matched_pointer_chain(rng: random.Random, hops: int, n_distractors: int) -> tuple[list[str], str, list[str]]:
+    if n_distractors < 1:
+        raise LabError("a matched pointer chain needs at least one distractor (its twin)")
+    if 2 * hops > len(VARIABLE_NAMES):
+        raise LabError(f"a {hops}-hop chain and its twin need {2 * hops} names; only {len(VARIABLE_NAMES)} exist")
+    lengths = [hops]
+    free = len(VARIABLE_NAMES) - 2 * hops - 1          # keep one name for the merge pointer
+    for _ in range(n_distractors - 1):
+        n = rng.randint(1, hops)
+        if n > free:
+            break                                       # long chains: fewer distractors fit in 52 names
+        lengths.append(n)
+        free -= n
+    names = rng.sample(VARIABLE_NAMES, hops + sum(lengths) + 1)
+    chain, spare = names[:hops], names[-1]
+    value = rng.choice(VALUE_WORDS)
+    sents = [f"{chain[i]} = {chain[i + 1]}." for i in range(hops - 1)] + [f"{chain[-1]} = {value}."]
+    others = [w for w in VALUE_WORDS if w != value]     # a wrong chain never yields the right answer
+    off, twin = hops, []
+    for n in lengths:
+        d = names[off: off + n]
+        off += n
+        twin = twin or d
+        sents += [f"{d[i]} = {d[i + 1]}." for i in range(n - 1)] + [f"{d[-1]} = {rng.choice(others)}."]
+    if rng.random() < 0.5:
+        sents.append(f"{spare} = {rng.choice(rng.choice([chain, twin]))}.")
     rng.shuffle(sents)
     return sents, chain[0], chain[1:] + [value]
 

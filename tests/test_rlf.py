@@ -36,14 +36,35 @@ def test_problems_need_dereferencing():
         assert p.n_distractors >= 1 and p.value in VALUE_WORDS
         parsed = parse_prompt(p.prompt)
         assert parsed["path"] == list(p.path) and parsed["query"] == p.query
-        # distractors: more assignments than the chain needs
-        assert len(parsed["assignments"]) == h + 2 * p.n_distractors
+        # distractors: a twin chain as long as the queried one, ending in another value
+        ends = {}
+        for name in parsed["assignments"]:
+            cur, depth = name, 0
+            while cur in parsed["assignments"]:
+                cur, depth = parsed["assignments"][cur], depth + 1
+            ends.setdefault(depth, set()).add(cur)
+        assert max(ends) >= h and len(ends[h]) >= 2 and p.value in ends[h]
+        assert sum(v in VALUE_WORDS for v in parsed["assignments"].values()) == 1 + p.n_distractors
         # order: the chain's assignments are not always written in dereference order
         sents = p.prompt.split(" What is")[0].split(". ")
         chain_pos = [next(i for i, s in enumerate(sents) if s.startswith(f"{lhs} ="))
                      for lhs in [p.query, *p.path[:-1]]]
         in_order += chain_pos == sorted(chain_pos)
     assert in_order < 150  # shuffled: far from always in order (1-hop problems are trivially "in order")
+
+
+def test_the_query_blind_longest_chain_rule_is_near_chance():
+    """The task version-1 flaw, as a regression test: with 1-2-hop distractors the value at the end of
+    the longest chain answered every 3+-hop problem without reading the query."""
+    from lab.corpus import pointer_chain
+    from lab.rlf.data import format_prompt, longest_chain_answer, make_problem
+    rng = random.Random(3)
+    for h in (3, 6, 12):
+        old = [pointer_chain(rng, h, rng.randint(1, 3)) for _ in range(100)]
+        assert all(longest_chain_answer(format_prompt(s, q)) == path[-1] for s, q, path in old)
+        new = [make_problem(rng, h) for _ in range(300)]
+        acc = sum(longest_chain_answer(p.prompt, rng) == p.value for p in new) / len(new)
+        assert 0.3 < acc < 0.65, (h, acc)  # about 1/2: the twin ties the queried chain
 
 
 def test_targets_are_path_then_halt(smoke_gpt2):

@@ -81,8 +81,10 @@ TASKS = ("persona", "pointer")
 
 def _pointer_item(rng: random.Random, hops: tuple, distractors: tuple) -> Item:
     h = rng.randint(hops[0], hops[-1])
-    nd = rng.randint(distractors[0], distractors[-1])
-    sents, query, path = pointer_chain(rng, h, nd)
+    nd = max(1, rng.randint(distractors[0], distractors[-1]))
+    # matched distractors (a twin chain as long as the queried one), as in the RLF task: with short ones
+    # the value at the end of the longest chain answers without the question
+    sents, query, path = pointer_chain(rng, h, nd, matched=True)
     return Item(" ".join(sents), f" What is {query}?\nAnswer:", " ".join(path), "pointer", h, nd)
 
 

@@ -4,9 +4,16 @@ A problem is the base corpus's solved-lookup format without its solution:
 
     "SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:"
 
-built by `lab.corpus.pointer_chain` (assignments in shuffled order, distractor chains that share the
-value pool and may point into the queried chain). The per-loop targets are the dereference path
-from the queried name to its value ("P", "D", "willow"), then HALT: loop k must emit step k.
+built by `lab.corpus.pointer_chain(..., matched=True)`: assignments in shuffled order; a twin distractor
+chain exactly as long as the queried one and further distractor chains of 1..hops, each ending in
+another value; sometimes an extra name pointing into the queried chain or the twin. The per-loop
+targets are the dereference path from the queried name to its value ("P", "D", "willow"), then HALT:
+loop k must emit step k.
+
+Why matched lengths: with the base corpus's 1-2-hop distractors, the queried chain of 3+ hops is the
+longest on the page, and the query-blind rule "the value at the end of the longest chain"
+(`longest_chain_answer`) scored 100% on every 3-12-hop test set of that task version (v1). On
+this version it is a control every report shows beside the model.
 
 Splits never share a seed stream: training batches come from `random.Random("rlf-train:...")`,
 validation (the progress bar, early stopping) from "rlf-val:...", the held-out test sets (1-12 hops,
@@ -33,8 +40,9 @@ from lab.store import atomic_write_text
 ANSWER_MARKER = "\nAnswer:"   # logits are read at the ":" that ends the prompt
 TRAIN_HOPS = (1, 2, 3, 4, 5)
 TEST_HOPS = tuple(range(1, 13))
-DISTRACTORS = (1, 3)          # distractor chains per problem, inclusive range: never zero
+DISTRACTORS = (1, 3)          # distractor chains per problem, inclusive range: never zero (the first is the twin)
 TEST_SIZE = 500
+TASK_VERSION = 2              # in the saved test sets' file names: v1 (short distractors) had the longest-chain shortcut
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,31 @@ def format_prompt(assignments: list[str], query: str) -> str:
 
 
 def make_problem(rng: random.Random, hops: int, n_distractors: int | None = None) -> Problem:
-    """One problem with `hops` dereferences (1..len names) and 1-3 distractor chains by default."""
+    """One problem with `hops` dereferences and 1-3 distractor chains (the first as long as the queried one)."""
     if n_distractors is None:
         n_distractors = rng.randint(*DISTRACTORS)
-    # pointer_chain raises LabError if hops + 2 * distractors exceeds the 52 names.
-    n_distractors = min(n_distractors, (len(VARIABLE_NAMES) - hops) // 2)
-    sents, query, path = pointer_chain(rng, hops, n_distractors)
-    return Problem(format_prompt(sents, query), query, tuple(path), hops, n_distractors)
+    sents, query, path = pointer_chain(rng, hops, n_distractors, matched=True)
+    # distractor chains actually written (fewer when long chains exhaust the 52 names): count the chain ends
+    n_values = sum(s.split("= ")[1].rstrip(".") in VALUE_WORDS for s in sents)
+    return Problem(format_prompt(sents, query), query, tuple(path), hops, n_values - 1)
+
+
+def longest_chain_answer(prompt: str, rng: random.Random | None = None) -> str:
+    """A query-blind control: the value at the end of the longest chain on the page (ties broken at
+    random by `rng`, else the alphabetically first). What a model that ignores the question can get."""
+    assignments = parse_prompt(prompt)["assignments"]
+
+    def follow(name: str) -> tuple[int, str]:
+        depth, seen = 0, set()
+        while name in assignments and name not in seen:
+            seen.add(name)
+            name, depth = assignments[name], depth + 1
+        return depth, name
+
+    ends = [follow(n) for n in assignments]
+    best = max(d for d, _ in ends)
+    values = sorted({v for d, v in ends if d == best})
+    return rng.choice(values) if rng is not None else values[0]
 
 
 def _test_rng(hops: int, seed: int) -> random.Random:
@@ -96,16 +122,17 @@ def generate_heldout_set(hops: int, n: int = TEST_SIZE, seed: int = 0) -> list[P
 
 
 def heldout_path(hops: int, n: int, seed: int) -> Path:
-    return data_dir() / "rlf" / f"test-h{hops:02d}-n{n}-s{seed}.jsonl"
+    return data_dir() / "rlf" / f"test-v{TASK_VERSION}-h{hops:02d}-n{n}-s{seed}.jsonl"
 
 
 def heldout_set(hops: int, n: int = TEST_SIZE, seed: int = 0) -> list[Problem]:
-    """The held-out test set for one hop count: generated once, saved under data/rlf/, reloaded."""
+    """The held-out test set for one hop count: generated once, saved under data/rlf/, reloaded
+    (a saved set whose size or first problem differs from what its seed generates is regenerated)."""
     path = heldout_path(hops, n, seed)
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         probs = [Problem(r["prompt"], r["query"], tuple(r["path"]), r["hops"], r["n_distractors"]) for r in rows]
-        if len(probs) == n:
+        if len(probs) == n and probs[0] == generate_heldout_set(hops, 1, seed)[0]:
             return probs
     probs = generate_heldout_set(hops, n, seed)
     atomic_write_text(path, "".join(json.dumps(p.to_json()) + "\n" for p in probs))

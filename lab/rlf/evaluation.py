@@ -12,6 +12,7 @@ Metric definitions (per problem, on held-out test sets; each a proportion with a
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from lab import LabError
-from lab.rlf.data import Problem, parse_prompt
+from lab.rlf.data import TASK_VERSION, Problem, longest_chain_answer, parse_prompt
 from lab.rlf.model import RLF, Lifeline, encode_prompts
 from lab.stats import Measure, compare_proportions, proportion
 
@@ -293,6 +294,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     rep.provenance = {"base": model.base.name, "base_fingerprint": model.base.fingerprint[:12], "core": cfg.core,
                       "variant": cfg.variant, "seed": cfg.seed, "test_seed": seed, "n_per_hop": n,
                       "loop_cap": cap, "artifact": str(art.path) if art else "in memory",
+                      "task_version_trained": cfg.task_version, "task_version_tested": TASK_VERSION,
                       "config_hash": art.manifest.get("config_hash") if art else None}
     arms: dict[str, dict] = {}
     jobs = [("RLF", model, None)]
@@ -320,8 +322,15 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
             else Measure("in-distribution HALT precision", float("nan"), 0), pub["halt_p"])
     rep.add(proportion(f"in-distribution HALT recall", right))
     rep.add(proportion(f"in-distribution full-trace acc", _pooled(main, in_hops, "trace")))
+    # The query-blind control: what "the value at the end of the longest chain" scores on the same problems
+    rule_rng = random.Random(f"rlf-rule:{seed}")
+    rule = {h: {"final": np.array([longest_chain_answer(p.prompt, rule_rng) == p.value for p in sets[h]])}
+            for h in hops}
+    rule_name = "query-blind rule (value at the end of the longest chain)"
+    rep.add(compare_proportions(f"in-dist final-answer acc, {rule_name}", _pooled(rule, in_hops, "final"), fin, "RLF"))
     if 8 in main:
-        rep.add(proportion("8-hop final-answer acc (out of distribution)", main[8]["final"]), pub["ood8"])
+        rep.add(compare_proportions("8-hop final-answer acc (out of distribution)", main[8]["final"], rule[8]["final"],
+                                    "query-blind rule"), pub["ood8"])
     # Lifeline removable? Compare loop predictions with the lifeline zeroed, on traces that were right
     # with it (the published 9/10 compared two failing traces).
     if ablations:
@@ -365,6 +374,11 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
                 rep.measures.append(m)
             rows.append({"arm": name, "hops": h, "n": len(arm[h]["final"]),
                          **{k: _ci_str(m) for k, m in zip(("final", "trace", "halt_precision", "halt_recall"), ms)}})
+    for h in hops:
+        m = compare_proportions(f"query-blind rule {h}-hop final-answer acc", rule[h]["final"], main[h]["final"], "RLF")
+        rep.measures.append(m)
+        rows.append({"arm": rule_name, "hops": h, "n": len(rule[h]["final"]), "final": _ci_str(m), "trace": "-",
+                     "halt_precision": "-", "halt_recall": "-"})
     if cot_res is not None:
         for h in hops:
             m1 = compare_proportions(f"base CoT {h}-hop final-answer acc", cot_by[h]["final"], main[h]["final"], "RLF")
@@ -380,6 +394,8 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     for key, label in (("final", "final-answer accuracy"), ("trace", "full-trace accuracy")):
         series, err = {}, {}
         all_arms = dict(arms)
+        if key == "final":
+            all_arms[rule_name] = rule
         if cot_res is not None:
             all_arms["base chain-of-thought"] = cot_by
         for name, arm in all_arms.items():
@@ -407,12 +423,17 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
         rep.tables["learning curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in hist]
     rep.notes += [
         "Test sets: held-out problems from a seed stream never used for training; training additionally drops any prompt "
-        "that occurs in a test or validation set. Assignments are shuffled and 1-3 distractor chains are present.",
+        "that occurs in a test or validation set. Assignments are shuffled and 1-3 distractor chains are present, the "
+        "first exactly as long as the queried chain and each ending in another value, so a model that ignores the "
+        "question can reach about 1/2 (the query-blind rule row is that control). Task version "
+        f"{TASK_VERSION}; version 1 (1-2-hop distractors) let that rule answer every 3+-hop problem.",
         "HALT precision counts only the first HALT of each problem (the published metric counted padded HALT loops).",
         "Baselines are compared with the method on the same problems (exact McNemar); lifeline ablations act at inference only.",
         "'Where wrong traces first break' classifies the first wrong loop of each wrong trace by what it emitted instead "
         "(traces whose only miss is the final HALT are left to HALT recall).",
     ]
+    if cfg.task_version != TASK_VERSION:
+        rep.notes.append(f"This model was trained on task version {cfg.task_version} and is tested on version {TASK_VERSION}.")
     if cfg.base_blocks != -1:
         rep.notes.append(f"The loop starts from the base's state after {cfg.base_blocks} of its blocks "
                          f"({'its embedding layer' if cfg.base_blocks == 0 else 'not its final block'}), not from the "

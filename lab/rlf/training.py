@@ -9,7 +9,7 @@ import torch
 
 from lab import LabError, models_dir
 from lab.rlf.config import Config
-from lab.rlf.data import (TRAIN_HOPS, excluded_prompts, shuffled_supervision, train_batch, train_hops_for,
+from lab.rlf.data import (TASK_VERSION, TRAIN_HOPS, excluded_prompts, shuffled_supervision, train_batch, train_hops_for,
                           validation_set)
 from lab.rlf.model import RLF, build, encode_prompts
 from lab.store import Artifact, config_hash, load_artifact, save_artifact
@@ -50,6 +50,9 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     from lab.bases import load_base
     from lab.rlf.evaluation import final_answer_accuracy
 
+    if config.task_version != TASK_VERSION:
+        raise LabError(f"config asks for RLF task version {config.task_version}, but this lab generates version "
+                       f"{TASK_VERSION} (lab.rlf.data.TASK_VERSION); older task versions cannot be retrained")
     if base is None:
         base = load_base(config.base)
     model = build(config, base)

@@ -360,3 +360,15 @@ def test_cli_train_and_evaluate_smoke(smoke_gpt2, lab_home, tmp_path):
                                  "--out", str(tmp_path / "rep"), "--formats", "html"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_task_version_is_recorded_and_old_versions_are_not_retrained():
+    from lab.rlf import Config
+    from lab.rlf.data import TASK_VERSION
+    from lab.rlf.training import train
+    cfg = Config.preset("smoke")
+    assert cfg.task_version == TASK_VERSION and Config.from_dict(cfg.to_dict()).task_version == TASK_VERSION
+    old = {k: v for k, v in cfg.to_dict().items() if k != "task_version"}  # saved before the field existed
+    assert Config.from_dict(old).task_version == 1
+    with pytest.raises(LabError, match="task version 1"):
+        train(Config.from_dict(old))

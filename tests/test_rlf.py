@@ -214,7 +214,8 @@ def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
     from lab.rlf.evaluation import ERROR_KINDS, Trace, first_error_table, first_errors
     w = rlf_smoke.vocab.word_id
     halt = rlf_smoke.vocab.halt_id
-    p = Problem("SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:", "SX", ("P", "D", "willow"), 3, 2)
+    p = Problem("SX = P. P = D. RJ = D. D = willow. ZD = cobalt. K = M. M = Q. Q = amber. What is SX?\nAnswer:",
+                "SX", ("P", "D", "willow"), 3, 3)
     preds = {  # what each loop emitted -> expected first error (None: a right trace)
         ("P", "D", "willow", halt): None,
         ("P", "P", "willow", halt): (1, ERROR_KINDS[0]),        # stays on the name it should dereference
@@ -223,6 +224,9 @@ def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
         ("P", halt, halt, halt): (1, ERROR_KINDS[3]),
         ("cobalt", "D", "willow", halt): (0, ERROR_KINDS[4]),   # reads a distractor's assignment
         ("RJ", "D", "willow", halt): (0, ERROR_KINDS[5]),
+        ("P", "Q", "willow", halt): (1, ERROR_KINDS[6]),        # the twin chain K-M-Q-amber at the same depth
+        ("P", "D", "amber", halt): (2, ERROR_KINDS[6]),
+        ("P", "M", "willow", halt): (1, ERROR_KINDS[4]),        # the twin chain, but at another depth
         ("P", "D", "willow", "willow"): None,                   # only the HALT missed: HALT recall's business
     }
     for emitted, want in preds.items():

@@ -10,7 +10,8 @@ from lab import LabError
 
 
 def _config(preset: str, base: str | None, core: str, variant: str, seed: int, steps: int | None,
-            d_core: int | None, lr: float | None, batch_size: int | None, curriculum_steps: int | None):
+            d_core: int | None, lr: float | None, batch_size: int | None, curriculum_steps: int | None,
+            core_layers: int | None = None):
     from lab.rlf.config import Config
     variants = {"full": {}, "no-lifeline": {"lifeline": False}, "no-rope": {"loop_rope": False},
                 "answer-only": {"supervision": "answer_only"}, "shuffled": {"shuffle_supervision": True}}
@@ -18,7 +19,8 @@ def _config(preset: str, base: str | None, core: str, variant: str, seed: int, s
         raise LabError(f"variant must be one of {', '.join(variants)}, got {variant!r}")
     cfg = Config.preset(preset, base=base, core=core, seed=seed, **variants[variant])
     over = {k: v for k, v in dict(steps=steps, d_core=d_core, lr=lr, batch_size=batch_size,
-                                  curriculum_steps=curriculum_steps).items() if v is not None}
+                                  curriculum_steps=curriculum_steps, core_layers=core_layers).items()
+            if v is not None}
     return cfg.with_(**over) if over else cfg
 
 
@@ -32,6 +34,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         steps: int = typer.Option(None, help="override the preset's steps"),
         d_core: int = typer.Option(None, help="override the core width"),
+        core_layers: int = typer.Option(None, help="override the transformer core's depth"),
         lr: float = typer.Option(None),
         batch_size: int = typer.Option(None),
         curriculum_steps: int = typer.Option(None, help="steps over which hops 1..5 open (0: off)"),
@@ -40,7 +43,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         """Train the RLF loop (gate + core; the base stays frozen). Resumes if interrupted."""
         from lab.bases import load_base
         from lab.rlf.training import train
-        cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps)
+        cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps, core_layers)
         b = load_base(cfg.base, train_if_missing=preset == "smoke")
         art = train(cfg, b, out)
         m = art.manifest["metrics"]

@@ -86,7 +86,27 @@ def outcomes(model: RLF, problems: list[Problem], trace: Trace) -> dict[str, np.
 
 
 ERROR_KINDS = ("repeats the name it should dereference", "an earlier element of the chain",
-               "skips ahead in the chain", "HALT too early", "a distractor's right-hand side", "other")
+               "skips ahead in the chain", "HALT too early", "a distractor's right-hand side", "other",
+               "the twin chain's element at this depth")
+
+
+def _twin_chains(prompt: str, query: str, hops: int) -> list[list[str]]:
+    """The distractor chains exactly as long as the queried one ([root, ..., value]), sharing none of its
+    names: a model that tracks depth on the page, not the pointer, emits their element at the right depth."""
+    from lab.rlf.data import parse_prompt
+    a = parse_prompt(prompt)["assignments"]
+    own, cur = {query}, query
+    while cur in a and a[cur] not in own:
+        cur = a[cur]
+        own.add(cur)
+    out = []
+    for root in set(a) - set(a.values()) - {query}:
+        chain = [root]
+        while chain[-1] in a and len(chain) <= hops + 1:
+            chain.append(a[chain[-1]])
+        if len(chain) == hops + 1 and not own & set(chain):
+            out.append(chain)
+    return out
 
 
 def first_errors(model: RLF, problems: list[Problem], trace: Trace) -> list[dict]:
@@ -114,6 +134,8 @@ def first_errors(model: RLF, problems: list[Problem], trace: Trace) -> list[dict
             kind = ERROR_KINDS[2]
         elif g == halt:
             kind = ERROR_KINDS[3]
+        elif g in {wid[c[k + 1]] for c in _twin_chains(p.prompt, p.query, p.hops)}:
+            kind = ERROR_KINDS[6]
         elif g in rhs:
             kind = ERROR_KINDS[4]
         else:

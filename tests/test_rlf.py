@@ -262,8 +262,8 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
     from lab.rlf.model import build
-    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition, state_probe,
-                                trajectories, trajectory_figure)
+    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition, spread,
+                                state_probe, trajectories, trajectory_figure)
     probs = [p for h in (1, 2, 3) for p in heldout_set(h, 500)[:10]]
     tr = trajectories(rlf_smoke, probs, "pca")
     assert tr["xy_on"].shape == (sum(p.hops + 1 for p in probs), 2) and tr["xy_off"].shape == tr["xy_on"].shape
@@ -285,9 +285,13 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
     assert {0, 1} <= set(part["published"]["ram"].tolist())
     abl = gate_ablation(rlf_smoke, probs[:10], part["null"], scales=(0.0,))
     assert any(m.extra["control"] for m in abl) and any(not m.extra["control"] for m in abl)
-    at = attribution_test(rlf_smoke, probs[10:12], n_steps=4)
-    assert at["example"]["attr"].shape[0] == probs[10].hops + 1
+    picked = spread(probs, 3)  # probs run 1-, 2-, 3-hop in order: an even spread takes one of each
+    assert [p.hops for p in picked] == [1, 2, 3] and spread(probs[:2], 3) == probs[:2]
+    at = attribution_test(rlf_smoke, picked, n_steps=4)
+    assert at["example"]["problem"].hops == 3 and at["example"]["attr"].shape[0] == 3 + 1
     assert 0 <= at["measure"].value <= 1 and at["measure"].p_value is not None
+    assert [m.name.split(":")[0] for m in at["per_loop"]] == ["loop 0", "loop 1", "loop 2"]
+    assert sum(m.n for m in at["per_loop"]) == at["measure"].n == 1 + 2 + 3
     attribution_heatmap(at["example"])
 
 

@@ -63,6 +63,7 @@ def reproduce_section(preset: str, seed: int, out_dir: Path, core: str = "transf
     pr = probe_report(model, problems, nulls, umap=preset != "smoke", n_attr=6 if preset == "smoke" else 40, seed=seed)
     rep.measures += pr.measures
     rep.published.update(pr.published)
+    rep.notes += pr.notes
     rep.figures.update(pr.figures)
     rep.provenance["null_runs"] = [str(m.artifact.path) for m in nulls]
     return rep  # lab.reproduce saves it (every figure in every format) under out_dir

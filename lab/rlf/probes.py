@@ -257,9 +257,10 @@ def step_accuracy(model: RLF, problems: list[Problem], lifeline: Lifeline | None
 
 
 def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarray], scales=(0.0, 2.0),
-                  seed: int = 0) -> list[Measure]:
+                  seed: int = 0, rule: str = "") -> list[Measure]:
     """Scale the RAM dims, the ALU dims, or as many random dims, and compare pointer / value / HALT
-    accuracy with the unablated model on the same problems and loops (exact McNemar)."""
+    accuracy with the unablated model on the same problems and loops (exact McNemar).
+    rule names the partition in the measure names ("published rule", "null-calibrated rule")."""
     base = step_accuracy(model, problems)
     d = len(gate_values(model))
     rng = np.random.default_rng(seed)
@@ -277,9 +278,10 @@ def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarra
                 for st in STATES:
                     if len(acc[st]) == 0:
                         continue
-                    m = compare_proportions(f"{st} accuracy, {label} x{s:g}" + (f" (control for {key.upper()})" if label.startswith("random") else ""),
+                    m = compare_proportions(f"{st} accuracy, {label}{f' ({rule})' if rule else ''} x{s:g}"
+                                            + (f" (control for {key.upper()})" if label.startswith("random") else ""),
                                             acc[st], base[st], "unablated")
-                    m.extra.update({"dims": key, "scale": s, "control": label.startswith("random")})
+                    m.extra.update({"dims": key, "scale": s, "control": label.startswith("random"), "rule": rule})
                     out.append(m)
     return out
 
@@ -335,10 +337,12 @@ def attribution_test(model: RLF, problems: list[Problem], n_steps: int = 16) -> 
     dereferences ("cur = next")? Hit rate vs chance (the span's share of assignment tokens), with an
     exact binomial test on the pooled loops."""
     from scipy.stats import binomtest
-    hits, chance, example = [], [], None
+    hits, chance, loops, example = [], [], [], None
     for p in problems:
         a = attribute(model, p, n_steps)
-        example = example or {**a, "problem": p}
+        # the heatmap shows the first problem with the most hops (up to 3): one loop per dereference
+        if example is None or example["problem"].hops < min(p.hops, 3):
+            example = {**a, "problem": p}
         cur = p.query
         assign_tokens = sum(e - s for s, e, _, _ in a["spans"])
         for k in range(p.hops):
@@ -348,15 +352,33 @@ def attribution_test(model: RLF, problems: list[Problem], n_steps: int = 16) -> 
             s, e = span[0], span[1]
             hits.append(bool(s <= int(np.argmax(np.abs(a["attr"][k][: a['spans'][-1][1] if a['spans'] else None]))) < e))
             chance.append((e - s) / max(1, assign_tokens))
+            loops.append(k)
             cur = p.path[k]
     if not hits:
         raise LabError("no loops to attribute")
-    m = proportion("loops whose top-attributed token is in the assignment they dereference", hits)
-    p0 = float(np.mean(chance))
-    m.control, m.control_value = "chance (span share of assignment tokens)", p0
-    m.p_value = float(binomtest(int(np.sum(hits)), len(hits), p0, alternative="greater").pvalue)
-    m.test = "exact binomial vs chance"
-    return {"measure": m, "example": example}
+    hits, chance, loops = np.array(hits), np.array(chance), np.array(loops)
+
+    def measure(name: str, sel: np.ndarray) -> Measure:
+        m = proportion(name, hits[sel])
+        p0 = float(chance[sel].mean())
+        m.control, m.control_value = "chance (span share of assignment tokens)", p0
+        m.p_value = float(binomtest(int(hits[sel].sum()), int(sel.sum()), p0, alternative="greater").pvalue)
+        m.test = "exact binomial vs chance"
+        return m
+
+    pooled = measure("loops whose top-attributed token is in the assignment they dereference", np.ones_like(hits))
+    # per loop index: a loop that answers without reading its assignment (e.g. by depth on the page) shows here
+    per_loop = [measure(f"loop {k}: top-attributed token in the assignment it dereferences", loops == k)
+                for k in sorted(set(loops.tolist()))]
+    return {"measure": pooled, "per_loop": per_loop, "example": example}
+
+
+def spread(problems: list[Problem], n: int) -> list[Problem]:
+    """n problems taken evenly through the list (test sets are ordered by hop count: the first n would
+    all be 1-hop problems)."""
+    if n >= len(problems):
+        return list(problems)
+    return [problems[i * len(problems) // n] for i in range(n)]
 
 
 def attribution_heatmap(example: dict, title: str | None = None):
@@ -397,12 +419,19 @@ def probe_report(model: RLF, problems: list[Problem], null_models: list[RLF] | N
                              "124 of 768 = 16.1%" if "RAM" in m.name else "15 of 768 = 2.0%", src)
         rep.add(m, pubv)
     rep.figures["rlf_gate_histogram"] = gate_histogram(part)
-    use = part.get("null", part["published"])
-    for m in gate_ablation(model, problems, use, seed=seed):
-        rep.add(m)
+    # the causal ablation on the published partition always (it is the claim under test), and on the
+    # null-calibrated one when it selects any dimension
+    for rule, key in (("published rule", "published"), ("null-calibrated rule", "null")):
+        if key in part and (len(part[key]["ram"]) or len(part[key]["alu"])):
+            for m in gate_ablation(model, problems, part[key], seed=seed, rule=rule):
+                rep.add(m)
+        elif key in part:
+            rep.notes.append(f"gate ablation ({rule}): the rule selects no dimension, nothing to ablate")
     if n_attr:
-        at = attribution_test(model, problems[:n_attr])
+        at = attribution_test(model, spread(problems, n_attr))
         rep.add(at["measure"])
+        for m in at["per_loop"]:
+            rep.add(m)
         rep.figures["rlf_attribution"] = attribution_heatmap(at["example"])
     rep.provenance = {"base": model.base.name, "core": model.config.core, "n_problems": len(problems),
                       "null_runs": len(null_models or []), "seed": seed}

@@ -397,7 +397,7 @@ def attribution_heatmap(example: dict, title: str | None = None):
 # --- everything at once --------------------------------------------------------------------------------
 
 def probe_report(model: RLF, problems: list[Problem], null_models: list[RLF] | None = None,
-                 umap: bool = True, n_attr: int = 20, seed: int = 0):
+                 umap: bool = True, n_attr: int = 40, seed: int = 0):
     """All four probes on the given (held-out) problems, as one lab Report."""
     from lab.report import Published, Report
     src = "mamba2backbonerecursion write-up (see PUBLISHED.md)"

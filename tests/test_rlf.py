@@ -285,6 +285,10 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
     assert {0, 1} <= set(part["published"]["ram"].tolist())
     abl = gate_ablation(rlf_smoke, probs[:10], part["null"], scales=(0.0,))
     assert any(m.extra["control"] for m in abl) and any(not m.extra["control"] for m in abl)
+    vs = [m for m in abl if m.extra.get("vs_random")]  # the partition arm against the random arm, paired
+    assert vs and all(m.control.startswith("random") and m.p_value is not None for m in vs)
+    ram_x0 = next(m for m in abl if m.name == "value accuracy, RAM x0")  # 1-hop problems: value and HALT loops
+    assert next(m for m in vs if m.name.startswith("value accuracy, RAM x0")).value == ram_x0.value
     picked = spread(probs, 3)  # probs run 1-, 2-, 3-hop in order: an even spread takes one of each
     assert [p.hops for p in picked] == [1, 2, 3] and spread(probs[:2], 3) == probs[:2]
     at = attribution_test(rlf_smoke, picked, n_steps=4)

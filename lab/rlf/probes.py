@@ -259,29 +259,38 @@ def step_accuracy(model: RLF, problems: list[Problem], lifeline: Lifeline | None
 def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarray], scales=(0.0, 2.0),
                   seed: int = 0, rule: str = "") -> list[Measure]:
     """Scale the RAM dims, the ALU dims, or as many random dims, and compare pointer / value / HALT
-    accuracy with the unablated model on the same problems and loops (exact McNemar).
+    accuracy with the unablated model on the same problems and loops (exact McNemar); then the partition
+    arm against the random arm on the same loops (does the partition matter more than any dims of its size?).
     rule names the partition in the measure names ("published rule", "null-calibrated rule")."""
     base = step_accuracy(model, problems)
     d = len(gate_values(model))
     rng = np.random.default_rng(seed)
+    tag = f" ({rule})" if rule else ""
     out = []
     for key in ("ram", "alu"):
         dims = [int(i) for i in part[key]]
         if not dims:
             continue
         rand = [int(i) for i in rng.choice(d, len(dims), replace=False)]
+        rand_label = f"random {len(dims)} dims"
         for s in scales:
-            for label, ll in ((key.upper(), Lifeline(ram_dims=dims, ram_scale=s) if key == "ram" else
-                               Lifeline(alu_dims=dims, alu_scale=s)),
-                              (f"random {len(dims)} dims", Lifeline(ram_dims=rand, ram_scale=s))):
-                acc = step_accuracy(model, problems, ll)
+            arms = {key.upper(): step_accuracy(model, problems, Lifeline(ram_dims=dims, ram_scale=s) if key == "ram"
+                                               else Lifeline(alu_dims=dims, alu_scale=s)),
+                    rand_label: step_accuracy(model, problems, Lifeline(ram_dims=rand, ram_scale=s))}
+            for label, acc in arms.items():
                 for st in STATES:
                     if len(acc[st]) == 0:
                         continue
-                    m = compare_proportions(f"{st} accuracy, {label}{f' ({rule})' if rule else ''} x{s:g}"
-                                            + (f" (control for {key.upper()})" if label.startswith("random") else ""),
+                    m = compare_proportions(f"{st} accuracy, {label}{tag} x{s:g}"
+                                            + (f" (control for {key.upper()})" if label == rand_label else ""),
                                             acc[st], base[st], "unablated")
-                    m.extra.update({"dims": key, "scale": s, "control": label.startswith("random"), "rule": rule})
+                    m.extra.update({"dims": key, "scale": s, "control": label == rand_label, "rule": rule})
+                    out.append(m)
+            for st in STATES:
+                if len(arms[rand_label][st]):
+                    m = compare_proportions(f"{st} accuracy, {key.upper()}{tag} x{s:g} vs {rand_label} x{s:g}",
+                                            arms[key.upper()][st], arms[rand_label][st], f"{rand_label} x{s:g}")
+                    m.extra.update({"dims": key, "scale": s, "control": False, "rule": rule, "vs_random": True})
                     out.append(m)
     return out
 

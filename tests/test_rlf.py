@@ -262,8 +262,8 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
     from lab.rlf.model import build
-    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition, spread,
-                                state_probe, trajectories, trajectory_figure)
+    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition,
+                                partition_ablations, spread, state_probe, trajectories, trajectory_figure)
     probs = [p for h in (1, 2, 3) for p in heldout_set(h, 500)[:10]]
     tr = trajectories(rlf_smoke, probs, "pca")
     assert tr["xy_on"].shape == (sum(p.hops + 1 for p in probs), 2) and tr["xy_off"].shape == tr["xy_on"].shape
@@ -285,6 +285,10 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
     assert {0, 1} <= set(part["published"]["ram"].tolist())
     abl = gate_ablation(rlf_smoke, probs[:10], part["null"], scales=(0.0,))
     assert any(m.extra["control"] for m in abl) and any(not m.extra["control"] for m in abl)
+    empty = {"ram": np.array([], dtype=int), "alu": np.array([], dtype=int)}
+    both, notes = partition_ablations(rlf_smoke, probs[:4], {**part, "null": empty}, scales=(0.0,))
+    assert {m.extra["rule"] for m in both} == {"published rule"} and notes == [
+        "gate ablation (null-calibrated rule): the rule selects no dimension, nothing to ablate"]
     vs = [m for m in abl if m.extra.get("vs_random")]  # the partition arm against the random arm, paired
     assert vs and all(m.control.startswith("random") and m.p_value is not None for m in vs)
     ram_x0 = next(m for m in abl if m.name == "value accuracy, RAM x0")  # 1-hop problems: value and HALT loops

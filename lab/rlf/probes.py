@@ -295,6 +295,19 @@ def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarra
     return out
 
 
+def partition_ablations(model: RLF, problems: list[Problem], part: dict, scales=(0.0, 2.0),
+                        seed: int = 0) -> tuple[list[Measure], list[str]]:
+    """`gate_ablation` on the published partition always (it is the claim under test) and on the
+    null-calibrated one when it selects any dimension. Returns (measures, notes on rules that select nothing)."""
+    measures, notes = [], []
+    for rule, key in (("published rule", "published"), ("null-calibrated rule", "null")):
+        if key in part and (len(part[key]["ram"]) or len(part[key]["alu"])):
+            measures += gate_ablation(model, problems, part[key], scales, seed, rule)
+        elif key in part:
+            notes.append(f"gate ablation ({rule}): the rule selects no dimension, nothing to ablate")
+    return measures, notes
+
+
 # --- (d) attribution ---------------------------------------------------------------------------------
 
 def _token_spans(model: RLF, prompt: str) -> tuple[list[str], list[tuple[int, int, str, str]]]:
@@ -428,14 +441,10 @@ def probe_report(model: RLF, problems: list[Problem], null_models: list[RLF] | N
                              "124 of 768 = 16.1%" if "RAM" in m.name else "15 of 768 = 2.0%", src)
         rep.add(m, pubv)
     rep.figures["rlf_gate_histogram"] = gate_histogram(part)
-    # the causal ablation on the published partition always (it is the claim under test), and on the
-    # null-calibrated one when it selects any dimension
-    for rule, key in (("published rule", "published"), ("null-calibrated rule", "null")):
-        if key in part and (len(part[key]["ram"]) or len(part[key]["alu"])):
-            for m in gate_ablation(model, problems, part[key], seed=seed, rule=rule):
-                rep.add(m)
-        elif key in part:
-            rep.notes.append(f"gate ablation ({rule}): the rule selects no dimension, nothing to ablate")
+    measures, notes = partition_ablations(model, problems, part, seed=seed)
+    for m in measures:
+        rep.add(m)
+    rep.notes += notes
     if n_attr:
         at = attribution_test(model, spread(problems, n_attr))
         rep.add(at["measure"])

@@ -196,6 +196,19 @@ def add(base, layer: int, delta: torch.Tensor | Callable[[torch.Tensor], torch.T
         yield
 
 
+def _fixed_add(base, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> h + delta for a fixed tensor at every position: the channels' hot path, so the shape check
+    runs once per stream shape and nothing else runs per call."""
+    checked_shapes = set()
+
+    def fn(h):
+        if (h.shape, h.dtype) not in checked_shapes:
+            _check_values(base, "added delta", delta, h, None)
+            checked_shapes.add((h.shape, h.dtype))
+        return h + delta
+    return fn
+
+
 @contextlib.contextmanager
 def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tensor], torch.Tensor]],
                   positions: Sequence[int] | int | None = None, site: str = "resid_pre") -> Iterator[None]:
@@ -210,6 +223,8 @@ def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tens
 
     def make(delta):
         fixed = torch.is_tensor(delta)
+        if fixed and positions is None:
+            return _fixed_add(base, delta)
         checked_shapes = set()  # a fixed tensor is checked once per stream shape, not on every call
 
         def fn(h):

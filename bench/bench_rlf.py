@@ -58,6 +58,9 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     hit = next((r for r in hist if r.get("val_acc", 0) >= TARGET_ACC), None)
     out["first_val_99_s"] = round(hit["seconds"], 1) if hit else None
     out["first_val_99_step"] = hit["step"] if hit else None
+    # the progress bar's held-out evaluations are part of that wall time; histories from before the trainer
+    # recorded them have no eval_seconds
+    out["first_val_99_eval_s"] = round(hit["eval_seconds"], 1) if hit and "eval_seconds" in hit else None
     out["curve"] = [(r["step"], round(r["seconds"], 1), round(r["val_acc"], 3)) for r in hist]
 
     # Held-out test accuracy, 1..max_train_hops, pooled.
@@ -88,6 +91,10 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     if out["first_val_99_s"] is not None:
         print(f"{'seconds to 99% validation acc':44} {out['first_val_99_s']:>12.1f} {TARGET_SECONDS:>10.0f} "
               f"{out['first_val_99_s'] / TARGET_SECONDS:>8.2f}")
+        if out["first_val_99_eval_s"] is not None:
+            no_eval = out["first_val_99_s"] - out["first_val_99_eval_s"]
+            print(f"{'  the same without its validation passes':44} {no_eval:>12.1f} {TARGET_SECONDS:>10.0f} "
+                  f"{no_eval / TARGET_SECONDS:>8.2f}   (validation passes: {out['first_val_99_eval_s']:.1f} s)")
     else:
         print(f"{'seconds to 99% validation acc':44} {'not reached':>12} {TARGET_SECONDS:>10.0f}")
     print(f"{'test final-answer acc, 1-5 hops (n=%d)' % acc.n:44} {acc.value:>12.4f} {TARGET_ACC:>10.2f} "

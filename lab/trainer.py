@@ -105,6 +105,8 @@ def fit(
     bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps,
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     running = None
+    # time inside eval_fn, cumulative, so a time-to-accuracy can be read with and without the measuring itself
+    eval_total = result.history[-1].get("eval_seconds", 0.0) if result.history else 0.0
     model.train()
     for step in bar:
         batch = batch_fn(step, accelerator.process_index, accelerator.num_processes)
@@ -123,10 +125,13 @@ def fit(
         is_last = done == spec.steps
         if eval_fn is not None and (is_last or (spec.eval_every and done % spec.eval_every == 0)):
             model.eval()
+            te = time.perf_counter()
             with torch.no_grad():
                 metrics = eval_fn(raw)
+            eval_total += time.perf_counter() - te
             model.train()
-            result.history.append({"step": done, "loss": running, "seconds": time.perf_counter() - t0, **metrics})
+            result.history.append({"step": done, "loss": running, "seconds": time.perf_counter() - t0,
+                                   "eval_seconds": eval_total, **metrics})
             post.update({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()})
         bar.set_postfix(post)
         result.seconds = time.perf_counter() - t0

@@ -183,6 +183,9 @@ def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
         assert torch.allclose(v, resumed.tensors[k], atol=1e-6), k
     hist = full.manifest["metrics"]["history"]
     assert [h["step"] for h in hist] == [3, 6] and all("val_acc" in h for h in hist)
+    # time spent in validation passes is kept, cumulative, and carried across a resume
+    for h in (hist, resumed.manifest["metrics"]["history"]):
+        assert 0 < h[0]["eval_seconds"] <= h[1]["eval_seconds"] < h[1]["seconds"]
     # a checkpoint of another config with the same shapes (another loop start) is never resumed
     train(cfg, smoke_gpt2, tmp_path / "other", stop_after=3)
     with pytest.raises(LabError, match="another training spec or config"):

@@ -131,6 +131,10 @@ PRESETS: dict[str, Config] = {
     # 6,000 the dereferences are learned one after another (3 hops reach 1.00 at step 3,300, 4 hops at 3,700,
     # 5 hops 0.97-1.00 from 3,900) and validation first reaches 0.99 at step 3,900 (1,444 s); a 3-layer core was slower
     # (2 hops 0.57 at step 1,900 vs 0.95). So 6,000 steps: 99% is reached, the 10-minute target is not.
+    # Batch 32 is where learning stops being limited by samples and is limited by steps (`--batch-size N`,
+    # validation 60 per hop): batch 16 had 1 hop at 0.33 at step 500 and 0.58 at step 1,200 (32: 1.00 at 500);
+    # batch 64 (3,000 steps, curriculum over 1,250) learned 1 hop by step 500 like 32, but had 2 hops at 0.42
+    # after 64,000 problems (step 1,000, 503 s) where 32 had 0.97 (step 2,000, 566 s). Neither is faster.
     # The measurements below were made on task version 1 (short distractors; see lab.rlf.data), whose 3+-hop
     # problems a query-blind rule solved; they compare learning speeds, not the absolute accuracies of version 2.
     # base_blocks=0: the loop starts from the frozen base's embedding layer (token + position embeddings);

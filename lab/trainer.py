@@ -78,12 +78,16 @@ def fit(
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     desc: str = "train",
     stop_after: int | None = None,
+    train_state=None,
 ) -> TrainResult:
     """Train the model's `requires_grad` parameters.
 
     batch_fn(step, rank, world_size) -> batch dict (deterministic); loss_fn(model, batch) -> scalar;
     eval_fn(model) -> dict of held-out metrics shown on the progress bar and kept in history.
     stop_after: stop (after checkpointing) at this step, as if killed; for resume tests.
+    train_state: an object with state_dict() -> JSON-able dict and load_state_dict(d) whose state batch_fn or
+    loss_fn change as training goes (e.g. an adaptive curriculum); checkpointed with the weights, so a
+    resumed run continues exactly.
     """
     set_seed(spec.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -98,7 +102,7 @@ def fit(
     result = TrainResult(steps=spec.steps)
     start = 0
     if ckpt_dir is not None and (Path(ckpt_dir) / "trainer.json").exists():
-        start = _load_checkpoint(Path(ckpt_dir), raw, opt, sched, result, spec)
+        start = _load_checkpoint(Path(ckpt_dir), raw, opt, sched, result, spec, train_state)
         result.resumed_from = start
 
     t0 = time.perf_counter() - result.seconds
@@ -137,7 +141,7 @@ def fit(
         result.seconds = time.perf_counter() - t0
         if ckpt_dir is not None and accelerator.is_main_process and (
                 is_last or (spec.ckpt_every and done % spec.ckpt_every == 0) or done == stop_after):
-            _save_checkpoint(Path(ckpt_dir), raw, opt, sched, done, result, spec)
+            _save_checkpoint(Path(ckpt_dir), raw, opt, sched, done, result, spec, train_state)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
@@ -146,17 +150,18 @@ def fit(
     return result
 
 
-def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResult, spec: TrainSpec):
+def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResult, spec: TrainSpec, train_state=None):
     with atomic_dir(ckpt_dir) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
                   str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         write_json(tmp / "trainer.json", {"step": step, "spec": asdict(spec), "seconds": result.seconds,
-                                          "history": result.history})
+                                          "history": result.history,
+                                          "state": train_state.state_dict() if train_state is not None else None})
 
 
-def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spec: TrainSpec) -> int:
+def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spec: TrainSpec, train_state=None) -> int:
     meta = read_json(ckpt_dir / "trainer.json")
     if meta["spec"] != asdict(spec):
         # the same shapes can hide another config (e.g. where the loop starts): never resume across configs
@@ -176,6 +181,10 @@ def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spe
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if train_state is not None:
+        if meta.get("state") is None:
+            raise LabError(f"checkpoint in {ckpt_dir} has no training state (curriculum) to resume from")
+        train_state.load_state_dict(meta["state"])
     result.history = meta["history"]
     result.seconds = meta["seconds"]
     return int(meta["step"])

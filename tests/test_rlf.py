@@ -192,6 +192,77 @@ def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
         train(cfg.with_(base_blocks=1), smoke_gpt2, tmp_path / "other")
 
 
+def test_adaptive_curriculum_opens_the_next_hop_only_when_the_newest_is_learned():
+    from lab.rlf import Config
+    from lab.rlf.data import train_batch
+    from lab.rlf.training import HopCurriculum
+    cfg = Config.preset("smoke", max_train_hops=3, curriculum_steps=3000, curriculum_threshold=0.75,
+                        curriculum_window=8)
+    cur = HopCurriculum(cfg)
+    assert cur.cap(0) == 1
+    cur.observe(0, [1] * 4, [True] * 4)           # window not yet full: stays closed
+    assert cur.cap(1) == 1
+    cur.observe(1, [1] * 4, [False] * 4)          # 4 of 8 right < 0.75
+    assert cur.cap(2) == 1
+    cur.observe(2, [1] * 4, [True] * 4)           # last 8: 4 wrong + 4 right... still 0.5
+    assert cur.cap(3) == 1
+    cur.observe(3, [1] * 4, [True] * 4)           # last 8 all right: hop 2 opens at the next step
+    assert cur.cap(4) == 2 and cur.opened_at == {1: 0, 2: 4}
+    cur.observe(4, [1] * 4 + [2] * 4, [True] * 8)  # only the newest hop count's outcomes decide
+    assert cur.cap(5) == 2
+    state = json.loads(json.dumps(cur.state_dict()))  # JSON round trip, as in a checkpoint
+    again = HopCurriculum(cfg)
+    again.load_state_dict(state)
+    for c in (cur, again):
+        c.observe(5, [2] * 4, [True] * 4)
+        c.observe(6, [3] * 4, [True] * 4)           # hop 3 is not open: its outcomes cannot open hop 4
+        assert c.cap(7) == 3 and c.opened_at[3] == 6
+    assert cur.state_dict() == again.state_dict()
+    assert HopCurriculum(cfg).cap(999) == 1 and HopCurriculum(cfg).cap(1000) == 2  # the fixed schedule still opens hops
+    off = HopCurriculum(cfg.with_(curriculum_threshold=0.0))
+    off.observe(0, [1] * 64, [True] * 64)
+    assert off.cap(1) == 1
+    with pytest.raises(LabError, match="curriculum_threshold"):
+        Config.preset("smoke", curriculum_threshold=1.5)
+    # error-weighted sampling: open hop counts drawn by 0.1 + recent training error
+    err = HopCurriculum(cfg.with_(hop_sampling="error", curriculum_threshold=0.0))
+    assert err.hop_weights(0) == [1.1]
+    err.observe(0, [1] * 8, [True] * 6 + [False] * 2)
+    assert err.hop_weights(1) == pytest.approx([0.35])
+    err.adaptive_cap = 2
+    assert err.hop_weights(1) == pytest.approx([0.35, 1.1])   # a hop count not yet seen counts as all wrong
+    assert HopCurriculum(cfg).hop_weights(0) is None
+    with pytest.raises(LabError, match="hop_sampling"):
+        Config.preset("smoke", hop_sampling="uniform")
+    with pytest.raises(LabError, match="hop_weights"):
+        train_batch(0, 4, cap=2, hop_weights=[1.0])
+    batch = train_batch(0, 64, cap=3, hop_weights=[0.0, 0.0, 1.0])
+    assert {p.hops for p in batch} == {3}
+
+
+def test_training_with_an_adaptive_curriculum_resumes_exactly(smoke_gpt2, tmp_path, monkeypatch):
+    from lab.rlf import Config
+    from lab.rlf.model import RLF
+    from lab.rlf.training import train
+    # a smoke model answers nothing right in 8 steps: report every training answer right, so hop counts
+    # open at once (steps 1 and 2), and the resumed half (from step 5) must take its cap from the checkpoint
+    loss = RLF.loss
+    monkeypatch.setattr(RLF, "loss", lambda self, *a, **k: (lambda out: (out[0], torch.ones_like(out[1])))(
+        loss(self, *a, **k)) if k.get("return_correct") else loss(self, *a, **k))
+    cfg = Config.preset("smoke", steps=8, eval_every=4, ckpt_every=2, val_n_per_hop=2, curriculum_steps=100_000,
+                        curriculum_threshold=0.9, curriculum_window=4)
+    full = train(cfg, smoke_gpt2, tmp_path / "full")
+    assert full.manifest["metrics"]["curriculum_opened_at"] == {1: 0, 2: 1, 3: 2}
+    train(cfg, smoke_gpt2, tmp_path / "resumed", stop_after=5)
+    resumed = train(cfg, smoke_gpt2, tmp_path / "resumed")
+    assert resumed.manifest["metrics"]["resumed_from"] == 5
+    for k, v in full.tensors.items():
+        assert torch.allclose(v, resumed.tensors[k], atol=1e-6), k
+    m, r = full.manifest["metrics"], resumed.manifest["metrics"]
+    assert m["curriculum_opened_at"] == r["curriculum_opened_at"]
+    assert [h["hops_open"] for h in m["history"]] == [h["hops_open"] for h in r["history"]] == [3, 3]
+
+
 def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):
     from lab.rlf.evaluation import ABLATIONS, evaluate
     rep = evaluate(rlf_smoke, baselines={"same model (sanity)": rlf_smoke}, n=8, max_hops=4, progress=False)

@@ -11,7 +11,8 @@ from lab import LabError
 
 def _config(preset: str, base: str | None, core: str, variant: str, seed: int, steps: int | None,
             d_core: int | None, lr: float | None, batch_size: int | None, curriculum_steps: int | None,
-            core_layers: int | None = None):
+            core_layers: int | None = None, curriculum_threshold: float | None = None,
+            hop_sampling: str | None = None):
     from lab.rlf.config import Config
     variants = {"full": {}, "no-lifeline": {"lifeline": False}, "no-rope": {"loop_rope": False},
                 "answer-only": {"supervision": "answer_only"}, "shuffled": {"shuffle_supervision": True}}
@@ -19,7 +20,8 @@ def _config(preset: str, base: str | None, core: str, variant: str, seed: int, s
         raise LabError(f"variant must be one of {', '.join(variants)}, got {variant!r}")
     cfg = Config.preset(preset, base=base, core=core, seed=seed, **variants[variant])
     over = {k: v for k, v in dict(steps=steps, d_core=d_core, lr=lr, batch_size=batch_size,
-                                  curriculum_steps=curriculum_steps, core_layers=core_layers).items()
+                                  curriculum_steps=curriculum_steps, core_layers=core_layers,
+                                  curriculum_threshold=curriculum_threshold, hop_sampling=hop_sampling).items()
             if v is not None}
     return cfg.with_(**over) if over else cfg
 
@@ -38,12 +40,16 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         lr: float = typer.Option(None),
         batch_size: int = typer.Option(None),
         curriculum_steps: int = typer.Option(None, help="steps over which hops 1..5 open (0: off)"),
+        curriculum_threshold: float = typer.Option(
+            None, help="also open the next hop count once training accuracy on the newest reaches this (0: off)"),
+        hop_sampling: str = typer.Option(None, help="newest | error: how batches draw among the open hop counts"),
         out: Path = typer.Option(None, help="artifact directory (default models/rlf-<preset>-<base>-<core>...)"),
     ):
         """Train the RLF loop (gate + core; the base stays frozen). Resumes if interrupted."""
         from lab.bases import load_base
         from lab.rlf.training import train
-        cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps, core_layers)
+        cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps, core_layers,
+                      curriculum_threshold, hop_sampling)
         b = load_base(cfg.base, train_if_missing=preset == "smoke")
         art = train(cfg, b, out)
         m = art.manifest["metrics"]

@@ -8,6 +8,7 @@ from lab import LabError
 
 CORES = ("transformer", "mamba2")
 SUPERVISION = ("every_loop", "answer_only")
+HOP_SAMPLING = ("newest", "error")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Config:
     grad_clip: float = 1.0
     max_train_hops: int = 5          # training problems have 1..max_train_hops hops
     curriculum_steps: int = 0        # open one more hop every curriculum_steps / max_train_hops steps (0: off)
+    curriculum_threshold: float = 0.0  # > 0: also open the next hop once training accuracy on the newest reaches it
+    curriculum_window: int = 64      # ... over its last this many training problems
+    hop_sampling: str = "newest"     # "newest": open hop counts uniform, the newest twice; "error": by training error
     one_hop_count_per_batch: bool = False  # each batch draws one hop count: it runs hops+1 loops, not the longest's
     eval_every: int = 100            # live held-out accuracy on the progress bar
     ckpt_every: int = 100
@@ -70,6 +74,12 @@ class Config:
         for k in ("steps", "batch_size", "infer_cap", "test_n", "val_n_per_hop", "core_layers", "n_heads"):
             if getattr(self, k) < 1:
                 raise LabError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 <= self.curriculum_threshold <= 1.0:
+            raise LabError(f"curriculum_threshold must be in [0, 1] (0: the fixed schedule only), got {self.curriculum_threshold}")
+        if self.hop_sampling not in HOP_SAMPLING:
+            raise LabError(f"hop_sampling must be one of {HOP_SAMPLING}, got {self.hop_sampling!r}")
+        if self.curriculum_window < 1:
+            raise LabError(f"curriculum_window must be >= 1, got {self.curriculum_window}")
         if self.d_core < 0:
             raise LabError(f"d_core must be >= 0 (0: the base's width), got {self.d_core}")
 

@@ -167,14 +167,25 @@ def train_hops_for(step: int, max_hops: int, curriculum_steps: int) -> int:
 
 
 def train_batch(step: int, batch_size: int, seed: int = 0, max_hops: int = 5, curriculum_steps: int = 0,
-                exclude: frozenset[str] = frozenset(), rank: int = 0, one_hop_count: bool = False) -> list[Problem]:
+                exclude: frozenset[str] = frozenset(), rank: int = 0, one_hop_count: bool = False,
+                cap: int | None = None, hop_weights: list[float] | None = None) -> list[Problem]:
     """A deterministic training batch: a pure function of (seed, step, rank), so resume is exact.
     Hop counts are uniform over 1..(curriculum cap), with the newest hop count drawn twice as often;
     per problem, or (one_hop_count) once per batch: then the batch runs hops + 1 loops instead of the
-    longest problem's, which on average over 1-5 hops is 4 loops instead of 6."""
+    longest problem's, which on average over 1-5 hops is 4 loops instead of 6.
+    cap: the hardest hop count, when a curriculum object decides it (default: the fixed schedule);
+    hop_weights: the relative frequency of hop counts 1..cap (default: as above)."""
     rng = random.Random(f"rlf-train:{seed}:{rank}:{step}")
-    cap = train_hops_for(step, max_hops, curriculum_steps)
+    if cap is None:
+        cap = train_hops_for(step, max_hops, curriculum_steps)
+    elif not 1 <= cap <= max_hops:
+        raise LabError(f"curriculum cap must be in 1..{max_hops}, got {cap}")
     weights = [1.0] * (cap - 1) + [2.0 if cap > 1 and cap < max_hops else 1.0]
+    if hop_weights is not None:
+        if len(hop_weights) != cap or not all(w >= 0 for w in hop_weights) or not sum(hop_weights) > 0:
+            raise LabError(f"hop_weights must be {cap} non-negative numbers (hops 1..{cap}), not all 0; "
+                           f"got {hop_weights}")
+        weights = list(hop_weights)
     batch_hops = rng.choices(range(1, cap + 1), weights)[0] if one_hop_count else None
     out = []
     while len(out) < batch_size:

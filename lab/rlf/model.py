@@ -373,11 +373,19 @@ class RLF(nn.Module):
         return rec
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy averaged over supervised loops: targets, weights (B, K)."""
+             weights: torch.Tensor, return_correct: bool = False):
+        """Cross-entropy averaged over supervised loops: targets, weights (B, K).
+        return_correct: also (B,) bool, every supervised loop's argmax right (the training batch's own
+        accuracy, free: it reads the logits the loss already computed)."""
         logits = self.run(ids, mask, targets.shape[1])           # (K, B, V)
         ce = nn.functional.cross_entropy(logits.permute(1, 2, 0).float(), targets, reduction="none")  # (B, K)
-        return (ce * weights).sum() / weights.sum().clamp_min(1.0)
+        loss = (ce * weights).sum() / weights.sum().clamp_min(1.0)
+        if not return_correct:
+            return loss
+        with torch.no_grad():
+            right = logits.argmax(-1).T == targets                # (B, K)
+            correct = (right | (weights == 0)).all(dim=1)
+        return loss, correct
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -33,6 +33,76 @@ def supervision(model: RLF, problems, config: Config) -> tuple[torch.Tensor, tor
     return targets, weights
 
 
+class HopCurriculum:
+    """Which hop counts training draws: hops 1..cap(step).
+
+    The fixed schedule opens one more hop every curriculum_steps / max_train_hops steps. With
+    curriculum_threshold > 0 the next hop count also opens as soon as the model gets the newest one
+    right (every supervised loop) on at least that fraction of its last curriculum_window training
+    problems, whichever comes first. Why: on the tiny preset a hop count is learned a few hundred
+    steps after it opens, and opening the next one before (at 0.37 accuracy) stalled both for 900
+    steps (lab.rlf.config); a fixed schedule must be tuned to one learning rate, this one follows the
+    run. It reads the training batches' own logits, so it costs no extra pass; its state is
+    checkpointed with the weights (the trainer's `train_state`), so a resumed run draws the same batches."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.adaptive_cap = 1
+        self.opened_at: dict[int, int] = {}       # hop count -> the first step that drew it
+        self.recent: dict[int, list[bool]] = {}   # hop count -> its last `window` training outcomes
+        self.next_step = 0
+
+    def cap(self, step: int) -> int:
+        c = self.config
+        return max(train_hops_for(step, c.max_train_hops, c.curriculum_steps), self.adaptive_cap)
+
+    def hop_weights(self, step: int) -> list[float] | None:
+        """hop_sampling "error": hop count h in 1..cap drawn in proportion to 0.1 + its recent training
+        error (a hop count not yet seen counts as all wrong), so batches go where the model still fails
+        while solved hop counts keep a share against forgetting. "newest": None (train_batch's default)."""
+        if self.config.hop_sampling != "error":
+            return None
+        out = []
+        for h in range(1, self.cap(step) + 1):
+            window = self.recent.get(h) or [False]
+            out.append(0.1 + 1.0 - sum(window) / len(window))
+        return out
+
+    def observe(self, step: int, hops: list[int], correct: list[bool]) -> None:
+        c = self.config
+        self.next_step = step + 1
+        self.opened_at.setdefault(self.cap(step), step)
+        if (c.curriculum_threshold <= 0 or self.adaptive_cap >= c.max_train_hops) and c.hop_sampling != "error":
+            return
+        counts = torch.zeros(c.max_train_hops + 1, 2)
+        for h, ok in zip(hops, correct):
+            counts[h, 0] += float(ok)
+            counts[h, 1] += 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank sees every rank's outcomes: caps stay equal
+        for h in range(1, c.max_train_hops + 1):
+            n_ok, n = int(counts[h, 0]), int(counts[h, 1])
+            window = self.recent.setdefault(h, [])
+            window.extend([True] * n_ok + [False] * (n - n_ok))
+            del window[:-c.curriculum_window]
+        newest = self.cap(step)
+        window = self.recent.get(newest, [])
+        if (c.curriculum_threshold > 0 and newest < c.max_train_hops and len(window) >= c.curriculum_window
+                and sum(window) >= c.curriculum_threshold * len(window)):
+            self.adaptive_cap = newest + 1
+            self.opened_at[newest + 1] = step + 1
+
+    def state_dict(self) -> dict:
+        return {"adaptive_cap": self.adaptive_cap, "next_step": self.next_step,
+                "opened_at": {str(h): s for h, s in self.opened_at.items()},
+                "recent": {str(h): w for h, w in self.recent.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.adaptive_cap, self.next_step = int(d["adaptive_cap"]), int(d["next_step"])
+        self.opened_at = {int(h): int(s) for h, s in d["opened_at"].items()}
+        self.recent = {int(h): [bool(x) for x in w] for h, w in d["recent"].items()}
+
+
 def train_spec(config: Config) -> TrainSpec:
     return TrainSpec(steps=config.steps, lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
                      grad_clip=config.grad_clip, seed=config.seed, ckpt_every=config.ckpt_every,
@@ -60,34 +130,42 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     exclude = excluded_prompts(config.test_n, 0, config.val_n_per_hop)
     val = validation_set(config.val_n_per_hop, tuple(h for h in TRAIN_HOPS if h <= config.max_train_hops))
 
+    curriculum = HopCurriculum(config)
+
     def batch_fn(step: int, rank: int, world: int) -> dict:
         probs = train_batch(step, config.batch_size // world, config.seed, config.max_train_hops,
-                            config.curriculum_steps, exclude, rank, config.one_hop_count_per_batch)
+                            config.curriculum_steps, exclude, rank, config.one_hop_count_per_batch,
+                            cap=curriculum.cap(step), hop_weights=curriculum.hop_weights(step))
         if config.shuffle_supervision:
             probs = shuffled_supervision(probs, seed=config.seed * 100_003 + step)
         ids, mask = encode_prompts(base, [p.prompt for p in probs])
         targets, weights = supervision(model, probs, config)
-        return {"ids": ids, "mask": mask, "targets": targets, "weights": weights}
+        return {"ids": ids, "mask": mask, "targets": targets, "weights": weights, "step": step,
+                "hops": [p.hops for p in probs]}
 
     def loss_fn(m, batch):
-        return m.loss(batch["ids"], batch["mask"], batch["targets"], batch["weights"])
+        loss, correct = m.loss(batch["ids"], batch["mask"], batch["targets"], batch["weights"], return_correct=True)
+        curriculum.observe(batch["step"], batch["hops"], correct.tolist())
+        return loss
 
     def eval_fn(m):
         accs = final_answer_accuracy(m, val, cap=config.infer_cap)
         out = {"val_acc": accs["all"]}
         out.update({f"h{h}": a for h, a in accs.items() if h != "all"})
+        out["hops_open"] = curriculum.cap(curriculum.next_step)  # what the next batch draws from
         return out
 
     spec = train_spec(config)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     t0 = time.perf_counter()
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
-                 desc=f"rlf {config.core} on {base.name}", stop_after=stop_after)
+                 desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum)
     if stop_after is not None and stop_after < spec.steps:
         return Artifact(ckpt, KIND, config.to_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
     metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
                "resumed_from": result.resumed_from, "final_val": result.last,
-               "curriculum_cap_at_end": train_hops_for(spec.steps - 1, config.max_train_hops, config.curriculum_steps),
+               "curriculum_cap_at_end": curriculum.cap(spec.steps - 1),
+               "curriculum_opened_at": curriculum.opened_at,
                "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
                "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     art = save_artifact(out_dir, KIND, model.trainable_tensors(), config.to_dict(), base=base, metrics=metrics)
@@ -139,7 +217,8 @@ def train_or_load(config: Config, base=None, out_dir: Path | None = None) -> RLF
     if base is None:
         base = load_base(config.base, train_if_missing=config.preset_name == "smoke")
     out_dir = Path(out_dir) if out_dir else default_out_dir(config, base)
-    if (out_dir / "config.json").exists() and read_json(out_dir / "config.json") == config.to_dict():
+    # from_dict fills fields added since the artifact was saved with their defaults (which reproduce the old behaviour)
+    if (out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")) == config:
         return load(out_dir, base)
     return load(train(config, base, out_dir), base)
 

@@ -75,6 +75,15 @@ def any_base(request, lab_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def rlf_smoke(smoke_gpt2, lab_home):
+    """A smoke RLF model (transformer core) trained once per session into LAB_HOME."""
+    from lab.rlf import Config
+    from lab.rlf.training import load, train_or_load
+    cfg = Config.preset("smoke")
+    return load(train_or_load(cfg, smoke_gpt2).artifact.path, smoke_gpt2)
+
+
+@pytest.fixture(scope="session")
 def smoke_results(smoke_gpt2, smoke_mamba2, lab_home):
     """`lab reproduce --preset smoke` once per session: every mechanism's smoke artifacts and report."""
     from lab.reproduce import reproduce

@@ -90,3 +90,64 @@ def test_fuzz_train_spec(steps, lr):
         assert steps < 1 or not (math.isfinite(lr) and lr > 0)
     else:
         assert steps >= 1 and math.isfinite(lr) and lr > 0
+
+
+# --- configs and typed RLF problems, as the CLI, notebooks, app and config.json hand them in -------------
+
+_ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                       st.lists(st.integers(-3, 3), max_size=3))
+
+
+def _config_classes():
+    from lab.channels.model import Config as ChannelsConfig
+    from lab.combiner.experiment import Config as CombinerConfig
+    from lab.innerlink.training import Config as InnerLinkConfig
+    from lab.rlf.config import Config as RLFConfig
+    return {"rlf": RLFConfig, "channels": ChannelsConfig, "innerlink": InnerLinkConfig, "combiner": CombinerConfig}
+
+
+@pytest.mark.parametrize("mechanism", ["rlf", "channels", "innerlink", "combiner"])
+def test_fuzz_experiment_configs(mechanism):
+    """Any field set to any JSON-like value: a config, or a LabError that names a field it was given."""
+    import dataclasses
+    cls = _config_classes()[mechanism]
+    names = sorted(f.name for f in dataclasses.fields(cls))
+
+    @settings(max_examples=150, deadline=None)
+    @given(over=st.dictionaries(st.sampled_from(names), _ANY_VALUE, min_size=1, max_size=3))
+    def check(over):
+        try:
+            cls(**over)
+        except LabError as e:
+            assert any(k in str(e) for k in over), (over, str(e))
+
+    check()
+
+
+def test_config_type_errors_name_the_field_and_the_expected_type():
+    from lab.rlf.config import Config
+    with pytest.raises(LabError, match=r"steps must be an integer, got '100'"):
+        Config(steps="100")
+    with pytest.raises(LabError, match=r"lr must be a finite number, got nan"):
+        Config(lr=float("nan"))
+    with pytest.raises(LabError, match=r"lifeline must be true or false, got 1"):
+        Config(lifeline=1)
+    assert Config(lr=1).lr == 1  # an integer is a number
+
+
+_TASK_TEXT = st.lists(st.sampled_from(["K", "R", "D", "SX", " = ", ". ", "walnut", "amber", "What is ", "?",
+                                       "\nAnswer:", " ", "=", "\n", "é", "Answer"]), max_size=30).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_TASK_TEXT, st.text(max_size=200)), cap=st.integers(-2, 6))
+def test_fuzz_rlf_typed_problems(rlf_smoke, text, cap):
+    """What a user types into the app's problem box: per-loop predictions, or a LabError."""
+    from lab.rlf.evaluation import explain
+    try:
+        out = explain(rlf_smoke, text, cap)
+    except LabError as e:
+        assert str(e)
+        return
+    assert cap >= 1 and 1 <= len(out["loops"]) <= cap

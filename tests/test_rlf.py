@@ -13,15 +13,6 @@ import torch
 from lab import LabError
 
 
-@pytest.fixture(scope="session")
-def rlf_smoke(smoke_gpt2, lab_home):
-    """A smoke RLF model (transformer core) trained once per session into LAB_HOME."""
-    from lab.rlf import Config
-    from lab.rlf.training import load, train_or_load
-    cfg = Config.preset("smoke")
-    return load(train_or_load(cfg, smoke_gpt2).artifact.path, smoke_gpt2)
-
-
 # --- data ------------------------------------------------------------------------------------------
 
 def test_problems_need_dereferencing():

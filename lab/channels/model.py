@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import LabError
+from lab.configcheck import check_field_types
 from lab.channels.data import CAPABILITIES, Item
 from lab.channels.encoders import ChannelState, TextEncoder, channel_widths, encode_states
 from lab.channels.injection import MODES, ChannelInjector, inject
@@ -59,6 +60,7 @@ class Config:
     preset_name: str = "custom"
 
     def __post_init__(self):
+        check_field_types(self)
         if self.text_init not in ("identity", "random"):
             raise LabError(f"text_init must be 'identity' or 'random', got {self.text_init!r}")
         if self.mode not in MODES:

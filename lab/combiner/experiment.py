@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lab import LabError, models_dir
+from lab.configcheck import check_field_types
 from lab.combiner import bpb as B
 from lab.combiner.combiner import Combiner
 from lab.combiner.features import as_tensors, collect_features, split
@@ -56,7 +57,11 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        check_k(self.k_max)
+        check_field_types(self)
+        try:
+            check_k(self.k_max)
+        except LabError as e:
+            raise LabError(f"k_max: {e}") from None
         if self.separator not in ("eos", "text"):
             raise LabError(f"separator must be 'eos' or 'text', got {self.separator!r}")
         if self.feed not in FEEDS:

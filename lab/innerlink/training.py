@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lab import LabError, models_dir
+from lab.configcheck import check_field_types
 from lab.innerlink.adapter import InnerLink, cosine_loss
 from lab.innerlink.cache import StateCache, get_cache, last_layer_states
 from lab.stats import Measure, mean_with_ci, paired_delta
@@ -53,6 +54,19 @@ class Config:
     recon_lr: float = 5e-4
 
     PRESETS = ("smoke", "tiny", "paper")
+
+    def __post_init__(self):
+        from lab.innerlink.handoff import TASKS
+        check_field_types(self)
+        if self.handoff_task not in TASKS:
+            raise LabError(f"inner-link config: handoff_task must be one of {TASKS}, got {self.handoff_task!r}")
+        for k in ("train_docs", "heldout_docs", "max_tokens", "steps", "batch_size", "eval_rows", "rollout_steps",
+                  "rollout_prompts", "handoff_items", "handoff_steps", "recon_steps", "recon_batch"):
+            if getattr(self, k) < 1:
+                raise LabError(f"inner-link config: {k} must be >= 1, got {getattr(self, k)}")
+        for k in ("lr", "recon_lr"):
+            if getattr(self, k) <= 0:
+                raise LabError(f"inner-link config: {k} must be > 0, got {getattr(self, k)}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":

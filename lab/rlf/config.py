@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from lab import LabError
+from lab.configcheck import check_field_types
 
 CORES = ("transformer", "mamba2")
 SUPERVISION = ("every_loop", "answer_only")
@@ -59,6 +60,7 @@ class Config:
     test_max_hops: int = 12
 
     def __post_init__(self):
+        check_field_types(self)
         if self.core not in CORES:
             raise LabError(f"core must be one of {CORES}, got {self.core!r}")
         if self.answer_space not in ("task", "full"):

@@ -2,6 +2,7 @@
 
     flock /tmp/lab-heavy.lock python bench/bench_rlf.py            # trains from scratch (<= 10 min target)
     python bench/bench_rlf.py --reuse                                # reuse models/rlf-tiny-tiny-gpt2-transformer
+    python bench/bench_rlf.py --artifact=models/<run>                # measure a run trained with other settings
 
 Prints, side by side:
 - train wall seconds vs the 600 s target, and the first time the held-out validation accuracy
@@ -30,7 +31,7 @@ import numpy as np
 TARGET_SECONDS, TARGET_ACC, TARGET_P95_MS = 600.0, 0.99, 150.0
 
 
-def main(reuse: bool = False, preset: str = "tiny") -> dict:
+def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None) -> dict:
     from lab.bases import load_base
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
@@ -39,11 +40,18 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     from lab.rlf.training import default_out_dir, load, train
     from lab.stats import proportion
 
-    cfg = Config.preset(preset)
-    base = load_base(cfg.base, train_if_missing=preset == "smoke")
-    out: dict = {"preset": preset, "base": cfg.base, "core": cfg.core, "steps": cfg.steps, "batch": cfg.batch_size,
-                 "d_core": cfg.d_core or base.d_model}
-    if reuse and (default_out_dir(cfg, base) / "manifest.json").exists():
+    if artifact is not None:  # a run trained with other settings (`lab train rlf ... --out DIR`)
+        model = load(Path(artifact))
+        cfg, base = model.config, model.base
+    else:
+        cfg = Config.preset(preset)
+        base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    out: dict = {"preset": cfg.preset_name, "base": cfg.base, "core": cfg.core, "steps": cfg.steps,
+                 "batch": cfg.batch_size, "d_core": cfg.d_core or base.d_model, "lr": cfg.lr,
+                 "curriculum_threshold": cfg.curriculum_threshold, "hop_sampling": cfg.hop_sampling}
+    if artifact is not None:
+        out["artifact"], out["trained_now"] = str(artifact), False
+    elif reuse and (default_out_dir(cfg, base) / "manifest.json").exists():
         model = load(default_out_dir(cfg, base), base)
         out["trained_now"] = False
     else:
@@ -62,6 +70,7 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     # recorded them have no eval_seconds
     out["first_val_99_eval_s"] = round(hit["eval_seconds"], 1) if hit and "eval_seconds" in hit else None
     out["curve"] = [(r["step"], round(r["seconds"], 1), round(r["val_acc"], 3)) for r in hist]
+    out["hops_opened_at"] = model.artifact.manifest["metrics"].get("curriculum_opened_at")
 
     # Held-out test accuracy, 1..max_train_hops, pooled.
     hops = range(1, cfg.max_train_hops + 1)
@@ -85,9 +94,11 @@ def main(reuse: bool = False, preset: str = "tiny") -> dict:
     out["app_p95_ms"] = round(lat["p95_ms"], 1)
     out["app_median_ms"] = round(lat["median_ms"], 1)
 
+    print(f"lr {cfg.lr:g}, curriculum threshold {cfg.curriculum_threshold:g}, hop sampling {cfg.hop_sampling!r}; "
+          f"hop counts opened at steps {out['hops_opened_at'] or 'not recorded'}")
     print(f"{'measure':44} {'value':>12} {'target':>10} {'ratio':>8}")
     tr_s = out["train_s"]
-    print(f"{'train seconds (tiny preset)':44} {tr_s:>12.1f} {TARGET_SECONDS:>10.0f} {tr_s / TARGET_SECONDS:>8.2f}")
+    print(f"{'train seconds (%s preset)' % cfg.preset_name:44} {tr_s:>12.1f} {TARGET_SECONDS:>10.0f} {tr_s / TARGET_SECONDS:>8.2f}")
     if out["first_val_99_s"] is not None:
         print(f"{'seconds to 99% validation acc':44} {out['first_val_99_s']:>12.1f} {TARGET_SECONDS:>10.0f} "
               f"{out['first_val_99_s'] / TARGET_SECONDS:>8.2f}")
@@ -133,4 +144,5 @@ if __name__ == "__main__":
     if "--start-sweep" in sys.argv:
         start_sweep(int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--steps=")), 600)))
         sys.exit(0)
-    main(reuse="--reuse" in sys.argv, preset=next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"))
+    main(reuse="--reuse" in sys.argv, preset=next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"),
+         artifact=next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--artifact=")), None))

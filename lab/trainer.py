@@ -1,6 +1,7 @@
 """One seeded, resumable training loop on `accelerate.Accelerator`, shared by every experiment.
 
-Resumability is exact: batches are a pure function of (seed, step, rank), the model's trainable
+Resumability is exact: batches are a pure function of (seed, step, rank) and of a `train_state` that
+is checkpointed with everything else (e.g. an adaptive curriculum), the model's trainable
 tensors go to safetensors, the optimizer/scheduler state to a tensors-only file read back with
 `torch.load(weights_only=True)`, so a run killed at any point and resumed ends with the same
 numbers as an uninterrupted one.

@@ -169,7 +169,7 @@ def train_hops_for(step: int, max_hops: int, curriculum_steps: int) -> int:
 def train_batch(step: int, batch_size: int, seed: int = 0, max_hops: int = 5, curriculum_steps: int = 0,
                 exclude: frozenset[str] = frozenset(), rank: int = 0, one_hop_count: bool = False,
                 cap: int | None = None, hop_weights: list[float] | None = None) -> list[Problem]:
-    """A deterministic training batch: a pure function of (seed, step, rank), so resume is exact.
+    """A deterministic training batch: a pure function of (seed, step, rank, cap, hop_weights), so resume is exact.
     Hop counts are uniform over 1..(curriculum cap), with the newest hop count drawn twice as often;
     per problem, or (one_hop_count) once per batch: then the batch runs hops + 1 loops instead of the
     longest problem's, which on average over 1-5 hops is 4 loops instead of 6.

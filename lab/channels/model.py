@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import LabError
-from lab.configcheck import check_field_types
 from lab.channels.data import CAPABILITIES, Item
 from lab.channels.encoders import ChannelState, TextEncoder, channel_widths, encode_states
 from lab.channels.injection import MODES, ChannelInjector, inject
+from lab.configcheck import check_field_types
 
 ARMS = ("channel", "text")
 

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from lab import LabError, models_dir
-from lab.configcheck import check_field_types
 from lab.combiner import bpb as B
 from lab.combiner.combiner import Combiner
 from lab.combiner.features import as_tensors, collect_features, split
 from lab.combiner.fit import fit_ce, fit_ridge
 from lab.combiner.thinking import FEEDS, check_k
+from lab.configcheck import check_field_types
 from lab.report import Published, Report
 from lab.stats import Measure
 from lab.store import Artifact, load_artifact, save_artifact

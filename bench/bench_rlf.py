@@ -126,8 +126,10 @@ def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
     curves = {}
     base = load_base(Config.preset("tiny").base)
     for bb in starts:
+        # the settings the sweep was measured with (lab/rlf/config.py), not the later preset's
         cfg = Config.preset("tiny").with_(base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps,
-                                          eval_every=50, ckpt_every=steps)
+                                          eval_every=50, ckpt_every=steps, d_core=256, lr=1e-3,
+                                          curriculum_threshold=0.0, hop_sampling="newest")
         with tempfile.TemporaryDirectory() as tmp:
             art = train(cfg, base, Path(tmp) / "rlf")
         curves[bb] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]

@@ -106,6 +106,28 @@ def test_loop_rope_is_identity_at_zero_and_a_rotation():
     assert not torch.allclose(y, x)
 
 
+def test_core_short_convolutions_are_causal_depthwise_and_separate_for_q_and_k():
+    """The fused channels-last conv2d must compute what two causal depthwise Conv1d's would: position t
+    sees positions t-width+1..t of its own channel only, q with q_conv's taps and k with k_conv's."""
+    from lab.rlf.model import CoreBlock
+    torch.manual_seed(0)
+    block = CoreBlock(d=8, n_heads=2, ff_mult=2, token_rope=True, conv=3)
+    with torch.no_grad():
+        block.q_conv.weight.normal_()
+        block.k_conv.weight.normal_()
+    qk = torch.randn(2, 7, 16, requires_grad=True)
+    out = block._short_conv_qk(qk)
+    assert out.shape == qk.shape
+    ref = []
+    for conv, part in ((block.q_conv, qk[..., :8]), (block.k_conv, qk[..., 8:])):
+        x = torch.nn.functional.pad(part.transpose(1, 2), (2, 0))          # left pad: causal
+        ref.append(torch.nn.functional.conv1d(x, conv.weight, groups=8).transpose(1, 2))
+    assert torch.allclose(out, torch.cat(ref, -1), atol=1e-6)
+    # causal: the output at position 3 has no gradient from positions 4..6
+    out[:, 3].sum().backward()
+    assert qk.grad[:, 4:].abs().max() == 0 and qk.grad[:, 1:4].abs().max() > 0 and qk.grad[:, 0].abs().max() == 0
+
+
 @pytest.mark.parametrize("core", ["transformer", "mamba2"])
 def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, core):
     from lab.hooks import ActivationCache

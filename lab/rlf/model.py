@@ -133,14 +133,25 @@ class CoreBlock(nn.Module):
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, ff_mult * d), nn.GELU(), nn.Linear(ff_mult * d, d))
 
-    def _short_conv(self, conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:  # causal: (B, T, d) -> (B, T, d)
-        return conv(nn.functional.pad(t.transpose(1, 2), (self.conv_width - 1, 0))).transpose(1, 2)
+    def _short_conv_qk(self, qk: torch.Tensor) -> torch.Tensor:         # causal: (B, T, 2d) -> (B, T, 2d)
+        """Both depthwise convolutions in one call, as a conv2d over a (B, 2d, 1, T) view whose memory
+        is channels-last. Why: on CPU, Conv1d on (B, d, T) took 27 ms forward + backward per block and
+        loop at the tiny preset's shapes (B 32, T 87, 2d 512), this 9 ms: oneDNN's depthwise kernel wants
+        channels last. A whole 5-hop training step went from 0.845 to 0.778 s, the same loss and
+        gradients to 1e-9. The arithmetic per channel is the same (tests/test_rlf.py)."""
+        w = torch.cat([self.q_conv.weight, self.k_conv.weight]).unsqueeze(2)   # (2d, 1, 1, width)
+        x = nn.functional.pad(qk, (0, 0, self.conv_width - 1, 0))              # (B, T + width - 1, 2d)
+        x = x.permute(0, 2, 1).unsqueeze(2)                                    # (B, 2d, 1, T + w - 1), NHWC memory
+        return nn.functional.conv2d(x, w, groups=w.shape[0]).squeeze(2).transpose(1, 2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:                  # (B, T, d) -> (B, T, d)
         B, T, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)
+        qkv = self.qkv(self.ln1(h))
         if self.conv_width:
-            q, k = self._short_conv(self.q_conv, q), self._short_conv(self.k_conv, k)
+            q, k = self._short_conv_qk(qkv[..., :2 * d]).split(d, dim=-1)
+            v = qkv[..., 2 * d:]
+        else:
+            q, k, v = qkv.split(d, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if self.token_rope:                                               # q, k: (B, H, T, hd)
             cos, sin = _token_rope(T, d // self.n_heads, h.device, h.dtype)

@@ -12,6 +12,12 @@ Prints, side by side:
   + figures) vs the 150 ms target;
 - RLF inference ms per problem vs the base's own token chain-of-thought (the ratio).
 
+    flock /tmp/lab-heavy.lock python bench/bench_rlf.py --to-target --seeds=0,1,2
+
+Time to the target for several seeds (the seed sets the core's init and the training batches): each run
+trains the tiny preset from scratch and stops at its first validation >= 99%; prints the step and
+seconds (with and without the validation passes) of each, and their median and worst against 600 s.
+
     python bench/bench_rlf.py --start-sweep [--steps=600]
 
 The diagnostic behind the tiny preset's base_blocks=0: 1-hop problems only, the same seed, steps and
@@ -21,6 +27,7 @@ trainer for each loop start (after 0, 1, 2 or all base blocks); prints each lear
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -117,6 +124,35 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
     return out
 
 
+def to_target(seeds=(0, 1, 2), preset: str = "tiny") -> dict:
+    """Seconds to the first validation >= 99% for each seed, each run from scratch and stopped there."""
+    from lab.bases import load_base
+    from lab.rlf import Config
+    from lab.rlf.training import train
+
+    runs = {}
+    base = load_base(Config.preset(preset).base, train_if_missing=preset == "smoke")
+    for seed in seeds:
+        cfg = Config.preset(preset, seed=seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            art = train(cfg, base, Path(tmp) / "rlf", stop_at_val=TARGET_ACC)
+        hist = art.manifest.get("history") or art.manifest["metrics"]["history"]
+        hit = next((r for r in hist if r["val_acc"] >= TARGET_ACC), None)
+        runs[seed] = None if hit is None else {"step": hit["step"], "seconds": round(hit["seconds"], 1),
+                                               "no_eval_seconds": round(hit["seconds"] - hit["eval_seconds"], 1)}
+    print(f"{'seed':>5} {'step':>6} {'seconds':>9} {'w/o validation':>15}   (first validation >= {TARGET_ACC:.0%}, "
+          f"{preset} preset, target {TARGET_SECONDS:.0f} s)")
+    for seed, r in runs.items():
+        print(f"{seed:>5} " + (f"{r['step']:>6} {r['seconds']:>9.1f} {r['no_eval_seconds']:>15.1f}" if r
+                               else f"{'not reached in ' + str(Config.preset(preset).steps) + ' steps':>32}"))
+    secs = [r["seconds"] for r in runs.values() if r]
+    if len(secs) == len(runs):
+        print(f"median {statistics.median(secs):.1f} s, worst {max(secs):.1f} s: "
+              f"{max(secs) / TARGET_SECONDS:.2f} of the target")
+    print(json.dumps({"to_target": {str(k): v for k, v in runs.items()}}))
+    return runs
+
+
 def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
     """1-hop validation accuracy over training for each loop start (base_blocks), one run each."""
     from lab.bases import load_base
@@ -143,6 +179,11 @@ def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
 
 
 if __name__ == "__main__":
+    if "--to-target" in sys.argv:
+        arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--seeds=")), "0,1,2")
+        to_target(tuple(int(x) for x in arg.split(",")),
+                  next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"))
+        sys.exit(0)
     if "--start-sweep" in sys.argv:
         start_sweep(int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--steps=")), 600)))
         sys.exit(0)

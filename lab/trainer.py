@@ -51,6 +51,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per eval: step, loss, metrics, seconds
     seconds: float = 0.0
     resumed_from: int = 0
+    stopped_early: bool = False  # stop_when ended the run before spec.steps
 
     @property
     def last(self) -> dict:
@@ -80,6 +81,7 @@ def fit(
     desc: str = "train",
     stop_after: int | None = None,
     train_state=None,
+    stop_when: Callable[[dict], bool] | None = None,
 ) -> TrainResult:
     """Train the model's `requires_grad` parameters.
 
@@ -89,6 +91,8 @@ def fit(
     train_state: an object with state_dict() -> JSON-able dict and load_state_dict(d) whose state batch_fn or
     loss_fn change as training goes (e.g. an adaptive curriculum); checkpointed with the weights, so a
     resumed run continues exactly.
+    stop_when(metrics) -> bool: after an evaluation, stop (after checkpointing) if it returns True; for
+    time-to-accuracy measurements, which need not train past the target (result.stopped_early says so).
     """
     set_seed(spec.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -138,12 +142,14 @@ def fit(
             result.history.append({"step": done, "loss": running, "seconds": time.perf_counter() - t0,
                                    "eval_seconds": eval_total, **metrics})
             post.update({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()})
+            result.stopped_early = bool(stop_when is not None and not is_last and stop_when(metrics))
         bar.set_postfix(post)
         result.seconds = time.perf_counter() - t0
         if ckpt_dir is not None and accelerator.is_main_process and (
-                is_last or (spec.ckpt_every and done % spec.ckpt_every == 0) or done == stop_after):
+                is_last or (spec.ckpt_every and done % spec.ckpt_every == 0) or done == stop_after
+                or result.stopped_early):
             _save_checkpoint(Path(ckpt_dir), raw, opt, sched, done, result, spec, train_state)
-        if stop_after is not None and done >= stop_after:
+        if (stop_after is not None and done >= stop_after) or result.stopped_early:
             break
     bar.close()
     model.eval()

@@ -205,6 +205,22 @@ def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
         train(cfg.with_(base_blocks=1), smoke_gpt2, tmp_path / "other")
 
 
+def test_training_can_stop_at_a_validation_target_and_resume(smoke_gpt2, tmp_path):
+    """stop_at_val (time-to-accuracy benches) ends the run at the first validation at or above it, keeps a
+    resumable checkpoint and its history; a run that never reaches it trains to the end."""
+    from lab.rlf import Config
+    from lab.rlf.training import train
+    cfg = Config.preset("smoke", steps=6, eval_every=2, ckpt_every=6, val_n_per_hop=2)
+    early = train(cfg, smoke_gpt2, tmp_path / "early", stop_at_val=0.0)   # any validation meets 0.0
+    assert early.manifest["stopped_at"] == 2 and [h["step"] for h in early.manifest["history"]] == [2]
+    assert early.path.name == ".early.ckpt" and not (tmp_path / "early").exists()
+    done = train(cfg, smoke_gpt2, tmp_path / "early")                       # resumes from step 2
+    assert done.manifest["metrics"]["resumed_from"] == 2
+    assert [h["step"] for h in done.manifest["metrics"]["history"]] == [2, 4, 6]
+    never = train(cfg, smoke_gpt2, tmp_path / "never", stop_at_val=1.01)
+    assert [h["step"] for h in never.manifest["metrics"]["history"]] == [2, 4, 6]
+
+
 def test_adaptive_curriculum_opens_the_next_hop_only_when_the_newest_is_learned():
     from lab.rlf import Config
     from lab.rlf.data import train_batch

@@ -114,9 +114,11 @@ def default_out_dir(config: Config, base) -> Path:
 
 
 def train(config: Config, base=None, out_dir: Path | None = None, stop_after: int | None = None,
-          progress: bool = True) -> Artifact:
+          progress: bool = True, stop_at_val: float | None = None) -> Artifact:
     """Train the gate and core (the base stays frozen) and save the artifact (safetensors + config).
-    Resumes from `.<out_dir>.ckpt` if a run was interrupted; stop_after simulates a kill (for tests)."""
+    Resumes from `.<out_dir>.ckpt` if a run was interrupted; stop_after simulates a kill (for tests).
+    stop_at_val: stop at the first validation (1..max_train_hops pooled) at or above it, for measuring
+    time to accuracy (bench/bench_rlf.py); like stop_after, nothing is saved but the checkpoint."""
     from lab.bases import load_base
     from lab.rlf.evaluation import final_answer_accuracy
 
@@ -159,9 +161,14 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     t0 = time.perf_counter()
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
-                 desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum)
+                 desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum,
+                 stop_when=None if stop_at_val is None else (lambda m: m["val_acc"] >= stop_at_val))
     if stop_after is not None and stop_after < spec.steps:
         return Artifact(ckpt, KIND, config.to_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
+    if result.stopped_early:
+        return Artifact(ckpt, KIND, config.to_dict(), model.trainable_tensors(),
+                        {"stopped_at": result.history[-1]["step"], "history": result.history,
+                         "curriculum_opened_at": curriculum.opened_at})
     metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
                "resumed_from": result.resumed_from, "final_val": result.last,
                "curriculum_cap_at_end": curriculum.cap(spec.steps - 1),

@@ -292,6 +292,25 @@ def test_training_with_an_adaptive_curriculum_resumes_exactly(smoke_gpt2, tmp_pa
     assert [h["hops_open"] for h in m["history"]] == [h["hops_open"] for h in r["history"]] == [3, 3]
 
 
+def test_baselines_and_controls_must_be_trained_like_the_method(rlf_smoke, smoke_gpt2):
+    """A baseline trained with another recipe (lr, width, curriculum) would measure the recipe, not its
+    switch: evaluate and the gate null refuse it, naming each differing field."""
+    from lab.rlf import Config
+    from lab.rlf.config import VARIANT_FIELDS
+    from lab.rlf.evaluation import evaluate
+    from lab.rlf.model import build
+    from lab.rlf.probes import gate_partition
+    other_recipe = build(Config.preset("smoke", lifeline=False, lr=5e-3), smoke_gpt2)
+    with pytest.raises(LabError, match=r"baseline 'no lifeline'.*lr: method 0\.001, baseline 'no lifeline' 0\.005"):
+        evaluate(rlf_smoke, baselines={"no lifeline": other_recipe}, n=4, max_hops=2, progress=False)
+    wider = build(Config.preset("smoke", shuffle_supervision=True, seed=1, d_core=32), smoke_gpt2)
+    with pytest.raises(LabError, match=r"control run.*d_core: method 64, control run 32"):
+        gate_partition(rlf_smoke, [wider, wider])
+    # the switch, the seed and evaluation-only fields may differ
+    switched = Config.preset("smoke", lifeline=False, seed=3, test_n=7, eval_every=5)
+    assert Config.preset("smoke").training_differences(switched, allowed=VARIANT_FIELDS) == {}
+
+
 def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):
     from lab.rlf.evaluation import ABLATIONS, evaluate
     rep = evaluate(rlf_smoke, baselines={"same model (sanity)": rlf_smoke}, n=8, max_hops=4, progress=False)

@@ -8,6 +8,10 @@ from lab import LabError
 from lab.configcheck import check_field_types
 
 CORES = ("transformer", "mamba2")
+# fields that change what is measured or logged, not what is trained
+EVALUATION_FIELDS = ("eval_every", "ckpt_every", "val_n_per_hop", "infer_cap", "test_n", "test_max_hops")
+# what a baseline or control run may change against the method (its switch, and the seed)
+VARIANT_FIELDS = ("lifeline", "loop_rope", "supervision", "shuffle_supervision", "seed")
 SUPERVISION = ("every_loop", "answer_only")
 HOP_SAMPLING = ("newest", "error")
 
@@ -110,6 +114,13 @@ class Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def training_differences(self, other: "Config", allowed: tuple[str, ...] = ()) -> dict[str, tuple]:
+        """{field: (self's value, other's value)} for the fields that shape training and differ, but for
+        `allowed` (e.g. a baseline's switch). Evaluation-only fields never count."""
+        skip = set(EVALUATION_FIELDS) | set(allowed)
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         known = {f.name for f in fields(cls)}
@@ -182,3 +193,15 @@ PRESETS: dict[str, Config] = {
     "paper": Config(preset_name="paper", base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4,
                     warmup=100, eval_every=250, ckpt_every=250, val_n_per_hop=200),
 }
+
+
+def check_comparable(method: Config, other: Config, role: str) -> None:
+    """A baseline or control run must be trained like the method but for its switch (and seed): comparing a
+    method against a baseline trained with another learning rate, width or curriculum measures the recipe,
+    not the switch. A LabError naming every differing field otherwise."""
+    diff = method.training_differences(other, allowed=VARIANT_FIELDS)
+    if diff:
+        listed = "; ".join(f"{k}: method {a!r}, {role} {b!r}" for k, (a, b) in diff.items())
+        raise LabError(f"the {role} ({other.run_name()}) was trained with other settings than the method "
+                       f"({method.run_name()}): {listed}. Train it from the method's config with only its switch "
+                       f"changed (`lab train rlf --preset {method.preset_name} --variant ...`).")

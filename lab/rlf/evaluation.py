@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lab import LabError
+from lab.rlf.config import check_comparable
 from lab.rlf.data import TASK_VERSION, Problem, longest_chain_answer, parse_prompt
 from lab.rlf.model import RLF, Lifeline, encode_prompts
 from lab.stats import Measure, compare_proportions, proportion
@@ -324,6 +325,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
         jobs += [(f"lifeline {m}", model, Lifeline(mode=m, seed=seed)) for m in ABLATIONS]
     for name, bm in (baselines or {}).items():
         bm = bm if isinstance(bm, RLF) else load(bm, model.base)
+        check_comparable(cfg, bm.config, f"baseline {name!r}")
         jobs.append((name, bm, None))
     for name, m, ll in tqdm(jobs, desc="rlf evaluate", disable=not progress):
         arms[name] = run_arm(m, sets, cap if m is model else m.config.infer_cap, ll)

@@ -25,6 +25,7 @@ import torch
 
 from lab import LabError
 from lab.hooks import ActivationCache
+from lab.rlf.config import check_comparable
 from lab.rlf.data import Problem
 from lab.rlf.model import RLF, Lifeline, encode_prompts
 from lab.stats import Measure, compare_proportions, null_quantiles, proportion
@@ -194,6 +195,8 @@ def gate_partition(model: RLF, null_models: list[RLF] | None = None, q: float = 
     out["measures"] += [proportion("RAM fraction (published rule: gate > 1.01)", np.isin(np.arange(d), pub["ram"])),
                         proportion("ALU fraction (published rule: gate < 0.97)", np.isin(np.arange(d), pub["alu"]))]
     if null_models:
+        for m in null_models:
+            check_comparable(model.config, m.config, "control run")
         nulls = [gate_values(m) for m in null_models]
         calib = np.concatenate(nulls[:-1]) if len(nulls) > 1 else nulls[0]
         held = nulls[-1]

@@ -172,8 +172,8 @@ PRESETS: dict[str, Config] = {
     # batch 16 had 1 hop at 0.33 at step 500 and 0.58 at step 1,200 (32: 1.00 at 500); batch 64 (3,000
     # steps, curriculum over 1,250) had 2 hops at 0.42 after 64,000 problems (step 1,000, 503 s) where 32
     # had 0.97 (step 2,000, 566 s). 6,000 steps stay: the cosine schedule's horizon sets the learning rate
-    # at step ~2,000 (a 3,000-step run of the d_core-256 adaptive recipe reached 0.99 only at step 2,400, 983 s), and
-    # the rest of the run is what the evaluation reads.
+    # at step ~2,000 (a 3,000-step run of the d_core-256 adaptive recipe reached 0.99 only at step 2,400,
+    # 983 s), and the rest of the run is what the evaluation reads.
     # The measurements below were made on task version 1 (short distractors; see lab.rlf.data), whose 3+-hop
     # problems a query-blind rule solved; they compare learning speeds, not the absolute accuracies of version 2.
     # base_blocks=0: the loop starts from the frozen base's embedding layer (token + position embeddings);

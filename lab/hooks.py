@@ -268,6 +268,35 @@ def run_with_cache(base, input_ids=None, inputs_embeds=None, attention_mask=None
     return out, cache
 
 
+class _StreamReached(Exception):
+    """Raised by `stream_at`'s hook to end a forward once the wanted state exists."""
+
+
+def stream_at(base, layer: int, site: str, input_ids: torch.Tensor | None = None,
+              inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+              grad: bool = False) -> torch.Tensor:
+    """The stream at `blocks.{layer}.{site}` for one forward, running the base only as far as that state:
+    the blocks after it, the final norm and the head are skipped (the forward is ended by an exception
+    from the hook). Why: a mechanism that reads an early state of a frozen base (RLF's loop starts from
+    the embeddings) would otherwise pay for the whole base and its head on every step. The value is
+    the same tensor a full forward with `capture` records. grad=True keeps its graph (attribution)."""
+    layer, site = _check_layer(base, layer), _check_site(site)
+    found: list[torch.Tensor] = []
+
+    def stop(h):
+        found.append(h)
+        raise _StreamReached
+
+    try:
+        with torch.set_grad_enabled(grad), _hooks(lambda: [_register(base, layer, site, stop)]):
+            forward(base, input_ids, inputs_embeds, attention_mask)
+    except _StreamReached:
+        pass
+    if not found:  # a base whose forward never reached the block (should not happen)
+        raise LabError(f"the forward of {base.name!r} never reached blocks.{layer}.{site}")
+    return found[0] if grad else found[0].detach()
+
+
 def hidden_states_as_cache_order(base, hidden_states: tuple) -> dict[str, torch.Tensor]:
     """Map HF `output_hidden_states` onto our site names (its layout differs by family)."""
     L = base.n_layers

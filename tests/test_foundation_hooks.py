@@ -49,6 +49,35 @@ def test_self_patch_is_bit_identical(any_base, site):
             assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
 
 
+def test_stream_at_equals_a_full_capture_and_runs_only_the_blocks_before_it(any_base):
+    b = any_base
+    ids, mask = _run(b)
+    ref_logits = b.model(input_ids=ids, attention_mask=mask).logits
+    with hooks.capture(b) as cache:
+        b.model(input_ids=ids, attention_mask=mask)
+    ran = []
+    handles = [blk.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, blk in enumerate(b.blocks)]
+    try:
+        for layer, site in [(0, "resid_pre"), (b.n_layers - 1, "resid_pre"), (b.n_layers - 1, "resid_post")]:
+            ran.clear()
+            got = hooks.stream_at(b, layer, site, input_ids=ids, attention_mask=mask)
+            assert torch.equal(got, cache[f"blocks.{layer}.{site}"]), (layer, site)
+            assert ran == list(range(layer + (site == "resid_post"))), (layer, site, ran)  # nothing after it ran
+            assert not got.requires_grad
+    finally:
+        for h in handles:
+            h.remove()
+    # the hook is gone and the next full forward is unchanged
+    assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref_logits)
+    # grad=True keeps the graph to the input embeddings
+    emb = b.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    h = hooks.stream_at(b, b.n_layers - 1, "resid_pre", inputs_embeds=emb, attention_mask=mask, grad=True)
+    h.sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    with pytest.raises(LabError, match="out of range"):
+        hooks.stream_at(b, b.n_layers, "resid_pre", input_ids=ids)
+
+
 def test_patch_changes_output(any_base):
     b = any_base
     ids, mask = _run(b)

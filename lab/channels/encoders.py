@@ -188,9 +188,7 @@ class TextEncoder:
                 b.model(input_ids=ids, attention_mask=mask)
             h = cache["final"]
         else:
-            with hooks.capture(b, layers=[self.layer], sites=("resid_pre",), final=False) as cache:
-                b.model(input_ids=ids, attention_mask=mask)
-            h = cache[f"blocks.{self.layer}.resid_pre"]                       # (B, T, d)
+            h = hooks.stream_at(b, self.layer, "resid_pre", input_ids=ids, attention_mask=mask)  # (B, T, d)
         return ((h.float() * m).sum(1) / m.sum(1)).cpu()                      # (B, d)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lab import LabError
-from lab.hooks import ActivationCache, capture
+from lab.hooks import ActivationCache, stream_at
 
 LOOP_SITES = ("resid_pre", "lifeline", "after_lifeline", "after_rope", "core_out", "latent")
 LIFELINE_MODES = ("on", "zero", "noise", "shuffle", "other")
@@ -292,13 +292,11 @@ class RLF(nn.Module):
             layer, site = base.n_layers - 1, "resid_post"
         else:
             layer, site = n, "resid_pre"     # the stream entering block n = the output of n blocks
-        with torch.set_grad_enabled(grad), capture(base, layers=[layer], sites=(site,), final=False,
-                                                  detach=not grad) as cache:
-            if inputs_embeds is not None:
-                base.model(inputs_embeds=inputs_embeds, attention_mask=mask)
-            else:
-                base.model(input_ids=ids, attention_mask=mask)
-        return cache[f"blocks.{layer}.{site}"]
+        # only the first n blocks run: at the tiny preset (n = 0) the loop reads the embeddings, and a
+        # whole base forward with its head was ~10% of a training step (the same tensor either way)
+        if inputs_embeds is not None:
+            return stream_at(base, layer, site, inputs_embeds=inputs_embeds, attention_mask=mask, grad=grad)
+        return stream_at(base, layer, site, input_ids=ids, attention_mask=mask, grad=grad)
 
     # --- the loop --------------------------------------------------------------------------------
     def _lifeline_term(self, x_prompt: torch.Tensor, mask: torch.Tensor, spec: Lifeline | None,

@@ -167,7 +167,11 @@ PRESETS: dict[str, Config] = {
     #   lab.rlf.model.CoreBlock): 0.99 at step 2,300, 564 s (532 s without validation passes): the preset.
     #   Over seeds (`python bench/bench_rlf.py --to-target --seeds=1,2`, each from scratch, alone on the cores):
     #   seed 1 step 2,500, 687 s (651 without validation); seed 2 step 2,400, 614 s (578). Seeds 0-2: median
-    #   614 s, worst 687 s; without the validation passes median 578 s. At the 600-s line, not under it.
+    #   614 s, worst 687 s. Then the loop stopped running the whole frozen base (and its head) on every batch
+    #   only to read its embeddings (lab.hooks.stream_at; the same tensor, so the same trajectories: the
+    #   same steps to 0.99 for every seed): `python bench/bench_rlf.py --to-target --seeds=0,1,2` gives
+    #   508 / 604 / 527 s (483 / 577 / 502 without validation passes), median 527 s, worst 604 s (1.01 of
+    #   the target): under the target at the median and for two seeds of three, 4 s over it for seed 1.
     # Batch 32 is where learning stops being limited by samples and is limited by steps (`--batch-size N`):
     # batch 16 had 1 hop at 0.33 at step 500 and 0.58 at step 1,200 (32: 1.00 at 500); batch 64 (3,000
     # steps, curriculum over 1,250) had 2 hops at 0.42 after 64,000 problems (step 1,000, 503 s) where 32

@@ -294,9 +294,8 @@ class RLF(nn.Module):
             layer, site = n, "resid_pre"     # the stream entering block n = the output of n blocks
         # only the first n blocks run: at the tiny preset (n = 0) the loop reads the embeddings, and a
         # whole base forward with its head was ~10% of a training step (the same tensor either way)
-        if inputs_embeds is not None:
-            return stream_at(base, layer, site, inputs_embeds=inputs_embeds, attention_mask=mask, grad=grad)
-        return stream_at(base, layer, site, input_ids=ids, attention_mask=mask, grad=grad)
+        return stream_at(base, layer, site, input_ids=ids if inputs_embeds is None else None,
+                         inputs_embeds=inputs_embeds, attention_mask=mask, grad=grad)
 
     # --- the loop --------------------------------------------------------------------------------
     def _lifeline_term(self, x_prompt: torch.Tensor, mask: torch.Tensor, spec: Lifeline | None,

@@ -8,6 +8,11 @@ Measures (interleaved repetitions in a shuffled order, medians, ratios with a pa
   xattn_ms / ratio      the multi-token cross-attention variant (per-position attention: costs more)
   app_p95_ms            the app page's non-generative recompute: encode the six channels, log-prob shift of
                         six words (with / zeroed), alpha heatmap figure; target <= 150 ms p95
+  sweep                 the additive ratio at three input shapes: one 32-token prompt (the app, generation),
+                        8 x 64 (the headline row) and 32 x 64 (the adapter's training batch of 32 items). The
+                        injection costs a fixed amount per context (checks, one matmul for every layer's delta,
+                        registering the hooks) plus one add per layer and forward, so its share of the forward
+                        falls as the forward grows.
 Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
 
     python bench/bench_channels.py --gpt2-small-shape
@@ -56,7 +61,50 @@ def gpt2_small_shape(directory) -> object:
     return load_base(directory)
 
 
-def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None) -> dict:
+def _interleaved(fns: dict, reps: int, seed: int = 0) -> dict:
+    """{name: [seconds per rep]}: every arm once per rep, in a fresh random order each rep (what ran just
+    before shifts a 13-ms forward by ~1%, so no arm may always follow the same one)."""
+    for f in fns.values():  # warm-up
+        f()
+    times = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(seed)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for k in order:
+            times[k] += _time(fns[k], 1)
+    return times
+
+
+def shape_sweep(base, model, state, shapes=((1, 32), (8, 64), (32, 64)), reps: int = 60) -> list[dict]:
+    """Additive-injection overhead at several (batch, tokens) shapes, each arm pair interleaved."""
+    from lab.channels.injection import inject
+    from lab.stats import paired_ratio
+
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for batch, seq in shapes:
+        ids = torch.randint(10, len(base.tokenizer) - 10, (batch, seq), generator=g)
+        chans = model.channels([state] * batch)
+
+        def bare():
+            with torch.no_grad():
+                base.model(input_ids=ids)
+
+        def additive():
+            with torch.no_grad(), inject(base, model.injector, chans, batch=batch):
+                base.model(input_ids=ids)
+
+        t = _interleaved({"forward": bare, "additive": additive}, reps)
+        ratio, lo, hi = paired_ratio(t["additive"], t["forward"])
+        fwd = statistics.median(t["forward"]) * 1e3
+        rows.append({"batch": batch, "seq": seq, "forward_ms": round(fwd, 3), "ratio": round(ratio, 4),
+                     "ci95": [round(lo, 4), round(hi, 4)],
+                     "added_ms": round(statistics.median(t["additive"]) * 1e3 - fwd, 3)})
+    return rows
+
+
+def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None, sweep: bool = True) -> dict:
     from lab.channels import Config, build
     from lab.channels.encoders import ChannelState
     from lab.channels.injection import inject
@@ -101,15 +149,7 @@ def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None) -> dict:
 
     fns = {"forward": bare, "additive": with_channels("additive"), "xattn": with_channels("xattn"),
            "forward x4": bare4, "additive x4": steady("additive")}
-    for f in fns.values():  # warm-up
-        f()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    rng = random.Random(0)
-    for _ in range(reps):  # interleaved, so drifting load hits every arm alike; a fresh order each rep, so
-        rng.shuffle(order)  # no arm always runs after the same one (what ran before shifts cache state by ~1%)
-        for k in order:
-            times[k] += _time(fns[k], 1)
+    times = _interleaved(fns, reps)  # interleaved, so drifting load hits every arm alike
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
     words = ["joyful", "gloomy", "morning", "night", "carefully", "gladly"]
@@ -134,6 +174,8 @@ def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None) -> dict:
         "app_p95_ms": round(p95, 1), "app_median_ms": round(statistics.median(app) * 1e3, 1),
         "targets": {"additive_ratio": "<= 1.05", "app_p95_ms": "<= 150"},
     }
+    if sweep:
+        out["additive_by_shape"] = shape_sweep(base, models["additive"], state)
     return out
 
 
@@ -147,6 +189,10 @@ def _print(r: dict) -> None:
     print(f"  additive, ratio of fastest runs {r['additive_ratio_min']:.3f}; one context over 4 forwards "
           f"(generation/scoring) {r['additive_steady_ratio']:.3f}")
     print(f"  app non-generative recompute: p95 {r['app_p95_ms']:.1f} ms, median {r['app_median_ms']:.1f} ms (target <= 150)")
+    for row in r.get("additive_by_shape", []):
+        lo, hi = row["ci95"]
+        print(f"  additive at {row['batch']:>2} x {row['seq']:<3} tokens: forward {row['forward_ms']:7.2f} ms, "
+              f"ratio {row['ratio']:.3f} [{lo:.3f}, {hi:.3f}], +{row['added_ms']:.2f} ms")
 
 
 if __name__ == "__main__":
@@ -156,5 +202,5 @@ if __name__ == "__main__":
     _print(main())
     if "--gpt2-small-shape" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
-            r = main(reps=20, base=gpt2_small_shape(tmp))
+            r = main(reps=20, base=gpt2_small_shape(tmp), sweep=False)
             _print({**r, "base": "random-init GPT-2-124M shape (d 768, 12 layers)"})

@@ -59,7 +59,8 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
     if not 0 <= successes <= n:
         raise LabError(f"successes must be in [0, n={n}], got {successes}")
     lo, hi = proportion_confint(successes, n, alpha=alpha, method="wilson")
-    return float(lo), float(hi)
+    # at 0 or n successes the bound is exactly 0 or 1; statsmodels' float arithmetic leaves e.g. 4e-19
+    return (0.0 if successes == 0 else float(lo)), (1.0 if successes == n else float(hi))
 
 
 def proportion(name: str, outcomes: Sequence, alpha: float = 0.05) -> Measure:

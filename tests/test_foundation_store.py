@@ -71,8 +71,17 @@ def test_wilson_and_proportion():
     m = stats.proportion("acc", [1] * 90 + [0] * 10)
     assert m.value == 0.9 and m.n == 100 and m.ci_low < 0.9 < m.ci_high
     assert stats.wilson_ci(0, 10)[0] == 0.0
+    assert stats.wilson_ci(0, 500)[0] == 0.0 and stats.wilson_ci(500, 500)[1] == 1.0  # not 4e-19 / 1 - 1e-16
     with pytest.raises(LabError):
         stats.wilson_ci(3, 0)
+
+
+def test_report_prints_an_underflowed_exact_p_as_below_float_range():
+    from lab.report import Report
+    rep = Report("r", [stats.Measure("all right", 1.0, 500, 0.99, 1.0, p_value=0.0, test="exact McNemar"),
+                       stats.Measure("half", 0.5, 10, 0.2, 0.8, p_value=0.0312, test="exact McNemar")])
+    md = rep.to_markdown()
+    assert "| < 1e-300 (exact McNemar) |" in md and "| 0.0312 (exact McNemar) |" in md
 
 
 def test_mcnemar_exact_against_binomial():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lab import LabError
 from lab.channels import ChannelInjector, ChannelState, Config, TextEncoder, build, inject
 from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, TEMPLATES, entities, entity_words,
-                               heldout_items, sample_items, train_batch_items)
+                               heldout_items, pool, sample_items, train_batch_items)
 from lab.channels.encoders import (ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states,
                                    encode_time)
 from lab.channels.injection import check_channel_values, concat_channel_values
@@ -125,6 +125,12 @@ def test_bad_channel_values_are_lab_errors(smoke_gpt2):
         ChannelInjector(8, 2, {"affect": 0})
     with pytest.raises(LabError, match="divisible"):
         ChannelInjector(10, 2, {"affect": 2}, mode="xattn", n_heads=4)
+    model = build(Config.preset("smoke"), b)
+    state = [ChannelState(affect=(0.5, 0.0))]
+    with pytest.raises(LabError, match="non-empty prompt strings, got ''"):
+        model.generate([""], model.channels(state))
+    with pytest.raises(LabError, match="longer than"):
+        model.continuation_logprobs(["walnut " * 5000], [" walnut."], model.channels(state))
 
 
 @pytest.mark.parametrize("call, msg", [
@@ -142,6 +148,12 @@ def test_bad_channel_values_are_lab_errors(smoke_gpt2):
     (lambda: encode_ethics({"privacy": 3.0}), r"\[-1, 1\]"),
     (lambda: ChannelState.from_dict({"mood": 1}), "unknown channel"),
     (lambda: ChannelState.from_dict({"affect": 0.5}), "pair"),
+    (lambda: ChannelState(affect=0.5), "pair"),           # the constructor checks too, not only from_dict
+    (lambda: ChannelState(time=(8,)), r"\(hour, weekday\)"),
+    (lambda: ChannelState(memory=3), "expects a text"),
+    (lambda: ChannelState.from_dict("walnut"), "mapping"),
+    (lambda: heldout_items("telepathy"), "unknown capability"),
+    (lambda: pool("objects", "test"), "split"),
     (lambda: Config.preset("huge"), "unknown preset"),
     (lambda: Config(mode="concat"), "mode"),
     (lambda: Config(capabilities=("memory", "telepathy")), "capabilities"),
@@ -188,6 +200,20 @@ def test_check_channel_values_rejects_every_non_finite(vals):
     else:
         with pytest.raises(LabError, match="'affect' holds"):
             concat_channel_values(x, {"time": 8, "affect": 2})
+
+
+def test_numpy_scalars_are_numbers_for_the_encoders():
+    assert torch.equal(encode_time(np.float32(8), np.int64(3)), encode_time(8.0, 3))
+    assert torch.equal(encode_affect(np.float64(0.5), np.float32(-0.25)), encode_affect(0.5, -0.25))
+
+
+def test_a_value_beyond_the_base_dtype_is_a_lab_error_not_inf():
+    """1e5 is finite in float32 but inf in float16: a half-precision base must not receive inf."""
+    x = {"affect": torch.tensor([1e5, 0.0])}
+    for check in (check_channel_values, concat_channel_values):
+        check(x, {"affect": 2})  # fine in float32
+        with pytest.raises(LabError, match=r"'affect' holds a value of magnitude 1e\+05.*torch.float16"):
+            check(x, {"affect": 2}, dtype=torch.float16)
 
 
 def test_concat_channel_values_accepts_finite_values_whose_sum_overflows():

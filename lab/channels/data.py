@@ -51,6 +51,10 @@ def pool(name: str, split: str) -> list:
     pools = {"objects": objects, "topics": TOPICS, "personas": PERSONAS, "positive": POSITIVE,
              "negative": NEGATIVE, "cautious": CAUTIOUS, "permissive": PERMISSIVE, "day": DAY_WORDS,
              "night": NIGHT_WORDS}
+    if name not in pools:
+        raise LabError(f"unknown entity pool {name!r}; expected one of {list(pools)}")
+    if split not in SPLITS:
+        raise LabError(f"split must be one of {SPLITS}, got {split!r}")
     tr, ho = halves(pools[name])
     return tr if split == "train" else ho
 
@@ -239,6 +243,8 @@ def sample_items(cap: str, split: str, n: int, seed) -> list[Item]:
 
 def heldout_items(cap: str, n: int = 240, seed: int = 0) -> list[Item]:
     """A fixed, deduplicated held-out list: n selection items, or n prompt pairs (2n items) for register."""
+    if cap not in CAPABILITIES:
+        raise LabError(f"unknown capability {cap!r}; expected one of {CAPABILITIES}")
     if n < 1:
         raise LabError(f"n must be >= 1, got {n}")
     rng = random.Random(hashlib.sha256(repr((cap, "heldout-fixed", seed)).encode()).digest())

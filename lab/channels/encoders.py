@@ -24,6 +24,7 @@ never downloaded by the lab: it must already be installed and cached, else a cle
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -41,7 +42,8 @@ TEXT_CHANNELS = ("memory", "identity", "continuity")
 
 
 def _finite_number(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    # numbers.Real admits numpy scalars (np.float32(8) from a slider array), not bools or tensors
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise LabError(f"{name} must be a number, got {v!r}")
     v = float(v)
     if not math.isfinite(v):
@@ -55,9 +57,9 @@ def weekday_index(weekday: int | str) -> int:
         if weekday.lower() not in names:
             raise LabError(f"unknown weekday {weekday!r}; expected one of {WEEKDAYS} or 0..6 (Monday = 0)")
         return names.index(weekday.lower())
-    if isinstance(weekday, bool) or not isinstance(weekday, int) or not 0 <= weekday <= 6:
+    if isinstance(weekday, bool) or not isinstance(weekday, numbers.Integral) or not 0 <= weekday <= 6:
         raise LabError(f"weekday must be 0..6 (Monday = 0) or a day name, got {weekday!r}")
-    return weekday
+    return int(weekday)
 
 
 def encode_time(hour: float, weekday: int | str) -> torch.Tensor:
@@ -116,20 +118,31 @@ class ChannelState:
     identity: str | None = None
     continuity: str | None = None
 
+    def __post_init__(self):
+        # the shape of each field is checked here, so ChannelState(affect=0.5) fails at once with a
+        # LabError rather than later inside an encoder; the values' ranges are the encoders' to check
+        for k in ("affect", "time"):
+            v = getattr(self, k)
+            if v is not None:
+                if not isinstance(v, (list, tuple)) or len(v) != 2:
+                    raise LabError(f"channel {k!r} expects a pair "
+                                   f"{'(valence, arousal)' if k == 'affect' else '(hour, weekday)'}, got {v!r}")
+                setattr(self, k, tuple(v))
+        for k in TEXT_CHANNELS:
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, str):
+                raise LabError(f"channel {k!r} expects a text (str), got {type(v).__name__} {v!r}")
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelState":
+        if not isinstance(d, Mapping):
+            raise LabError(f"a channel state must be a ChannelState or a mapping channel -> value, got {type(d).__name__}")
         unknown = [k for k in d if k not in cls.__dataclass_fields__]
         if unknown:
             raise LabError(f"unknown channel name(s) {unknown}; channels are {list(cls.__dataclass_fields__)}")
-        d = dict(d)
-        for k in ("affect", "time"):
-            if d.get(k) is not None:
-                if not isinstance(d[k], (list, tuple)) or len(d[k]) != 2:
-                    raise LabError(f"channel {k!r} expects a pair {'(valence, arousal)' if k == 'affect' else '(hour, weekday)'}, got {d[k]!r}")
-                d[k] = tuple(d[k])
         return cls(**d)
 
 
@@ -194,8 +207,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, dim), each row L2-normalised then scaled to norm sqrt(dim)."""
         texts = list(texts)
-        if any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise LabError("text channels (memory, identity, continuity) need non-empty strings")
+        bad = [t for t in texts if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise LabError(f"text channels (memory, identity, continuity) need non-empty strings, got {bad[0]!r}")
         todo = sorted({t for t in texts if t not in self._cache})
         for i in range(0, len(todo), 64):
             chunk = todo[i: i + 64]

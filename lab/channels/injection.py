@@ -88,11 +88,18 @@ def _checked_rows(values, widths: Mapping[str, int], batch: int | None):
     return rows, B, device
 
 
-def _raise_non_finite(rows: Mapping[str, torch.Tensor]) -> None:
+def _raise_non_finite(rows: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Name the channel whose values are not finite, in the caller's values or once cast to `dtype`
+    (a finite 1e5 is inf in float16). Returns without raising only if every value is finite in both."""
     for name, v in rows.items():
         if not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).sum())
             raise LabError(f"channel {name!r} holds {bad} NaN or infinite value(s); expected finite numbers")
+        cast = v.to(dtype)
+        if not torch.isfinite(cast).all():
+            big = float(v[~torch.isfinite(cast)].abs().max())
+            raise LabError(f"channel {name!r} holds a value of magnitude {big:.3g}, beyond the range of the base's "
+                           f"{dtype} (max {torch.finfo(dtype).max:.3g}); expected values that fit it")
 
 
 def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
@@ -103,9 +110,9 @@ def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str
     every channel in `widths`, in its order.
     """
     rows, B, device = _checked_rows(values, widths, batch)
-    # one finiteness check over all channels; name the culprits only on failure
-    if rows and not torch.isfinite(torch.cat([v.reshape(-1) for v in rows.values()])).all():
-        _raise_non_finite(rows)
+    # one finiteness check over all channels, in the dtype the base will see; name the culprits only on failure
+    if rows and not torch.isfinite(torch.cat([v.reshape(-1).to(dtype) for v in rows.values()])).all():
+        _raise_non_finite(rows, dtype)
     out = {}
     for name, w in widths.items():
         v = rows.get(name)
@@ -130,8 +137,10 @@ def concat_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[st
     xc = torch.cat(parts, -1)
     # fast path: a finite sum proves every value finite (NaN and inf propagate); only a non-finite sum,
     # which an overflow of large finite values can also give, pays for the element-wise check
-    if not math.isfinite(float(xc.sum())) and not torch.isfinite(xc).all():
-        _raise_non_finite(rows)
+    # the check runs on the cast values, so a finite float32 value that overflows the base's dtype is caught
+    if not math.isfinite(float(xc.detach().sum())) and not torch.isfinite(xc).all():
+        _raise_non_finite(rows, dtype)
+        raise LabError(f"channel values hold NaN or infinite numbers once cast to {dtype}; expected finite numbers")
     return xc
 
 

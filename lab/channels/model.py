@@ -189,6 +189,7 @@ class ChannelModel(nn.Module):
         for i in range(0, len(prompts), batch):
             sl = slice(i, i + batch)
             ids, att, score = _pack(b.tokenizer, prompts[sl], conts[sl], b.tokenizer.pad_token_id)
+            b.check_length(ids.shape[1])
             ch = None if channels is None else {k: v[sl] for k, v in channels.items()}
             with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
                 logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits.float()
@@ -201,6 +202,7 @@ class ChannelModel(nn.Module):
         b = self.base
         ids, att, score = _pack(b.tokenizer, [self.prompt_of(it) for it in items], [it.target for it in items],
                                 b.tokenizer.pad_token_id)
+        b.check_length(ids.shape[1])
         ch = self.channels([it.state for it in items])
         with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
             logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits  # (B, T, V)
@@ -217,7 +219,11 @@ class ChannelModel(nn.Module):
         tok = b.tokenizer
         outs: list[str] = []
         for i in range(0, len(prompts), batch):
-            rows = [tok.encode(p, add_special_tokens=False) for p in prompts[i: i + batch]]
+            rows = [tok.encode(p, add_special_tokens=False) if isinstance(p, str) else None
+                    for p in prompts[i: i + batch]]
+            empty = [p for p, r in zip(prompts[i: i + batch], rows) if not r]
+            if empty:  # a row with no tokens has no last position to continue from
+                raise LabError(f"generate needs non-empty prompt strings, got {empty[0]!r}")
             ch = None if channels is None else {k: v[i: i + batch] for k, v in channels.items()}
             lens = torch.tensor([len(r) for r in rows])
             b.check_length(int(lens.max()) + max_new_tokens)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import streamlit as st
 
 from lab import lab_home, models_dir, results_dir
 from lab.bases import list_bases
+from lab.ui import artifact_rows
 
 st.set_page_config(page_title="Latent Lab", layout="wide")
 st.title("Latent Lab")
@@ -33,12 +32,7 @@ on_disk = [r["name"] for r in rows if r["on_disk"]]
 st.markdown("On disk: " + (", ".join(f"**{n}**" for n in on_disk) if on_disk else "none yet"))
 
 st.header("Artifacts")
-arts = []
-if models_dir().exists():
-    for manifest in sorted([*models_dir().glob("*/manifest.json"), *models_dir().glob("*/*/manifest.json")]):
-        m = json.loads(manifest.read_text())
-        arts.append({"artifact": manifest.parent.name, "kind": m.get("kind"),
-                     "base": (m.get("base") or {}).get("name"), "config hash": m.get("config_hash")})
+arts = artifact_rows() if models_dir().exists() else []
 if arts:
     st.dataframe(pd.DataFrame(arts), hide_index=True)
 else:

@@ -43,7 +43,7 @@ def test_home_page(smoke_gpt2, lab_home):
 
 def test_ui_lists_artifacts_from_their_manifests(tmp_path, monkeypatch):
     from lab.store import write_json
-    from lab.ui import artifacts
+    from lab.ui import artifact_rows, artifacts
     monkeypatch.setenv("LAB_HOME", str(tmp_path))
     assert artifacts("innerlink", "smoke-gpt2") == {}                   # no models/ at all
     models = tmp_path / "models"
@@ -59,6 +59,12 @@ def test_ui_lists_artifacts_from_their_manifests(tmp_path, monkeypatch):
     assert artifacts("innerlink", "smoke-gpt2") == {"innerlink-a-smoke-gpt2": models / "innerlink-a-smoke-gpt2",
                                                     "innerlink-b-smoke-gpt2": models / "innerlink-b-smoke-gpt2"}
     assert artifacts("channels-adapter", "smoke-gpt2") == {"channels-a-smoke-gpt2": models / "channels-a-smoke-gpt2" / "adapter"}
+    # the home page's table: every readable artifact once, the broken manifest skipped, a base given as a string kept as None
+    (models / "innerlink-oddbase").mkdir()
+    write_json(models / "innerlink-oddbase" / "manifest.json", {"kind": "innerlink", "base": "gpt2"})
+    rows = {r["artifact"]: (r["kind"], r["base"]) for r in artifact_rows()}
+    assert rows["channels-a-smoke-gpt2/adapter"] == ("channels-adapter", "smoke-gpt2")
+    assert rows["innerlink-oddbase"] == ("innerlink", None) and "innerlink-broken" not in rows and len(rows) == 7
 
 
 def test_ui_stops_with_the_training_command_when_nothing_is_trained():

@@ -238,8 +238,9 @@ def test_benchmark_reports_every_arm_with_n_ci_and_mcnemar(smoke_gpt2, trained):
     items = H.make_items(16, "test", 0)
     res = H.run_benchmark(smoke_gpt2, link, items, 2, seed=0, extra_maps={"recon": link})
     summary = res.summary()
-    assert all(0 <= r["agrees_with_A"] <= 1 for r in summary)
-    assert res.agreement("session_a").all()
+    for r in summary:  # the summary's continuity rate is the mean of the per-item agreement it reports
+        per_item = res.agreement(r["arm"])
+        assert per_item.shape == (16,) and r["agrees_with_A"] == per_item.mean()
     arms = {m.extra.get("arm"): m for m in res.measures if m.extra.get("arm")}
     assert set(arms) == set(H.ARMS) | {"recon", "session_a"}
     for arm, m in arms.items():

@@ -380,7 +380,7 @@ def test_lifeline_interventions_change_the_loop(rlf_smoke):
 
 # --- probes ----------------------------------------------------------------------------------------
 
-def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
+def test_probes_on_smoke(rlf_smoke, smoke_gpt2, request):
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
     from lab.rlf.model import build
@@ -399,6 +399,8 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2):
         with torch.no_grad():
             m.gate.add_(torch.randn(m.gate.shape, generator=torch.Generator().manual_seed(s)) * 0.01)
         nulls.append(m)
+    saved_gate = rlf_smoke.gate.detach().clone()  # the fixture is session-wide: restore it for later tests
+    request.addfinalizer(lambda: rlf_smoke.gate.data.copy_(saved_gate))
     with torch.no_grad():
         rlf_smoke.gate[:4] = torch.tensor([1.5, 1.2, 0.5, 0.8])
     part = gate_partition(rlf_smoke, nulls)

@@ -8,9 +8,9 @@ final-normed state, h' = (1 + alpha) h + M T_k + beta (identity at zero init), m
 
 from lab.combiner.combiner import Combiner, combined_logits
 from lab.combiner.experiment import (FITS, Config, artifact_dir, build, combiners, control_combiner, delta_table, eval_features,
-                                     evaluate, load, reproduce_section, train)
+                                     evaluate, load, reproduce_section, train, train_or_load)
 from lab.combiner.thinking import Thoughts, think, think_every_position
 
 __all__ = ["Combiner", "combined_logits", "Config", "FITS", "artifact_dir", "build", "combiners", "control_combiner", "delta_table",
-           "eval_features", "evaluate", "load", "reproduce_section", "train", "think", "think_every_position",
+           "eval_features", "evaluate", "load", "reproduce_section", "train", "train_or_load", "think", "think_every_position",
            "Thoughts"]

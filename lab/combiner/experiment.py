@@ -280,11 +280,9 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
     return rep
 
 
-def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
-    """Train what is missing for this preset (features + fits), then evaluate; writes report.json/md."""
-    from lab.bases import load_base
-    cfg = Config.preset(preset, seed=seed)
-    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+def train_or_load(cfg: Config, base, preset: str):
+    """The preset's artifact for exactly this config on this base: loaded when on disk, else (another base
+    fingerprint, an older format, another config such as another seed) trained and saved in its place."""
     path = artifact_dir(preset, cfg.base)
     art = None
     if (path / "manifest.json").exists():
@@ -294,8 +292,15 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
             art = None
         if art is not None and Config.from_dict(art.config) != cfg:
             art = None  # another config (e.g. another seed): retrain
-    if art is None:
-        art = train(cfg, base, out_dir=path)
+    return art if art is not None else train(cfg, base, out_dir=path)
+
+
+def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
+    """Train what is missing for this preset (features + fits), then evaluate; writes report.json/md."""
+    from lab.bases import load_base
+    cfg = Config.preset(preset, seed=seed)
+    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    art = train_or_load(cfg, base, preset)
     rep = evaluate(art, base, cfg)
     if out_dir is not None:
         rep.save(Path(out_dir), formats=())

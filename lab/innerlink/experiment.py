@@ -130,18 +130,13 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     """Train what is missing for `preset` (inner link, then the reconstruction map), evaluate, return
     the Report (the caller saves it; figures go to out_dir via Report.save)."""
     from lab.bases import load_base
-    from lab.innerlink import handoff as H
-    from lab.innerlink import reconstruct as RC
     from lab.innerlink.training import Config, load
 
     cfg = Config.preset(preset, seed=seed)
     base = load_base(cfg.base, train_if_missing=preset == "smoke")
     link_art = ensure_trained(cfg, base, preset)
     link, _, _ = load(link_art, base)
-    recon_dir = RC.artifact_dir(preset, base)
-    if not _matches(recon_dir, cfg):
-        items = H.items_for(cfg, seed=seed)
-        RC.train_recon(cfg, base, link, items, out_dir=recon_dir)
+    recon_dir = ensure_recon(cfg, base, link, preset)
     rep = evaluate(link_art, base, recon=recon_dir, seed=seed)
     rep.provenance["preset"] = preset
     return rep
@@ -163,6 +158,17 @@ def _matches(path: Path, cfg, fields: tuple | None = None) -> bool:
     if fields is None:
         return have == want
     return all(have.get(f) == want.get(f) for f in fields)
+
+
+def ensure_recon(cfg, base, link, preset: str) -> Path:
+    """The preset's state-reconstruction map for exactly this config, trained (from `link`, on the config's
+    own hand-off items) if missing or made with another config."""
+    from lab.innerlink import handoff as H
+    from lab.innerlink import reconstruct as RC
+    recon_dir = RC.artifact_dir(preset, base)
+    if not _matches(recon_dir, cfg):
+        RC.train_recon(cfg, base, link, H.items_for(cfg), out_dir=recon_dir)
+    return recon_dir
 
 
 def ensure_trained(cfg, base, preset: str) -> Artifact | Path:

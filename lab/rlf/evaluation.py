@@ -23,7 +23,7 @@ from lab import LabError
 from lab.rlf.config import check_comparable
 from lab.rlf.data import TASK_VERSION, Problem, longest_chain_answer, parse_prompt
 from lab.rlf.model import RLF, Lifeline, encode_prompts
-from lab.stats import Measure, compare_proportions, proportion
+from lab.stats import Measure, compare_proportions, mean_with_ci, proportion
 
 
 @dataclass
@@ -344,8 +344,13 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     right = _pooled(main, in_hops, "halt_right")
     rep.add(proportion(f"in-distribution HALT precision", right[halted]) if halted.any()
             else Measure("in-distribution HALT precision", float("nan"), 0), pub["halt_p"])
-    rep.add(proportion(f"in-distribution HALT recall", right))
-    rep.add(proportion(f"in-distribution full-trace acc", _pooled(main, in_hops, "trace")))
+    # recall and full-trace accuracy are per-problem outcomes, paired with the first baseline's on the same
+    # problems; precision's denominator (the problems each model halted on) differs by model, so it is not
+    for key, label in (("halt_right", "HALT recall"), ("trace", "full-trace acc")):
+        name = f"in-distribution {label}"
+        ours = _pooled(main, in_hops, key)
+        rep.add(compare_proportions(name, ours, _pooled(arms[ctrl_name], in_hops, key), ctrl_name) if ctrl_name
+                else proportion(name, ours))
     # The query-blind control: what "the value at the end of the longest chain" scores on the same problems
     rule_rng = random.Random(f"rlf-rule:{seed}")
     rule = {h: {"final": np.array([longest_chain_answer(p.prompt, rule_rng) == p.value for p in sets[h]])}
@@ -358,7 +363,9 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     # Lifeline removable? Compare loop predictions with the lifeline zeroed, on traces that were right
     # with it (the published 9/10 compared two failing traces).
     if ablations:
-        agree, both = [], []
+        # the unit is the problem (its loops are not independent draws): per problem, the share of its
+        # loops whose prediction is unchanged, with a bootstrap CI over problems
+        unchanged, trace_off, trace_on = [], [], []
         for h in in_hops:
             on, off = main[h]["trace_obj"], arms["lifeline zero"][h]["trace_obj"]
             ok = main[h]["trace"]
@@ -366,13 +373,16 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
                 K = h + 1
                 a = on.preds[r, :K]
                 b = off.preds[r, :K] if off.preds.shape[1] >= K else np.pad(off.preds[r], (0, K - off.preds.shape[1]), constant_values=-1)
-                agree += (a == b).tolist()
-            both += (ok & arms["lifeline zero"][h]["trace"]).tolist()
-        if agree:
-            m = proportion("loop predictions unchanged with lifeline zeroed (on correct traces)", agree)
-            m.control = "lifeline on (same loops)"
+                unchanged.append(float((a == b).mean()))
+            trace_off.append(arms["lifeline zero"][h]["trace"])
+            trace_on.append(main[h]["trace"])
+        if unchanged:
+            m = mean_with_ci("loop predictions unchanged with lifeline zeroed (share per correct trace)", unchanged,
+                             seed=seed)
+            m.control, m.control_value = "lifeline on (the same loops: 1 by definition)", 1.0
             rep.add(m, pub["lifeline"])
-        rep.add(proportion("full trace still right with lifeline zeroed (all in-dist problems)", both))
+        rep.add(compare_proportions("full trace right with lifeline zeroed (all in-dist problems)",
+                                    np.concatenate(trace_off), np.concatenate(trace_on), "lifeline on"))
         for abl in ABLATIONS:
             a = arms[f"lifeline {abl}"]
             rep.add(compare_proportions(f"in-dist final-answer acc, lifeline {abl}", _pooled(a, in_hops, "final"),

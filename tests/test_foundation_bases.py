@@ -112,9 +112,19 @@ def test_pretrain_resume_is_exact(lab_home, tmp_path, monkeypatch):
     assert ma["heldout_loss"] == mb["heldout_loss"]
 
 
-def test_generate(smoke_gpt2):
-    text = smoke_gpt2.generate("On Monday at dawn,", max_new_tokens=5)
-    assert isinstance(text, str)
+def test_generate_is_the_greedy_argmax_continuation(smoke_gpt2):
+    b = smoke_gpt2
+    prompt = "On Monday at dawn,"
+    ids = b.tokenizer.encode(prompt, add_special_tokens=False)
+    new = []
+    with torch.no_grad():  # greedy decoding written out: append the argmax of the last position's logits
+        for _ in range(5):
+            nxt = int(b.model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == b.tokenizer.eos_token_id:
+                break
+    want = b.tokenizer.decode(new, skip_special_tokens=True)
+    assert want and b.generate(prompt, max_new_tokens=5) == want
 
 
 def test_corpus_token_cache_never_wraps_a_large_vocabulary(tmp_path, monkeypatch):

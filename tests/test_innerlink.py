@@ -117,6 +117,13 @@ def test_training_improves_heldout_cosine_and_beats_controls(trained, smoke_gpt2
     assert main.n == cfg.heldout_docs and main.ci_low <= main.value <= main.ci_high
     assert main.value > ctrl.value and gain.ci_low > 0 and gain.p_value < 0.05
     assert main.extra["n_tokens"] == len(held)
+    # the figure draws each control at its own mean with its own CI (not the paired difference's CI)
+    from lab.innerlink.experiment import cosine_figure
+    bars = cosine_figure(ms).data[0]
+    for i, m in ((2, ms[3]), (3, ms[4])):
+        lo, hi = m.extra["control_ci"]
+        assert bars.y[i] == m.control_value and lo <= m.control_value <= hi
+        assert bars.error_y.array[i] == pytest.approx(hi - m.control_value)
 
 
 def test_training_resumes_exactly(smoke_gpt2, tmp_path):

@@ -18,10 +18,12 @@ SOURCE = "ARM, re-implementing RecursiveMAS (PUBLISHED.md)"
 
 def cosine_figure(measures) -> go.Figure:
     names = ["trained R_in", "random other token", "identity (no map)", "untrained R_in"]
-    main, ctrl = measures[0], measures[1]
-    vals = [main.value, ctrl.value, main.value - measures[3].value, main.value - measures[4].value]
-    lo = [main.ci_low, ctrl.ci_low, main.value - measures[3].ci_high, main.value - measures[4].ci_high]
-    hi = [main.ci_high, ctrl.ci_high, main.value - measures[3].ci_low, main.value - measures[4].ci_low]
+    main, ctrl, vs_id, vs_un = measures[0], measures[1], measures[3], measures[4]
+    # every bar is that arm's own mean over documents with its own bootstrap CI (the paired differences
+    # and their tests are in the report's table)
+    vals = [main.value, ctrl.value, vs_id.control_value, vs_un.control_value]
+    lo = [main.ci_low, ctrl.ci_low, vs_id.extra["control_ci"][0], vs_un.extra["control_ci"][0]]
+    hi = [main.ci_high, ctrl.ci_high, vs_id.extra["control_ci"][1], vs_un.extra["control_ci"][1]]
     fig = bars_with_ci(names, vals, lo, hi, "Held-out cosine to the next token's input embedding", "mean cos")
     fig.update_layout(xaxis_title=f"n = {main.n} held-out documents ({main.extra['n_tokens']} tokens)")
     return fig

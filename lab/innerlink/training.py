@@ -232,6 +232,9 @@ def cosine_measures(cosines: dict) -> list[Measure]:
     vs_un = paired_delta("cos gain over untrained adapter", per["trained"], per["untrained"], "untrained adapter")
     near = paired_delta("nearest-token top-1 of R_in(h_t) minus base greedy top-1", per["nearest_ok"],
                         per["base_top1_ok"], "base greedy next token")
+    for m, key in ((vs_id, "identity"), (vs_un, "untrained")):  # the control's own mean and CI, for its bar
+        own = mean_with_ci(key, per[key])
+        m.extra["control_ci"] = [own.ci_low, own.ci_high]
     for m in (main, ctrl, vs_shuf, vs_id, vs_un, near):
         m.extra.update({"n_tokens": n_tok, "n_unit": "held-out documents"})
     main.extra["token_mean"] = float(cosines["trained"].mean())

@@ -411,6 +411,10 @@ def test_logprob_shift_and_attribution(smoke_gpt2, smoke_artifacts):
         logprob_shift(m, "Mara felt", {}, [" "])
     attr = channel_attribution(m, heldout_items("affect", 1)[:1])
     assert abs(sum(v for k, v in attr[0].items() if k != "capability") - 1) < 1e-5
+    # an item whose state sets only the affect channel: every other channel is zero at the input and at the
+    # baseline, so its integrated gradient is exactly 0 and affect holds the whole share (why the report's
+    # attribution items carry background states in the other channels)
+    assert attr[0]["affect"] == pytest.approx(1.0) and all(attr[0][c] == 0 for c in m.injector.names if c != "affect")
 
 
 def test_cli_train_and_evaluate(lab_home, smoke_gpt2):

@@ -29,13 +29,29 @@ from lab import LabError
 WEIGHTS, CONFIG, MANIFEST = "weights.safetensors", "config.json", "manifest.json"
 
 
+def recover_interrupted_replace(target: Path) -> bool:
+    """Put back the previous version of `target` if a replace was killed between its two renames
+    (target moved aside to `.<name>.old-<pid>`, the new one not yet in place). True if it did."""
+    target = Path(target)
+    if target.exists():
+        return False
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.rename(olds[-1], target)  # the newest aside copy is the version that was live
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target`; on success it replaces `target` in one rename.
-    On error the temp dir is removed and `target` is left as it was."""
+    """Yield a temp dir beside `target`; on success it replaces `target` (two renames: the old one aside,
+    the new one in). On error the temp dir is removed and `target` is left as it was; a crash between the
+    two renames is undone by `recover_interrupted_replace`, which this and `load_artifact` call first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_replace(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         yield tmp
         if target.exists():
@@ -46,6 +62,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         else:
             os.rename(tmp, target)
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.rename(old, target)  # the second rename failed: the previous version goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -147,6 +165,7 @@ def save_artifact(path: Path, kind: str, tensors: dict[str, torch.Tensor], confi
 def load_artifact(path: Path, kind: str | None = None, base=None) -> Artifact:
     """Load and verify an artifact. Checks kind, weights hash and (if given) the base fingerprint."""
     path = Path(path)
+    recover_interrupted_replace(path)
     if not path.is_dir():
         raise LabError(f"no artifact at {path} (expected a directory with {WEIGHTS}, {CONFIG}, {MANIFEST})")
     manifest = read_json(path / MANIFEST)

@@ -389,6 +389,12 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "lexicons.json").exists()
     arms = rep.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"]
     assert all(r["tokens_text"] > 0 and r["tokens_channel"] == 0 for r in arms)
+    shares = rep.tables["captum attribution share (mean over items, 95% bootstrap CI)"]
+    assert {r["capability"] for r in shares} == set(cfg.capabilities) and all(r["n"] >= 1 for r in shares)
+    for r in shares:  # "mean [low, high]" per channel, the mean inside its interval
+        for c in ("memory", "affect", "time", "ethics", "identity", "continuity"):
+            v, lo, hi = map(float, re.findall(r"[-0-9.e]+", r[c])) if r["n"] > 1 else (float(r[c]),) * 3
+            assert lo <= v <= hi
 
 
 def test_mamba2_adapter_trains(smoke_mamba2, tmp_path):

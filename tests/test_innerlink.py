@@ -151,6 +151,9 @@ def test_latent_rollout_feeds_latents_as_input_embeddings(trained, smoke_gpt2):
     torch.testing.assert_close(lat[:, 0], link(raw[:, 0]))
     table, _ = rollout_eval(link, smoke_gpt2, cfg)
     assert [r["step"] for r in table] == [1, 2, 3, 4] and all(r["n"] == cfg.rollout_prompts for r in table)
+    for r in table:  # every rate and mean the rollout table reports carries its 95% interval
+        for key in ("cos_gold", "cos_greedy_token", "cos_control", "nearest_is_greedy"):
+            assert r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"]
     with pytest.raises(LabError, match="width"):
         latent_rollout(smoke_gpt2, link, torch.randn(1, 3, smoke_gpt2.d_model + 1), 2)
     with pytest.raises(LabError, match="steps >= 1"):

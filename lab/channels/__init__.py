@@ -77,11 +77,7 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             items = _attribution_items(config)
             rows = probes.channel_attribution(model, items)
             rep.figures["attribution"] = probes.attribution_figure(rows, names)
-            caps = list(dict.fromkeys(r["capability"] for r in rows))
-            rep.tables["captum attribution share (mean over items)"] = [
-                {"capability": c, "n": sum(r["capability"] == c for r in rows),
-                 **{n: sum(r[n] for r in rows if r["capability"] == c) / max(1, sum(r["capability"] == c for r in rows))
-                    for n in names}} for c in caps]
+            rep.tables["captum attribution share (mean over items, 95% bootstrap CI)"] = _attribution_table(rows, names)
             rep.notes.append("Attribution: integrated gradients from all channels zeroed; a channel's score is "
                              "|sum of its dimensions' IG|, so it does not grow with the channel's width.")
         rep.notes += [
@@ -92,6 +88,23 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             f"Evaluation took {time.perf_counter() - t0:.0f} s.",
         ]
     return rep
+
+
+def _attribution_table(rows: list[dict], names) -> list[dict]:
+    """Per capability: n items and each channel's mean attribution share with a bootstrap CI over items."""
+    from lab.stats import mean_with_ci
+    out = []
+    for cap in dict.fromkeys(r["capability"] for r in rows):
+        mine = [r for r in rows if r["capability"] == cap]
+        row = {"capability": cap, "n": len(mine)}
+        for n in names:
+            if len(mine) < 2:  # one item: its share, no interval
+                row[n] = f"{mine[0][n]:.3f}"
+                continue
+            m = mean_with_ci(n, [r[n] for r in mine])
+            row[n] = f"{m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]"
+        out.append(row)
+    return out
 
 
 def write_lexicons(out_dir: Path) -> None:

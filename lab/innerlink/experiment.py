@@ -39,7 +39,9 @@ def rollout_figure(table: list[dict]) -> go.Figure:
                 "cos / rate",
                 error={"cos(latent e_k, Emb(gold token))": ([r["cos_gold_lo"] for r in table], [r["cos_gold_hi"] for r in table]),
                        "control: random other document's token": ([r["cos_control_lo"] for r in table],
-                                                                  [r["cos_control_hi"] for r in table])})
+                                                                  [r["cos_control_hi"] for r in table]),
+                       "nearest token of e_k = base's greedy token": ([r["nearest_is_greedy_lo"] for r in table],
+                                                                      [r["nearest_is_greedy_hi"] for r in table])})
 
 
 def handoff_figure(summary: list[dict], task: str = "persona") -> go.Figure:

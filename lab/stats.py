@@ -85,6 +85,8 @@ def bootstrap_ci(data: Sequence[float], statistic: Callable = np.mean, n_resampl
 
 def mean_with_ci(name: str, data: Sequence[float], seed: int = 0) -> Measure:
     a = np.asarray(data, dtype=float)
+    if a.size == 1:  # one value: its mean, and no interval to give
+        return Measure(name, float(a[0]), 1)
     lo, hi = bootstrap_ci(a, seed=seed)
     return Measure(name, float(a.mean()), int(a.size), lo, hi, "bootstrap percentile")
 

@@ -98,11 +98,8 @@ def _attribution_table(rows: list[dict], names) -> list[dict]:
         mine = [r for r in rows if r["capability"] == cap]
         row = {"capability": cap, "n": len(mine)}
         for n in names:
-            if len(mine) < 2:  # one item: its share, no interval
-                row[n] = f"{mine[0][n]:.3f}"
-                continue
             m = mean_with_ci(n, [r[n] for r in mine])
-            row[n] = f"{m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]"
+            row[n] = f"{m.value:.3f}" + ("" if m.ci_low is None else f" [{m.ci_low:.3f}, {m.ci_high:.3f}]")
         out.append(row)
     return out
 

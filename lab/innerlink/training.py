@@ -17,7 +17,7 @@ from lab import LabError, models_dir
 from lab.configcheck import check_field_types
 from lab.innerlink.adapter import InnerLink, cosine_loss
 from lab.innerlink.cache import StateCache, get_cache, last_layer_states
-from lab.stats import Measure, mean_with_ci, paired_delta, wilson_ci
+from lab.stats import Measure, mean_with_ci, paired_delta, proportion
 from lab.store import Artifact, config_hash, load_artifact, save_artifact
 
 KIND = "innerlink"
@@ -305,12 +305,10 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
         c_ctrl = cos(e, emb[gold[other, k]], dim=-1).cpu().numpy()
         near = ((torch.nn.functional.normalize(e, dim=-1) @ emb_n.T).argmax(-1) == greedy[:, k]).float().cpu().numpy()
         g, c = mean_with_ci("", c_gold), mean_with_ci("", c_ctrl)
-        gr = mean_with_ci("", c_greedy)
-        nk = int(near.sum())
-        n_lo, n_hi = wilson_ci(nk, len(near))
+        gr, nr = mean_with_ci("", c_greedy), proportion("", near)
         table.append({"step": k + 1, "n": len(rows), "cos_gold": g.value, "cos_gold_lo": g.ci_low, "cos_gold_hi": g.ci_high,
                       "cos_greedy_token": gr.value, "cos_greedy_token_lo": gr.ci_low, "cos_greedy_token_hi": gr.ci_high,
                       "cos_control": c.value, "cos_control_lo": c.ci_low, "cos_control_hi": c.ci_high,
-                      "nearest_is_greedy": nk / len(near), "nearest_is_greedy_lo": n_lo, "nearest_is_greedy_hi": n_hi})
+                      "nearest_is_greedy": nr.value, "nearest_is_greedy_lo": nr.ci_low, "nearest_is_greedy_hi": nr.ci_high})
         raw[k + 1] = {"cos_gold": c_gold, "cos_control": c_ctrl, "nearest_is_greedy": near}
     return table, raw

@@ -378,8 +378,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
             trace_on.append(main[h]["trace"])
         if unchanged:
             name = "loop predictions unchanged with lifeline zeroed (share per correct trace)"
-            m = (mean_with_ci(name, unchanged, seed=seed) if len(unchanged) > 1
-                 else Measure(name, unchanged[0], 1))  # one correct trace: no interval to give
+            m = mean_with_ci(name, unchanged, seed=seed)
             m.control, m.control_value = "lifeline on (the same loops: 1 by definition)", 1.0
             rep.add(m, pub["lifeline"])
         rep.add(compare_proportions("full trace right with lifeline zeroed (all in-dist problems)",

@@ -4,7 +4,8 @@ Hook sites (TransformerLens-style names):
   blocks.{i}.resid_pre    the stream entering block i            (B, T, d)
   blocks.{i}.resid_post   the stream leaving block i             (B, T, d)
   final                   the final-normed stream (what the head reads)
-Hooks live only inside context managers and are removed in `finally`, even on error.
+Hooks live only inside context managers, act only on forwards run by the thread that opened them, and are
+removed in `finally`, even on error (see "dispatch" below for how).
 
     with capture(base) as cache:
         base.model(ids)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -90,31 +92,122 @@ def _replace_out(output, value):
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
-def _register(base, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Register fn(hidden) -> new hidden or None on block `layer` at `site`. Returns the handle."""
-    block = base.blocks[layer]
-    if site == "resid_pre":
-        def pre(module, args, kwargs):
-            new = fn(_get_hidden(args, kwargs))
-            return None if new is None else _set_hidden(args, kwargs, new)
-        return block.register_forward_pre_hook(pre, with_kwargs=True)
+# --- dispatch ------------------------------------------------------------------------------------
+# A context does not register its own torch hook. The first context on a module (a block, the final norm)
+# installs one dispatcher there, the last one to close removes it (a count across threads, under a lock), and
+# each context adds its function to a *thread-local* list that the dispatcher runs. Why: the dashboard shares
+# one cached base across Streamlit sessions, which run in threads, and torch hooks act on every forward of
+# the module: one session's `inject` or `capture` would act on another session's concurrent forward. Here a
+# context affects only the forwards of the thread that opened it, and a base no context is open on carries
+# no hook at all. The dispatchers are module-level functions that read the module they are called on.
+_local = threading.local()
+_lock = threading.Lock()
+_installed: dict[tuple[int, str], list] = {}  # (id(module), kind) -> [torch handle, open contexts]
 
-    def post(module, args, output):
-        new = fn(_out_hidden(output))
-        return None if new is None else _replace_out(output, new)
-    return block.register_forward_hook(post)
+
+def _active(module, kind: str) -> list | None:
+    table = getattr(_local, "table", None)
+    return table.get((id(module), kind)) if table else None
+
+
+def _pre_dispatch(module, args, kwargs):
+    fns = _active(module, "pre")
+    if not fns:
+        return None
+    h = old = _get_hidden(args, kwargs)
+    for fn in tuple(fns):  # in the order the contexts were opened, each seeing the stream the previous left
+        new = fn(h)
+        if new is not None:
+            h = new
+    return None if h is old else _set_hidden(args, kwargs, h)
+
+
+def _post_dispatch(module, args, output):
+    fns = _active(module, "post")
+    if not fns:
+        return None
+    h = old = _out_hidden(output)
+    for fn in tuple(fns):
+        new = fn(h)
+        if new is not None:
+            h = new
+    return None if h is old else _replace_out(output, h)
+
+
+_DISPATCH = {"pre": _pre_dispatch, "post": _post_dispatch}
+
+
+def _drop_copied_dispatcher(module, kind: str) -> None:
+    """A deep copy of a module taken while a context was open carries that dispatcher in its hook dicts
+    (torch's private attributes, read only here); a second one would run every function twice."""
+    hooks_dict = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
+    for key in [k for k, v in hooks_dict.items() if v is _DISPATCH[kind]]:
+        del hooks_dict[key]
+        for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(module, extra, {}).pop(key, None)
+
+
+def _acquire(keys: list) -> None:
+    """Count one more open context on each (module, kind), installing its dispatcher on the first."""
+    with _lock:
+        for module, kind in keys:
+            slot = _installed.get((id(module), kind))
+            if slot is None:
+                _drop_copied_dispatcher(module, kind)
+                handle = (module.register_forward_pre_hook(_pre_dispatch, with_kwargs=True) if kind == "pre"
+                          else module.register_forward_hook(_post_dispatch))
+                slot = _installed[(id(module), kind)] = [handle, 0]
+            slot[1] += 1
+
+
+def _release(keys: list) -> None:
+    """One open context fewer on each (module, kind), removing its dispatcher after the last."""
+    with _lock:
+        for module, kind in keys:
+            slot = _installed[(id(module), kind)]
+            slot[1] -= 1
+            if not slot[1]:
+                slot[0].remove()
+                del _installed[(id(module), kind)]
+
+
+def _entry(base, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """(module, kind, fn): fn(hidden) -> new hidden or None, on block `layer` at `site`."""
+    return base.blocks[layer], ("pre" if site == "resid_pre" else "post"), fn
 
 
 @contextlib.contextmanager
-def _hooks(handles_factory: Callable[[], Iterable]) -> Iterator[None]:
-    handles = []
+def _hooks(entries: Iterable) -> Iterator[None]:
+    """Activate (module, kind, fn) entries for this thread's forwards; deactivated on exit, even on error."""
+    entries = list(entries)
+    table = getattr(_local, "table", None)
+    if table is None:
+        table = _local.table = {}
+    keys = [(module, kind) for module, kind, _ in entries]
+    _acquire(keys)
     try:
-        for h in handles_factory():
-            handles.append(h)
+        for module, kind, fn in entries:
+            table.setdefault((id(module), kind), []).append(fn)
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for module, kind, fn in reversed(entries):
+            key = (id(module), kind)
+            fns = table.get(key, ())
+            # by identity, the last one: nested contexts may hold equal-comparing functions
+            for i in range(len(fns) - 1, -1, -1):
+                if fns[i] is fn:
+                    del fns[i]
+                    break
+            if not fns:
+                table.pop(key, None)
+        _release(keys)
+
+
+def active(base) -> int:
+    """How many hook functions this thread has active on `base` (0 outside every context)."""
+    table = getattr(_local, "table", None) or {}
+    ids = {id(m) for m in (*base.blocks, base.final_norm)}
+    return sum(len(fns) for (mid, _), fns in table.items() if mid in ids)
 
 
 @contextlib.contextmanager
@@ -132,16 +225,10 @@ def capture(base, layers: Sequence[int] | None = None, sites: Sequence[str] = SI
             return None
         return fn
 
-    def factory():
-        for i in layers:
-            for s in sites:
-                yield _register(base, i, s, recorder(f"blocks.{i}.{s}"))
-        if final:
-            def fin(module, args, output):
-                cache["final"] = output.detach() if detach else output
-            yield base.final_norm.register_forward_hook(fin)
-
-    with _hooks(factory):
+    entries = [_entry(base, i, s, recorder(f"blocks.{i}.{s}")) for i in layers for s in sites]
+    if final:
+        entries.append((base.final_norm, "post", recorder("final")))
+    with _hooks(entries):
         yield cache
 
 
@@ -183,7 +270,7 @@ def patch(base, layer: int, values: torch.Tensor, positions: Sequence[int] | int
         h[:, pos] = values.expand_as(h[:, pos])
         return h
 
-    with _hooks(lambda: [_register(base, layer, site, fn)]):
+    with _hooks([_entry(base, layer, site, fn)]):
         yield
 
 
@@ -241,7 +328,7 @@ def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tens
             return h
         return fn
 
-    with _hooks(lambda: [_register(base, layer, site, make(delta)) for layer, delta in checked.items()]):
+    with _hooks(_entry(base, layer, site, make(delta)) for layer, delta in checked.items()):
         yield
 
 
@@ -288,7 +375,7 @@ def stream_at(base, layer: int, site: str, input_ids: torch.Tensor | None = None
         raise _StreamReached
 
     try:
-        with torch.set_grad_enabled(grad), _hooks(lambda: [_register(base, layer, site, stop)]):
+        with torch.set_grad_enabled(grad), _hooks([_entry(base, layer, site, stop)]):
             forward(base, input_ids, inputs_embeds, attention_mask)
     except _StreamReached:
         pass

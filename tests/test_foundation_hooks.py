@@ -102,6 +102,12 @@ def test_add_zero_is_bit_identical_and_nonzero_is_not(any_base, site):
         assert not torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
 
 
+def _assert_nothing_active(b):
+    """No lab hook active in this thread, and no torch hook left on the base."""
+    assert hooks.active(b) == 0
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in (*b.blocks, b.final_norm))
+
+
 def test_hooks_removed_even_on_error(smoke_gpt2):
     b = smoke_gpt2
     ids, mask = _run(b)
@@ -109,7 +115,7 @@ def test_hooks_removed_even_on_error(smoke_gpt2):
     with pytest.raises(RuntimeError, match="boom"):
         with hooks.add(b, 0, torch.ones(b.d_model)):
             raise RuntimeError("boom")
-    assert all(not blk._forward_pre_hooks and not blk._forward_hooks for blk in b.blocks)
+    _assert_nothing_active(b)
     assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
 
 
@@ -138,7 +144,7 @@ def test_bad_layer_shape_dtype(smoke_gpt2):
     with pytest.raises(LabError, match="site must be"):
         with hooks.add(b, 0, torch.zeros(b.d_model), site="mlp_out"):
             pass
-    assert all(not blk._forward_pre_hooks and not blk._forward_hooks for blk in b.blocks)
+    _assert_nothing_active(b)
 
 
 def test_run_from_input_embeddings(any_base):
@@ -153,3 +159,62 @@ def test_run_from_input_embeddings(any_base):
         hooks.forward(b, inputs_embeds=emb[..., :-1])
     with pytest.raises(LabError, match="exactly one"):
         hooks.forward(b)
+
+
+def test_a_context_acts_only_on_its_own_threads_forwards(smoke_gpt2):
+    """The app shares one cached base across Streamlit sessions (threads): one session's context must not
+    touch another session's concurrent forward."""
+    import threading
+
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    opened, done, inside = threading.Event(), threading.Event(), {}
+
+    def session():
+        with hooks.add(b, 0, torch.ones(b.d_model)), hooks.capture(b) as cache:
+            inside["logits"] = b.model(input_ids=ids, attention_mask=mask).logits
+            opened.set()
+            done.wait(30)
+        inside["captured"] = len(cache)
+
+    t = threading.Thread(target=session)
+    t.start()
+    try:
+        assert opened.wait(30)
+        assert hooks.active(b) == 0  # this thread has none, while the other holds two contexts open
+        with hooks.capture(b) as mine:
+            assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+        assert torch.equal(mine["blocks.0.resid_pre"], b.embed(ids) + b.model.transformer.wpe(torch.arange(ids.shape[1])))
+    finally:
+        done.set()
+        t.join()
+    assert not torch.equal(inside["logits"], ref)
+    assert inside["captured"] == 2 * b.n_layers + 1  # its own forward only, not this thread's
+    _assert_nothing_active(b)
+
+
+def test_nested_contexts_apply_in_order_and_a_deep_copy_dispatches_once(smoke_gpt2):
+    import copy
+
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    one = torch.ones(b.d_model)
+    with hooks.add(b, 1, one):
+        twice_outer = b.model(input_ids=ids, attention_mask=mask).logits
+        with hooks.add(b, 1, one):  # nested: both add, the inner after the outer
+            twice = b.model(input_ids=ids, attention_mask=mask).logits
+    with hooks.add(b, 1, 2 * one):
+        assert torch.allclose(b.model(input_ids=ids, attention_mask=mask).logits, twice, atol=1e-5)
+    assert not torch.equal(twice, twice_outer)
+    # a deep copy taken while a context is open carries the dispatcher over; a context on it adds once, on
+    # the copy only, and closing everything leaves both models without hooks
+    with hooks.add(b, 1, one):
+        c = copy.deepcopy(b)
+    assert sum(f is hooks._pre_dispatch for f in c.blocks[1]._forward_pre_hooks.values()) == 1
+    with hooks.add(c, 1, one):
+        assert sum(f is hooks._pre_dispatch for f in c.blocks[1]._forward_pre_hooks.values()) == 1
+        assert torch.equal(c.model(input_ids=ids, attention_mask=mask).logits, twice_outer)
+        assert hooks.active(b) == 0
+    _assert_nothing_active(b)
+    _assert_nothing_active(c)

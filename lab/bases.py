@@ -272,20 +272,59 @@ def _windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Ten
     return torch.from_numpy(np.stack([stream[o: o + seq_len + 1].astype(np.int64) for o in offsets]))
 
 
-def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, batch: int = 16) -> float:
-    """Mean next-token loss over fixed, non-overlapping held-out windows."""
+def heldout_window_losses(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64,
+                          batch: int = 16) -> np.ndarray:
+    """Mean next-token loss (nats) of each of the first `n_windows` fixed, non-overlapping held-out windows:
+    the unit a CI resamples."""
     n = min(n_windows, (len(heldout) - 1) // seq_len)
     offsets = np.arange(n) * seq_len
-    total, count = 0.0, 0
+    out = []
     model.eval()
     with torch.no_grad():
         for i in range(0, n, batch):
             x = _windows(heldout, offsets[i: i + batch], seq_len).to(model.device)
-            out = model(input_ids=x[:, :-1])
-            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-            total += loss.item()
-            count += x[:, 1:].numel()
-    return total / count
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            out.append(nll.mean(1).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, batch: int = 16) -> float:
+    """Mean next-token loss over fixed, non-overlapping held-out windows (all windows have seq_len targets)."""
+    return float(heldout_window_losses(model, heldout, seq_len, n_windows, batch).mean())
+
+
+def unigram_window_losses(train: np.ndarray, heldout: np.ndarray, vocab: int, seq_len: int,
+                          n_windows: int) -> np.ndarray:
+    """The add-one-smoothed training unigram's loss on the same windows' targets as `heldout_window_losses`."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    n = min(n_windows, (len(heldout) - 1) // seq_len)
+    targets = np.stack([heldout[o + 1: o + seq_len + 1].astype(np.int64) for o in np.arange(n) * seq_len])
+    return -logp[targets].mean(1)
+
+
+def heldout_comparison(name: str, n_windows: int = 128) -> dict:
+    """A preset base's held-out loss with a bootstrap CI over windows, and paired against the training
+    unigram on the same tokens (the floor a language model must beat): {"loss": Measure, "vs_unigram": Measure}."""
+    from lab.corpus import load_tokenizer
+    from lab.stats import mean_with_ci, paired_delta
+
+    if name not in PRESETS:
+        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    base = load_base(name)
+    tokenizer = load_tokenizer()
+    train = corpus_tokens(tokenizer, "train", p.n_train_docs)
+    held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
+    model_w = heldout_window_losses(base.model, held, p.seq_len, n_windows)
+    uni_w = unigram_window_losses(train, held, len(tokenizer), p.seq_len, n_windows)
+    unit = f"{len(model_w)} held-out windows of {p.seq_len} tokens"
+    loss = mean_with_ci(f"{name} held-out loss (nats/token)", model_w)
+    loss.extra["unit"] = unit
+    diff = paired_delta(f"{name} held-out loss minus the unigram's", model_w, uni_w, "add-one training unigram")
+    diff.extra["unit"] = unit
+    return {"loss": loss, "vs_unigram": diff}
 
 
 def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_after: int | None = None,

@@ -62,7 +62,7 @@ class Report:
         for m in self.measures:
             ci = f"[{m.ci_low:.3g}, {m.ci_high:.3g}]" if m.ci_low is not None else "-"
             ctrl = f"{m.control}: {m.control_value:.3g}" if m.control and m.control_value is not None else (m.control or "-")
-            p = "-" if m.p_value is None else f"{_p_text(m.p_value)} ({m.test})"
+            p = "-" if m.p_value is None else f"{p_text(m.p_value)} ({m.test})"
             pub = self.published.get(m.name)
             lines.append(f"| {m.name} | {m.value:.4g} | {m.n} | {ci} | {ctrl} | {p} | "
                          f"{f'{pub.value} ({pub.claim})' if pub else '-'} |")
@@ -90,7 +90,7 @@ class Report:
         return out
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
     """A p-value for a table; an exact test's p below the float range prints as such, not as 0."""
     return "< 1e-300" if p == 0 else f"{p:.3g}"
 

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from lab import LabError, results_dir
+from lab.report import p_text
 from lab.store import atomic_write_text, write_json
 
 MECHANISMS = {
@@ -32,6 +33,20 @@ def _git_commit() -> str:
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _base_row(row: dict) -> dict:
+    """A base's list_bases() row plus its held-out loss measured now, with a CI and paired against the unigram."""
+    from lab.bases import heldout_comparison
+
+    return {**row, "heldout": {k: m.to_dict() for k, m in heldout_comparison(row["name"]).items()}}
+
+
+def _base_md(b: dict) -> str:
+    loss, diff = b["heldout"]["loss"], b["heldout"]["vs_unigram"]
+    return (f"| {b['name']} | {loss['value']:.3f} [{loss['ci_low']:.3f}, {loss['ci_high']:.3f}] | "
+            f"{diff['control_value']:.3f} | {diff['value']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] | "
+            f"{p_text(diff['p_value'])} | {diff['n']} windows |")
 
 
 def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
@@ -70,14 +85,15 @@ def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
     header = {
         "run": run, "preset": preset, "seed": seed, "git_commit": _git_commit(),
         "seconds": round(seconds, 1), "python": platform.python_version(), "machine": platform.machine(),
-        "bases": [b for b in list_bases() if b["on_disk"]],
+        "bases": [_base_row(b) for b in list_bases() if b["on_disk"]],
     }
     write_json(out / "report.json", {**header, "failures": failures,
                                      "sections": {m: r.to_dict() for m, _, r in sections}})
     md = [f"# Latent Lab report: {run}", "",
           f"preset `{preset}`, seed {seed}, commit `{header['git_commit']}`, wall time {seconds / 60:.1f} min", "",
-          "| base | held-out loss | unigram baseline |", "|---|---|---|"]
-    md += [f"| {b['name']} | {b['heldout_loss']:.3f} | {b['unigram_loss']:.3f} |" for b in header["bases"]]
+          "| base | held-out loss, nats/token [95% CI] | add-one training unigram, same tokens | difference [95% CI] | "
+          "Wilcoxon p | n |", "|---|---|---|---|---|---|"]
+    md += [_base_md(b) for b in header["bases"]]
     for mech, title, report in sections:
         md += ["", f"# {title}", "", report.to_markdown(f"{mech}/figures").split("\n", 2)[2]]
     if failures:

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lab import LabError
+from lab import LabError, models_dir
 
 WEIGHTS, CONFIG, MANIFEST = "weights.safetensors", "config.json", "manifest.json"
 
@@ -183,3 +183,33 @@ def load_artifact(path: Path, kind: str | None = None, base=None) -> Artifact:
                            f"but the loaded base is {base.name!r} (fingerprint {base.fingerprint[:12]})")
     tensors = load_safetensors(path / WEIGHTS)
     return Artifact(path, manifest["kind"], read_json(path / CONFIG), tensors, manifest)
+
+
+def manifests(root: Path | None = None) -> Iterator[tuple[Path, dict]]:
+    """(artifact folder, manifest dict) for every artifact under `root` (default models_dir()), one or two
+    levels down; unreadable manifests (half-copied, hand-edited, another format) are skipped, so one bad
+    folder cannot break a listing."""
+    root = models_dir() if root is None else Path(root)
+    for man in sorted([*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]):
+        try:
+            m = read_json(man)
+        except (LabError, OSError, ValueError):
+            continue
+        if isinstance(m, dict):
+            yield man.parent, m
+
+
+def manifest_base_name(manifest: dict) -> str | None:
+    base = manifest.get("base")
+    return base.get("name") if isinstance(base, dict) else None
+
+
+def find_artifacts(kind: str, base_name: str) -> dict[str, Path]:
+    """The `kind` artifacts on disk trained on `base_name`, by their manifests: {the folder under
+    models_dir() that holds it: its path}, sorted by name. Unreadable manifests are skipped."""
+    root, out = models_dir(), {}
+    for folder, m in manifests(root):
+        if m.get("kind") == kind and manifest_base_name(m) == base_name:
+            rel = folder.relative_to(root)
+            out[rel.parts[0] if rel.parts[0] not in out else rel.as_posix()] = folder
+    return dict(sorted(out.items()))

@@ -8,6 +8,8 @@ import streamlit as st
 
 from lab import LabError, models_dir
 from lab.figures import to_bytes
+from lab.store import find_artifacts as artifacts  # noqa: F401  (the pages' artifact pickers)
+from lab.store import manifest_base_name, manifests
 
 
 @st.cache_resource(show_spinner="loading base…")
@@ -31,40 +33,10 @@ def base_picker(key: str = "base", prefer: tuple[str, ...] = ("tiny-gpt2", "smok
     return st.selectbox("Base", names, index=default, key=key)
 
 
-def _manifests():
-    """(artifact folder, manifest dict) for every artifact under models_dir(); unreadable manifests
-    (half-copied, hand-edited, another format) are skipped, so one bad folder cannot break a page."""
-    from lab.store import MANIFEST, read_json
-    root = models_dir()
-    for man in sorted([*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]):
-        try:
-            m = read_json(man)
-        except (LabError, OSError, ValueError):
-            continue
-        if isinstance(m, dict):
-            yield man.parent, m
-
-
-def _base_name(manifest: dict):
-    base = manifest.get("base")
-    return base.get("name") if isinstance(base, dict) else None
-
-
-def artifacts(kind: str, base_name: str) -> dict[str, Path]:
-    """The `kind` artifacts on disk trained on `base_name`, by their manifests: {the folder under
-    models_dir() that holds it: its path}, sorted by name. Unreadable manifests are skipped."""
-    root, out = models_dir(), {}
-    for folder, m in _manifests():
-        if m.get("kind") == kind and _base_name(m) == base_name:
-            rel = folder.relative_to(root)
-            out[rel.parts[0] if rel.parts[0] not in out else rel.as_posix()] = folder
-    return dict(sorted(out.items()))
-
-
 def artifact_rows() -> list[dict]:
     """One row per artifact on disk (any kind): folder, kind, base, config hash (the home page's table)."""
-    return [{"artifact": folder.relative_to(models_dir()).as_posix(), "kind": m.get("kind"), "base": _base_name(m),
-             "config hash": m.get("config_hash")} for folder, m in _manifests()]
+    return [{"artifact": folder.relative_to(models_dir()).as_posix(), "kind": m.get("kind"),
+             "base": manifest_base_name(m), "config hash": m.get("config_hash")} for folder, m in manifests()]
 
 
 def stop_if_none(arts, what: str, mech: str, base_name: str) -> None:

@@ -19,6 +19,30 @@ def test_smoke_base_beats_unigram(smoke_gpt2):
     assert m["heldout_tokens"] > 1000
 
 
+def test_heldout_comparison_has_a_ci_and_pairs_the_unigram_on_the_same_tokens(smoke_gpt2):
+    import numpy as np
+
+    from lab.bases import corpus_tokens, heldout_comparison, heldout_loss, unigram_window_losses
+    from lab.corpus import load_tokenizer
+
+    p = PRESETS["smoke-gpt2"]
+    r = heldout_comparison("smoke-gpt2", n_windows=40)
+    loss, diff = r["loss"], r["vs_unigram"]
+    tok = load_tokenizer()
+    held = corpus_tokens(tok, "heldout", max(500, p.n_train_docs // 20))
+    train = corpus_tokens(tok, "train", p.n_train_docs)
+    assert loss.n == diff.n == 40
+    assert loss.ci_low < loss.value < loss.ci_high
+    # the same windows as the pretraining metric, and the unigram on exactly their targets
+    assert loss.value == pytest.approx(heldout_loss(smoke_gpt2.model, held, p.seq_len, n_windows=40), rel=1e-5)
+    uni = unigram_window_losses(train, held, len(tok), p.seq_len, 40)
+    assert diff.control_value == pytest.approx(float(np.mean(uni)))
+    assert diff.value == pytest.approx(loss.value - float(np.mean(uni)), abs=1e-9)
+    assert diff.ci_high < 0 and diff.p_value < 0.05  # the smoke base beats the unigram on held-out text
+    with pytest.raises(LabError, match="unknown preset"):
+        heldout_comparison("nope")
+
+
 def test_base_handles(any_base):
     b = any_base
     assert not b.model.training

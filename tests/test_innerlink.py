@@ -288,6 +288,36 @@ def test_recon_objective_trains_the_map_and_is_saved(smoke_gpt2, trained, tmp_pa
     assert RC.recon_cosines(smoke_gpt2, r, items, 2).shape == (5,)
 
 
+def test_recon_for_finds_the_map_made_for_this_link_by_config_not_by_folder_name(smoke_gpt2, trained, tmp_path):
+    """The app's inner-link page shows the reconstruction arm only with a map trained from this link."""
+    import shutil
+
+    from lab import models_dir
+    from lab.innerlink import reconstruct as RC
+    from lab.innerlink.experiment import LINK_FIELDS, recon_for
+    from lab.store import read_json, write_json
+    cfg, art, link = trained
+    RC.train_recon(cfg.replace(recon_steps=2, recon_batch=4, handoff_steps=2), smoke_gpt2, link,
+                   H.make_items(8, "test", 0), out_dir=tmp_path / "recon")
+    want = read_json(art.path / "config.json")
+    # a map from another link (a link field differs), under the name the old folder-name rule would have picked
+    other = models_dir() / art.path.name.replace("innerlink-", "innerlink-recon-", 1)
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(tmp_path / "recon", other)
+    write_json(other / "config.json", {**read_json(other / "config.json"), "seed": want["seed"] + 1})
+    found = recon_for(art.path, smoke_gpt2)
+    assert found != other
+    mine = models_dir() / "innerlink-recon-mine-smoke-gpt2"
+    shutil.copytree(tmp_path / "recon", mine)
+    found = recon_for(art.path, smoke_gpt2)
+    assert found is not None and found != other
+    assert all(read_json(found / "config.json").get(f) == want.get(f) for f in LINK_FIELDS)
+    write_json(mine / "config.json", want)  # one with exactly the link's config is preferred
+    assert recon_for(art.path, smoke_gpt2) == mine
+    shutil.rmtree(other)
+    shutil.rmtree(mine)
+
+
 # --- evaluate, CLI, app -----------------------------------------------------------------------------
 
 def test_evaluate_report_answers_published_figures(trained, smoke_gpt2):

@@ -32,6 +32,13 @@ def test_report_has_every_mechanism_with_honest_numbers(smoke_report):
         assert section["provenance"].get("seed") == 0
         assert section["provenance"].get("config_hash"), f"{mech}: no config hash in provenance"
         assert MECHANISMS[mech] in md
+    # the bases' held-out loss: a CI over windows and a paired test against the unigram on the same tokens
+    assert rep["bases"]
+    for b in rep["bases"]:
+        loss, diff = b["heldout"]["loss"], b["heldout"]["vs_unigram"]
+        assert loss["n"] >= 2 and loss["ci_low"] <= loss["value"] <= loss["ci_high"], b["name"]
+        assert diff["control"] and diff["p_value"] is not None and diff["n"] == loss["n"], b["name"]
+        assert f"| {b['name']} | {loss['value']:.3f} [" in md
 
 
 def test_every_figure_in_every_format(smoke_report):

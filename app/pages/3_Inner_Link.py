@@ -25,13 +25,12 @@ st.markdown(
 def benchmark(base_name: str, path: str, task: str, n_items: int, seed: int):
     from lab.innerlink import handoff as H
     from lab.innerlink import reconstruct as RC
+    from lab.innerlink.experiment import recon_for
     from lab.innerlink.training import load
     base = cached_base(base_name)
     link, cfg, _ = load(Path(path), base)
-    maps = {}
-    recon_dir = Path(path).with_name(Path(path).name.replace("innerlink-", "innerlink-recon-", 1))
-    if (recon_dir / "manifest.json").exists():
-        maps["recon"] = RC.load_recon(recon_dir, base)[0]
+    recon_dir = recon_for(Path(path), base)
+    maps = {} if recon_dir is None else {"recon": RC.load_recon(recon_dir, base)[0]}
     items = H.items_for(cfg, n_items, seed=seed, task=task)
     return H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps)
 

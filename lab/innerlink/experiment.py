@@ -175,6 +175,24 @@ def ensure_recon(cfg, base, link, preset: str) -> Path:
     return recon_dir
 
 
+def recon_for(link_path: Path, base) -> Path | None:
+    """The reconstruction map on disk made for the inner link at `link_path`, or None: trained on the same
+    base from a config whose link fields equal the link's (the recon map is trained from that link), the
+    one with exactly the link's config first."""
+    from lab.innerlink.reconstruct import KIND as RECON_KIND
+    from lab.store import find_artifacts
+    want = read_json(Path(link_path) / "config.json")
+    found = []
+    for path in find_artifacts(RECON_KIND, base.name).values():
+        try:
+            have = read_json(path / "config.json")
+        except LabError:
+            continue
+        if isinstance(have, dict) and all(have.get(f) == want.get(f) for f in LINK_FIELDS):
+            found.append((have != want, str(path), path))
+    return min(found)[2] if found else None
+
+
 def ensure_trained(cfg, base, preset: str) -> Artifact | Path:
     """The preset's inner-link artifact, trained if missing or made with another config."""
     from lab.innerlink.training import artifact_dir, train

@@ -372,9 +372,12 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
         return {"stopped_at": stop_after}
     if not state.is_main_process:
         return {}
+    from lab.stats import bootstrap_ci
+    windows = heldout_window_losses(model, held, p.seq_len, n_windows=128)
     metrics = {
         "preset": asdict(p), "steps": spec.steps, "seconds": round(result.seconds, 1),
-        "heldout_loss": heldout_loss(model, held, p.seq_len, n_windows=128),
+        "heldout_loss": float(windows.mean()), "heldout_loss_ci95": list(bootstrap_ci(windows)),
+        "heldout_windows": len(windows),
         "unigram_loss": unigram_loss(train, held, vocab),
         "heldout_tokens": int(min(128, (len(held) - 1) // p.seq_len) * p.seq_len),
         "train_tokens": int(len(train)), "history": result.history,

@@ -35,8 +35,10 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
     m = _pretrain(name, steps=steps, seed=seed)
     if not m:  # a non-main process under `accelerate launch`: the main one reports
         return
-    typer.echo(f"{name}: held-out loss {m['heldout_loss']:.3f} nats/token vs unigram baseline "
-               f"{m['unigram_loss']:.3f} (n={m['heldout_tokens']} held-out tokens), {m['seconds']:.0f} s")
+    lo, hi = m["heldout_loss_ci95"]
+    typer.echo(f"{name}: held-out loss {m['heldout_loss']:.3f} nats/token [{lo:.3f}, {hi:.3f}] (95% bootstrap CI over "
+               f"{m['heldout_windows']} windows, {m['heldout_tokens']} tokens) vs the add-one unigram's "
+               f"{m['unigram_loss']:.3f}, {m['seconds']:.0f} s")
 
 
 @app.command()

@@ -134,6 +134,8 @@ def test_pretrain_resume_is_exact(lab_home, tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = (json.loads((p / "lab_base.json").read_text()) for p in (a, b))
     assert ma["heldout_loss"] == mb["heldout_loss"]
+    lo, hi = ma["heldout_loss_ci95"]  # the pretraining metric carries its n and a CI over held-out windows
+    assert lo < ma["heldout_loss"] < hi and ma["heldout_windows"] >= 2
 
 
 def test_generate_is_the_greedy_argmax_continuation(smoke_gpt2):

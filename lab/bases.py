@@ -178,9 +178,29 @@ def preset_path(name: str) -> Path:
     return models_dir() / name
 
 
-def load_base(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+def default_device() -> torch.device:
+    """Where bases load when no device is named: $LAB_DEVICE if set (e.g. "cpu", "cuda:1", "mps"), else the
+    first CUDA GPU if there is one, else the CPU. MPS is used only when named: the lab's float64 steps
+    (whitening, ridge solves) are not supported there."""
+    import os
+
+    name = os.environ.get("LAB_DEVICE", "").strip()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LabError(f"LAB_DEVICE={name!r} is not a torch device; expected e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise LabError(f"LAB_DEVICE={name!r}: no {device.type} device is available on this machine")
+    return device
+
+
+def load_base(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
               train_if_missing: bool = False) -> Base:
-    """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub name."""
+    """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub name, on `device`
+    (default: `default_device()`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     key = str(name_or_path)
@@ -230,8 +250,7 @@ def load_base(name_or_path: str | Path, device: str | None = None, dtype: torch.
                        f"{vocab} rows: tokenizer and model do not match")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device:
-        model.to(device)
+    model.to(device or default_device())
     meta = read_json(Path(path) / LAB_META) if isinstance(path, Path) and (path / LAB_META).exists() else {}
     return Base(name=name, model=_freeze(model), tokenizer=tokenizer, arch=arch,
                 path=path if isinstance(path, Path) else None, meta=meta)
@@ -366,7 +385,7 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
 
     out_dir = Path(out_dir) if out_dir else preset_path(name)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
-    result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"pretrain {name}",
+    result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"pretrain {name}", device=default_device(),
                  stop_after=stop_after)
     if stop_after is not None and stop_after < spec.steps:
         return {"stopped_at": stop_after}

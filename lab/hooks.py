@@ -278,22 +278,34 @@ def patch(base, layer: int, values: torch.Tensor, positions: Sequence[int] | int
 def add(base, layer: int, delta: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
         positions: Sequence[int] | int | None = None, site: str = "resid_pre") -> Iterator[None]:
     """Add `delta` (a tensor broadcastable to (B, T, d), or a callable h -> such a tensor, e.g. a
-    module) to the stream at `layer`/`site`. The primitive that channels and lifelines build on."""
+    module) to the stream at `layer`/`site`, cast to the stream's dtype. The primitive that channels and
+    lifelines build on."""
     with add_to_layers(base, {layer: delta}, positions, site):
         yield
 
 
 def _fixed_add(base, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """h -> h + delta for a fixed tensor at every position: the channels' hot path, so the shape check
-    runs once per stream shape and nothing else runs per call."""
-    checked_shapes = set()
+    and the cast to the stream's dtype run once per stream shape and dtype, and nothing else per call."""
+    as_stream = {}  # (shape, dtype) -> the delta in that dtype
 
     def fn(h):
-        if (h.shape, h.dtype) not in checked_shapes:
-            _check_values(base, "added delta", delta, h, None)
-            checked_shapes.add((h.shape, h.dtype))
-        return h + delta
+        d = as_stream.get((h.shape, h.dtype))
+        if d is None:
+            d = as_stream[(h.shape, h.dtype)] = _to_stream(delta, h)
+            _check_values(base, "added delta", d, h, None)
+        return h + d
     return fn
+
+
+def _to_stream(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """An added delta in the stream's dtype and device: a half-precision base's stream may itself change
+    dtype between blocks (Mamba2 keeps its residual in float32), and h + delta must not promote it."""
+    if not torch.is_tensor(delta) or (delta.dtype == h.dtype and delta.device == h.device):
+        return delta
+    if not torch.is_floating_point(delta):
+        raise LabError(f"added delta must be a floating-point tensor, got dtype {delta.dtype}")
+    return delta.to(device=h.device, dtype=h.dtype)
 
 
 @contextlib.contextmanager
@@ -315,7 +327,7 @@ def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tens
         checked_shapes = set()  # a fixed tensor is checked once per stream shape, not on every call
 
         def fn(h):
-            d = delta if fixed else delta(h)
+            d = _to_stream(delta if fixed else delta(h), h)
             pos = _positions(positions, h.shape[1])
             if not fixed or (h.shape, h.dtype) not in checked_shapes:
                 _check_values(base, "added delta", d, h, pos)

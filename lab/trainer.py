@@ -82,6 +82,7 @@ def fit(
     stop_after: int | None = None,
     train_state=None,
     stop_when: Callable[[dict], bool] | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train the model's `requires_grad` parameters.
 
@@ -93,9 +94,13 @@ def fit(
     resumed run continues exactly.
     stop_when(metrics) -> bool: after an evaluation, stop (after checkpointing) if it returns True; for
     time-to-accuracy measurements, which need not train past the target (result.stopped_early says so).
+    device: where training runs, i.e. where the frozen base is (`base.device`): the trainable module and every
+    batch are moved there. Default: the device of the model's first parameter.
     """
     set_seed(spec.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    # one device for the base, the trainable module and the batches; accelerate picks the GPU of this process
+    accelerator = Accelerator(cpu=device.type == "cpu")
     params = list(_trainable(model).values())
     if not params:
         raise LabError("the model has no trainable parameters")
@@ -182,7 +187,8 @@ def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spe
         for n, p in own.items():
             p.copy_(tensors[n])
     try:
-        state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+        # map to CPU: a checkpoint written on a GPU host resumes anywhere (load_state_dict recasts to the params)
+        state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # a truncated file: say which, do not guess
         raise LabError(f"{ckpt_dir / 'optimizer.pt'} is unreadable (corrupt or truncated): {e}") from None
     opt.load_state_dict(state["optimizer"])

@@ -70,7 +70,7 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
         return {"val_loss": float(m.loss(val)), "max|alpha|": float(m.injector.alpha.abs().max())}
 
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
-                 desc=f"channels {arm} on {base.name}", stop_after=stop_after)
+                 desc=f"channels {arm} on {base.name}", stop_after=stop_after, device=base.device)
     if stop_after is not None and stop_after < spec.steps:
         return None
     metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
@@ -207,7 +207,8 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
             return m.text_loss(batch["text"]) + m.item_loss(batch["items"])
 
         ckpt = path.with_name(f".{path.name}.ckpt")
-        res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d})")
+        res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d})",
+                  device=text_base.device)  # where the text encoder runs
         metrics = {"n_params": _n_params(model), "seconds": round(res.seconds, 1), "history": res.history,
                    "alpha": model.cm.injector.alpha.tolist() if with_ch else None}
         # the head is tied to the embedding: save it once (safetensors refuses shared storage)

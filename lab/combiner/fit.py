@@ -84,7 +84,8 @@ def fit_ce(base, train: dict, val: dict, steps: int = 80, batch: int = 512, lr: 
     def eval_fn(model):
         return {"val_nats": float(ce_nats(base, model, val).mean())}
 
-    res = fit(comb, batch_fn, loss_fn, spec, ckpt_dir=ckpt_dir, eval_fn=eval_fn, desc=desc, stop_after=stop_after)
+    res = fit(comb, batch_fn, loss_fn, spec, ckpt_dir=ckpt_dir, eval_fn=eval_fn, desc=desc, stop_after=stop_after,
+              device=base.device)
     comb.requires_grad_(False).eval()
     return comb, {"history": res.history, "steps": steps, "batch": batch, "lr": lr,
                   "val_nats": float(ce_nats(base, comb, val).mean()), "val_nats_base": float(ce_nats(base, None, val).mean())}

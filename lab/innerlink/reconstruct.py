@@ -92,7 +92,7 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
     out_dir = Path(out_dir) if out_dir else artifact_dir("custom", base)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     result = fit(rmap, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"state reconstruction on {base.name}",
-                 stop_after=stop_after)
+                 stop_after=stop_after, device=base.device)
     if stop_after is not None and stop_after < spec.steps:
         return None
     with torch.no_grad():

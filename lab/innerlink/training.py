@@ -145,7 +145,7 @@ def train(config: Config, base, out_dir: Path | None = None, stop_after: int | N
     out_dir = Path(out_dir) if out_dir else artifact_dir("custom", base)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     result = fit(link, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"inner link on {base.name}",
-                 stop_after=stop_after)
+                 stop_after=stop_after, device=base.device)
     if stop_after is not None and stop_after < spec.steps:
         return None
     art = save_artifact(out_dir, KIND, {k: v for k, v in link.state_dict().items()}, config.to_dict(), base,

@@ -43,6 +43,21 @@ def test_heldout_comparison_has_a_ci_and_pairs_the_unigram_on_the_same_tokens(sm
         heldout_comparison("nope")
 
 
+def test_default_device_follows_lab_device(monkeypatch):
+    from lab.bases import default_device
+    monkeypatch.delenv("LAB_DEVICE", raising=False)
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("LAB_DEVICE", "cpu")
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setenv("LAB_DEVICE", "gpu0")
+    with pytest.raises(LabError, match="LAB_DEVICE='gpu0' is not a torch device"):
+        default_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LAB_DEVICE", "cuda:1")
+        with pytest.raises(LabError, match="no cuda device is available"):
+            default_device()
+
+
 def test_base_handles(any_base):
     b = any_base
     assert not b.model.training

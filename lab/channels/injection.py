@@ -105,16 +105,19 @@ def _raise_non_finite(rows: Mapping[str, torch.Tensor], dtype: torch.dtype) -> N
 
 
 def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
-                         batch: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Validate channel inputs: known names, (B, width) or (width,) shapes, one batch size, finite values.
+                         batch: int | None = None, dtype: torch.dtype = torch.float32,
+                         check_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Validate channel inputs: known names, (B, width) or (width,) shapes, one batch size, finite values
+    (also once cast to `check_dtype`, the base's dtype: a finite 1e5 is inf in float16).
 
-    Channels not given are zeros (= switched off, see module doc). Returns {name: (B, width)} for
-    every channel in `widths`, in its order.
+    Channels not given are zeros (= switched off, see module doc). Returns {name: (B, width)} in `dtype`
+    for every channel in `widths`, in its order.
     """
     rows, B, device = _checked_rows(values, widths, batch)
-    # one finiteness check over all channels, in the dtype the base will see; name the culprits only on failure
-    if rows and not torch.isfinite(torch.cat([v.reshape(-1).to(dtype) for v in rows.values()])).all():
-        _raise_non_finite(rows, dtype)
+    check_dtype = check_dtype or dtype
+    # one finiteness check over all channels; name the culprits only on failure
+    if rows and not torch.isfinite(torch.cat([v.reshape(-1).to(check_dtype) for v in rows.values()])).all():
+        _raise_non_finite(rows, check_dtype)
     out = {}
     for name, w in widths.items():
         v = rows.get(name)
@@ -123,9 +126,10 @@ def check_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str
 
 
 def concat_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[str, int],
-                          batch: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          batch: int | None = None, dtype: torch.dtype = torch.float32,
+                          check_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The same checks as `check_channel_values`, returning the channels concatenated in `widths` order:
-    (B, sum of widths). The additive injection's hot path: one cat and one finiteness check per forward."""
+    (B, sum of widths) in `dtype`. The additive injection's hot path: one cat and one finiteness check."""
     rows, B, device = _checked_rows(values, widths, batch)
     parts = []
     for n, w in widths.items():
@@ -138,11 +142,13 @@ def concat_channel_values(values: Mapping[str, torch.Tensor], widths: Mapping[st
         parts.append(v)
     xc = torch.cat(parts, -1)
     # fast path: a finite sum proves every value finite (NaN and inf propagate); only a non-finite sum,
-    # which an overflow of large finite values can also give, pays for the element-wise check
-    # the check runs on the cast values, so a finite float32 value that overflows the base's dtype is caught
-    if not math.isfinite(float(xc.detach().sum())) and not torch.isfinite(xc).all():
-        _raise_non_finite(rows, dtype)
-        raise LabError(f"channel values hold NaN or infinite numbers once cast to {dtype}; expected finite numbers")
+    # which an overflow of large finite values can also give, pays for the element-wise check.
+    # The check runs on the values in the base's dtype, so a finite float32 value that overflows it is caught.
+    check_dtype = check_dtype or dtype
+    checked = xc if check_dtype == dtype else xc.to(check_dtype)
+    if not math.isfinite(float(checked.detach().sum())) and not torch.isfinite(checked).all():
+        _raise_non_finite(rows, check_dtype)
+        raise LabError(f"channel values hold NaN or infinite numbers once cast to {check_dtype}; expected finite numbers")
     return xc
 
 
@@ -235,6 +241,7 @@ class ChannelInjector(nn.Module):
         """(B, T, d): per-channel cross-attention of the stream's queries over that channel's tokens."""
         B, T, d = h.shape
         H, e = self.n_heads, d // self.n_heads
+        h = h.to(self.wq.dtype)  # a half-precision base's stream; the injector computes in its own dtype
         q = (F.layer_norm(h, (d,)) @ self.wq[layer]).view(B, T, H, e)            # (B, T, H, e)
         k = (tokens @ self.wk[layer]).view(*tokens.shape[:3], H, e)              # (B, C, K, H, e)
         v = (tokens @ self.wv[layer]).view(*tokens.shape[:3], H, e)
@@ -267,17 +274,22 @@ def inject(base, injector: ChannelInjector, channels: Mapping[str, torch.Tensor]
                        f"{base.name!r} has d_model={base.d_model}, {base.n_layers} layers")
     from lab import hooks
 
-    device = base.device
+    device = injector.alpha.device
+    if device != base.device:
+        raise LabError(f"the injector is on {device} but base {base.name!r} is on {base.device}; move it with .to()")
+    # the injector computes in its own dtype (float32 parameters, also beside a half-precision base); values
+    # are checked in the base's dtype, and lab.hooks casts each delta to the stream's dtype
+    dtype = injector.alpha.dtype
     if injector.mode == "additive":
         # the per-context cost is a visible share of a small base's forward: one cat, one finiteness check,
         # one batched matmul for every layer and channel (bench/bench_channels.py)
-        xc = concat_channel_values(channels, injector.widths, batch, dtype=base.dtype)
-        deltas = injector.additive_deltas(xc.to(device)).to(base.dtype).unsqueeze(2)  # (L, B, 1, d)
+        xc = concat_channel_values(channels, injector.widths, batch, dtype=dtype, check_dtype=base.dtype)
+        deltas = injector.additive_deltas(xc.to(device)).unsqueeze(2)          # (L, B, 1, d)
         per_layer = dict(enumerate(deltas.unbind(0)))
     else:
-        x = check_channel_values(channels, injector.widths, batch, dtype=base.dtype)
+        x = check_channel_values(channels, injector.widths, batch, dtype=dtype, check_dtype=base.dtype)
         x = {k: (v if v.device == device else v.to(device)) for k, v in x.items()}
-        tokens = injector.channel_tokens(x).to(base.dtype)                    # (B, C, K, d)
+        tokens = injector.channel_tokens(x)                                    # (B, C, K, d)
         per_layer = {layer: (lambda h, layer=layer: injector.xattn_delta(layer, h, tokens))
                      for layer in range(base.n_layers)}
     with hooks.add_to_layers(base, per_layer, site=site):

@@ -158,6 +158,7 @@ class ChannelModel(nn.Module):
                 and config.text_encoder == "base" and self.text_encoder.dim == base.d_model):
             ident = ("memory", "identity", "continuity")
         self.injector.init_weights(seed=config.seed, identity=ident)
+        self.injector.to(base.device)  # float32 beside any base dtype: the gates are what trains
 
     # --- channel tensors -----------------------------------------------------------------------
 

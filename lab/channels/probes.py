@@ -61,7 +61,7 @@ def channel_attribution(model, items, n_steps: int = 16) -> list[dict]:
     for it in items:
         x = model.channels([it.state])
         flat = torch.cat([x[n] for n in names], -1)                           # (1, W)
-        ids = torch.tensor([b.tokenizer.encode(it.prompt, add_special_tokens=False)])
+        ids = torch.tensor([b.tokenizer.encode(it.prompt, add_special_tokens=False)], device=b.device)
         tgt = b.tokenizer.encode(it.candidates[it.label], add_special_tokens=False)[0]
 
         def f(xs, ids=ids, tgt=tgt):

@@ -150,6 +150,7 @@ class NativeModel(torch.nn.Module):
         b = self.base
         from lab.channels.model import _pack
         ids, att, _ = _pack(b.tokenizer, [it.prompt for it in items], [it.target for it in items], b.tokenizer.pad_token_id)
+        ids, att = ids.to(b.device), att.to(b.device)
         from lab.channels.injection import inject
         ch = self.cm.channels([it.state for it in items], zero=zero) if self.cm is not None else None
         with inject(b, self.cm.injector if self.cm else None, ch, batch=ids.shape[0]):

@@ -151,7 +151,8 @@ def save_artifact(path: Path, kind: str, tensors: dict[str, torch.Tensor], confi
         write_json(tmp / CONFIG, config)
         manifest = {
             "kind": kind,
-            "base": {"name": base.name, "fingerprint": base.fingerprint} if base is not None else None,
+            "base": ({"name": base.name, "fingerprint": base.fingerprint, "dtype": str(base.dtype).replace("torch.", "")}
+                     if base is not None else None),
             "weights_sha256": sha256_file(tmp / WEIGHTS),
             "config_hash": config_hash(config),
             "metrics": metrics or {},
@@ -179,8 +180,12 @@ def load_artifact(path: Path, kind: str | None = None, base=None) -> Artifact:
     if base is not None and manifest.get("base"):
         want = manifest["base"]
         if want["fingerprint"] != base.fingerprint:
+            # the fingerprint hashes the weights' bytes: the same model loaded in another dtype differs too
+            have_dtype = str(base.dtype).replace("torch.", "")
+            dtypes = (f"; it was trained on the base in {want['dtype']}, this one is loaded in {have_dtype}"
+                      if want.get("dtype") and want["dtype"] != have_dtype else "")
             raise LabError(f"{path} was trained on base {want['name']!r} (fingerprint {want['fingerprint'][:12]}), "
-                           f"but the loaded base is {base.name!r} (fingerprint {base.fingerprint[:12]})")
+                           f"but the loaded base is {base.name!r} (fingerprint {base.fingerprint[:12]}){dtypes}")
     tensors = load_safetensors(path / WEIGHTS)
     return Artifact(path, manifest["kind"], read_json(path / CONFIG), tensors, manifest)
 

@@ -24,6 +24,10 @@ def test_artifact_roundtrip_and_base_binding(smoke_gpt2, smoke_mamba2, tmp_path)
     assert back.base_name == "smoke-gpt2" and art.manifest["metrics"] == {"acc": 0.5}
     with pytest.raises(LabError, match="trained on base 'smoke-gpt2'"):
         load_artifact(tmp_path / "art", base=smoke_mamba2)
+    # the same base in another dtype has other weight bytes: refused, and the message says why
+    from lab.bases import load_base
+    with pytest.raises(LabError, match="trained on the base in float32, this one is loaded in bfloat16"):
+        load_artifact(tmp_path / "art", base=load_base(smoke_gpt2.path, dtype=torch.bfloat16))
     with pytest.raises(LabError, match="expected 'rlf'"):
         load_artifact(tmp_path / "art", kind="rlf")
 

@@ -165,14 +165,14 @@ class TextEncoder:
             self.dim = base.d_model
             self.name = f"{base.name}:mean-pool-{layer}"
         elif isinstance(spec, str) and spec.startswith("st:") and len(spec) > 3:
-            self._st = self._load_sentence_transformer(spec[3:])
+            self._st = self._load_sentence_transformer(spec[3:], base.device if base is not None else "cpu")
             self.dim = int(self._st.get_sentence_embedding_dimension())
             self.name = spec
         else:
             raise LabError(f"text encoder must be 'base' or 'st:<sentence-transformers model>', got {spec!r}")
 
     @staticmethod
-    def _load_sentence_transformer(name: str):
+    def _load_sentence_transformer(name: str, device):
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
@@ -180,7 +180,7 @@ class TextEncoder:
                            f"(pip install sentence-transformers, then place the model in the HF cache; "
                            f"the lab never downloads weights). Use text_encoder='base' for the offline default.") from None
         try:
-            return SentenceTransformer(name, local_files_only=True, device="cpu")
+            return SentenceTransformer(name, local_files_only=True, device=str(device))  # beside the base
         except Exception as e:  # missing from the cache, or not a sentence-transformers model
             raise LabError(f"sentence-transformers model {name!r} is not available offline "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

@@ -221,6 +221,51 @@ def test_training_can_stop_at_a_validation_target_and_resume(smoke_gpt2, tmp_pat
     assert [h["step"] for h in never.manifest["metrics"]["history"]] == [2, 4, 6]
 
 
+def test_half_precision_base_trains_and_explains(smoke_gpt2, tmp_path):
+    """A bf16 base (as users run on GPUs): the trainable gate and core stay float32 and compute in float32,
+    the frozen base's head reads its own dtype, and training, inference, explain and the probes run."""
+    from lab.bases import load_base
+    from lab.rlf import Config
+    from lab.rlf.data import heldout_set
+    from lab.rlf.evaluation import explain, solve
+    from lab.rlf.model import encode_prompts
+    from lab.rlf.probes import attribute, collect_latents
+    from lab.rlf.training import load, supervision, train
+    base = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
+    assert base.dtype == torch.bfloat16
+    cfg = Config.preset("smoke", steps=3, eval_every=3, ckpt_every=3, val_n_per_hop=2)
+    art = train(cfg, base, tmp_path / "bf16", progress=False)
+    hist = art.manifest["metrics"]["history"]
+    assert hist and all(np.isfinite(h["loss"]) for h in hist)
+    m = load(art.path, base)
+    params = dict(m.named_parameters())
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    assert all(p.device == base.device for p in params.values())
+    probs = heldout_set(2, 500)[:4]
+    ids, mask = encode_prompts(base, [p.prompt for p in probs])
+    targets, weights = supervision(m, probs, cfg)
+    loss = m.loss(ids, mask, targets, weights)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in params.values())
+    m.zero_grad()
+    with torch.no_grad():
+        logits = m.run(ids, mask, 3)
+    assert logits.shape == (3, 4, base.unembed.weight.shape[0]) and logits.dtype == torch.float32
+    assert (logits[:, :, m.answer_bias < 0] < -1e8).all() and torch.isfinite(logits).all()  # the mask stays finite
+    tr = solve(m, [p.prompt for p in probs], 5)
+    assert tr.preds.shape[0] == 4 and 1 <= tr.preds.shape[1] <= 5
+    ex = explain(m, probs[0].prompt, 5)
+    K = len(ex["loops"])
+    assert 1 <= K <= 5 and ex["latents"].shape == (K, base.d_model) and ex["latents"].dtype == np.float32
+    assert np.isfinite(ex["latents"]).all() and ex["truth"] == list(probs[0].path)
+    lat = collect_latents(m, probs)
+    assert lat.X.shape == (sum(p.hops + 1 for p in probs), base.d_model) and np.isfinite(lat.X).all()
+    a = attribute(m, probs[0], n_steps=2)
+    assert a["attr"].shape == (probs[0].hops + 1, len(a["tokens"])) and np.isfinite(a["attr"]).all()
+
+
 def test_adaptive_curriculum_opens_the_next_hop_only_when_the_newest_is_learned():
     from lab.rlf import Config
     from lab.rlf.data import train_batch

@@ -215,7 +215,7 @@ def explain(model: RLF, prompt: str, cap: int, lifeline: Lifeline | list[Lifelin
                     halted_at = k
             preds = [lp["pred"] for lp in loops[: (halted_at + 1) if halted_at is not None else None]]
             answer = preds[-2] if halted_at is not None and halted_at >= 1 else (None if halted_at == 0 else preds[-1])
-            latents = cache.stack("latent", prefix="loop")[:, 0].float().numpy()          # (K, d)
+            latents = cache.stack("latent", prefix="loop")[:, 0].float().cpu().numpy()    # (K, d)
             results.append({"loops": loops, "halted_at": halted_at, "answer": answer, "truth": parsed["path"],
                             "latents": latents, "query": parsed["query"], "n_tokens": int(ids.shape[1])})
     return results if isinstance(lifeline, list) else results[0]

@@ -278,6 +278,13 @@ class RLF(nn.Module):
                     m.qkv.weight[d: 2 * d] = m.qkv.weight[:d]
                     m.qkv.bias[d: 2 * d] = m.qkv.bias[:d]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the trainable part computes in (float32): the loop state, lifeline, RoPE and core.
+        A half-precision base's stream is cast to it on entry to the loop, and the loop state is cast back
+        to `base.dtype` only where a frozen base module reads it (its final norm and head)."""
+        return self.core.in_proj.weight.dtype
+
     # --- the base pass ---------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, grad: bool = False,
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -343,7 +350,8 @@ class RLF(nn.Module):
         (B, T, d); detach_prompt=False lets gradients flow through the lifeline too (attribution)."""
         if not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 1:
             raise LabError(f"the loop cap must be a positive integer, got {n_loops!r}")
-        x = self.encode(ids, mask) if x0 is None else x0          # (B, T, d)
+        x = self.encode(ids, mask) if x0 is None else x0          # (B, T, d), in the base's dtype
+        x = x.to(self.dtype)                                     # the loop computes in the core's dtype (no-op for fp32)
         x_prompt = x.detach() if detach_prompt else x            # attribution keeps the lifeline's graph
         ans = mask.sum(1) - 1                                    # (B,) the ':' of "Answer:"
         rows = torch.arange(x.shape[0], device=x.device)
@@ -363,7 +371,9 @@ class RLF(nn.Module):
             rec("core_out", delta)
             x = x + delta
             rec("latent", x)
-            logits = self.base.logits(x[rows, ans]) + self.answer_bias.to(x.dtype)  # (B, V): final norm + head
+            # (B, V): the base's final norm + head, in the base's dtype; the logits come back as float32
+            # before the answer mask is added (-1e9 would be -inf in float16)
+            logits = self.base.logits(x[rows, ans].to(self.base.dtype)).float() + self.answer_bias.to(x.device)
             out.append(logits)
             if stop_on_halt:
                 halted |= logits.argmax(-1) == self.vocab.halt_id
@@ -386,6 +396,7 @@ class RLF(nn.Module):
         return_correct: also (B,) bool, every supervised loop's argmax right (the training batch's own
         accuracy, free: it reads the logits the loss already computed)."""
         logits = self.run(ids, mask, targets.shape[1])           # (K, B, V)
+        targets, weights = targets.to(logits.device), weights.to(logits.device)  # supervision() builds them on the CPU
         ce = nn.functional.cross_entropy(logits.permute(1, 2, 0).float(), targets, reduction="none")  # (B, K)
         loss = (ce * weights).sum() / weights.sum().clamp_min(1.0)
         if not return_correct:
@@ -422,8 +433,10 @@ def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
     cfg = model.config
     probs = train_batch(-1, n_prompts, cfg.seed, cfg.max_train_hops)
     ids, mask = encode_prompts(model.base, [p.prompt for p in probs])
-    x = model.encode(ids, mask)
-    X = (x + model.gate.to(x.dtype) * x)[mask.bool()].double()         # loop-0 states (N, d)
+    x = model.encode(ids, mask).to(model.dtype)                         # as `RLF.run` casts it
+    # the statistics on the CPU in float64 (a GPU eye/cov/eigh mix fails, MPS has no float64/eigh);
+    # copy_ below puts the result back on the parameter's device and dtype
+    X = (x + model.gate.to(x.dtype) * x)[mask.bool()].cpu().double()   # loop-0 states (N, d)
     mu = X.mean(0)
     ev, U = torch.linalg.eigh(torch.cov((X - mu).T) + 1e-6 * torch.eye(X.shape[1], dtype=X.dtype))
     W = U @ torch.diag(ev.clamp_min(1e-6 * ev.max()) ** -0.5) @ U.T     # (d, d)
@@ -436,9 +449,9 @@ def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
 
 
 def build(config, base) -> RLF:
-    """The RLF module for `config` on `base` (seeded by config.seed)."""
+    """The RLF module for `config` on `base` (seeded by config.seed), on `base.device`, in float32."""
     torch.manual_seed(config.seed)
-    model = RLF(config, base)
+    model = RLF(config, base).to(base.device)   # initialised on the CPU (same numbers everywhere), then moved
     if config.core_init == "match" and config.core == "transformer":
         whiten_in_proj(model)
     return model

@@ -352,7 +352,7 @@ def attribute(model: RLF, problem: Problem, n_steps: int = 16) -> dict:
     for k in range(K):
         attr = lig.attribute(ids, baselines=torch.full_like(ids, pad), target=int(targets[k]),
                              additional_forward_args=(mask, k), n_steps=n_steps, internal_batch_size=n_steps)
-        rows.append(attr.sum(-1)[0].detach().float().numpy())                          # (T,)
+        rows.append(attr.sum(-1)[0].detach().float().cpu().numpy())                    # (T,)
     toks, spans = _token_spans(model, problem.prompt)
     return {"attr": np.stack(rows), "tokens": toks, "spans": spans, "targets": [model.vocab.decode(int(t)) for t in targets]}
 

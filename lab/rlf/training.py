@@ -68,7 +68,9 @@ class HopCurriculum:
             out.append(0.1 + 1.0 - sum(window) / len(window))
         return out
 
-    def observe(self, step: int, hops: list[int], correct: list[bool]) -> None:
+    def observe(self, step: int, hops: list[int], correct: list[bool], device: torch.device | None = None) -> None:
+        """device: the model's (where a distributed reduce of the counts must run: NCCL reduces only
+        GPU tensors); the counts are read back on the CPU."""
         c = self.config
         self.next_step = step + 1
         self.opened_at.setdefault(self.cap(step), step)
@@ -79,7 +81,9 @@ class HopCurriculum:
             counts[h, 0] += float(ok)
             counts[h, 1] += 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.to(device or "cpu")
             torch.distributed.all_reduce(counts)  # every rank sees every rank's outcomes: caps stay equal
+            counts = counts.cpu()
         for h in range(1, c.max_train_hops + 1):
             n_ok, n = int(counts[h, 0]), int(counts[h, 1])
             window = self.recent.setdefault(h, [])
@@ -147,7 +151,7 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
 
     def loss_fn(m, batch):
         loss, correct = m.loss(batch["ids"], batch["mask"], batch["targets"], batch["weights"], return_correct=True)
-        curriculum.observe(batch["step"], batch["hops"], correct.tolist())
+        curriculum.observe(batch["step"], batch["hops"], correct.tolist(), device=correct.device)
         return loss
 
     def eval_fn(m):
@@ -201,7 +205,7 @@ def load(path_or_artifact, base=None) -> RLF:
     if base is None:
         base = load_base(art.manifest.get("base", {}).get("name") or art.config["base"])
     config = Config.from_dict(art.config)
-    model = build(config, base)
+    model = build(config, base).to(base.device)   # build already puts it there; the weights below are copied across
     own = dict(model.named_parameters())
     if set(art.tensors) != {n for n, p in own.items() if p.requires_grad}:
         raise LabError(f"{art.path} holds other tensors than an RLF {config.core} core of this config")

@@ -314,6 +314,53 @@ def test_train_and_evaluate_report(smoke_gpt2, small_run, tmp_path):
     assert (out / "report.md").read_text().count("delta bpb") >= 4
 
 
+def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
+    """A bfloat16 base: the combiner's parameters stay float32 (ridge's alpha is not rounded to bf16's grid),
+    both fits and the bits-per-byte evaluation (chunked, identity, sliding window) run and give finite numbers,
+    and the zero-init combiner is still the base bit for bit."""
+    from lab.bases import load_base
+    from lab.combiner import Config, combiners, control_combiner, evaluate, train
+    from lab.corpus import heldout_text
+    b16 = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
+    assert b16.dtype == torch.bfloat16
+    d = b16.d_model
+    ds = collect_features(b16, 192, k_max=1, ctx_min=8, ctx_max=24, n_docs=300, seed=0, batch=64,
+                          path=tmp_path / "f", progress=False)
+    tr, va = split(as_tensors(ds, 1), 0.25, seed=0)
+    ce, info = fit_ce(b16, tr, va, steps=4, batch=64, seed=0, ckpt_dir=tmp_path / "ck")
+    rg, rinfo = fit_ridge(b16, tr, va, lambdas=(1e-1,))
+    for c in (ce, rg):
+        assert all(p.dtype == torch.float32 for p in c.parameters())
+    assert np.isfinite(info["val_nats"]) and np.isfinite(info["val_nats_base"]) and np.isfinite(rinfo["val_nats"])
+    assert float(ce_nats(b16, rg, va).mean()) == pytest.approx(rinfo["val_nats"], abs=1e-5)
+    assert float(rg.alpha) == pytest.approx(rinfo["grid"][0]["alpha"], rel=1e-6)  # float32, not bf16's 2^-8 steps
+    h, t = va["h"][:3].to(b16.dtype), va["t"][:3].to(b16.dtype)
+    logits = combined_logits(b16, ce, h, t)
+    assert logits.shape == (3, b16.unembed.weight.shape[0]) and torch.isfinite(logits.float()).all()
+    # bits per byte: chunked base / identity / fitted, and the sliding window
+    ids, nb = B.tokenize_with_bytes(b16.tokenizer, heldout_text(20))
+    feats = B.chunk_features(b16, ids, nb, 32, 1, batch=8)
+    base_nats = B.score_chunks(b16, feats)
+    assert base_nats.shape == (len(feats),) and np.isfinite(base_nats).all()
+    assert np.array_equal(B.score_chunks(b16, feats, Combiner(d), 1), base_nats)  # identity, bit for bit
+    for c in (ce, rg):
+        nats = B.score_chunks(b16, feats, c, 1)
+        assert nats.shape == (len(feats),) and np.isfinite(nats).all() and np.isfinite(B.bpb(nats, feats.nbytes))
+    sl = B.sliding_window(b16, ids[:80], nb[:80], 32, 8)
+    assert sl.nats.shape == (79,) and np.isfinite(sl.bpb)
+    # the experiment end to end: train (both fits per k and the control) and evaluate
+    cfg = Config.preset("smoke", n_features=128, k_max=1, ce_steps=3, ce_batch=64, eval_docs=40, check_tokens=20,
+                        ridge_lambdas=(1e-1,))
+    art = train(cfg, b16, out_dir=tmp_path / "combiner-bf16", progress=False)
+    loaded = {**combiners(art, b16), "control": control_combiner(art, b16)}
+    assert all(p.dtype == torch.float32 for c in loaded.values() for p in c.parameters())
+    rep = evaluate(art, b16, progress=False)
+    ident = rep.measure("delta bpb, identity combiner (chunked)")
+    assert ident.value == 0.0 and ident.extra["bit_exact"]
+    assert all(np.isfinite(m.value) for m in rep.measures)
+    assert np.isfinite(rep.measure(f"base bpb (sliding window {cfg.window}, stride {cfg.stride})").value)
+
+
 def test_cli_registers(smoke_gpt2):
     import typer
     from lab.combiner.cli import register

@@ -318,6 +318,57 @@ def test_recon_for_finds_the_map_made_for_this_link_by_config_not_by_folder_name
     shutil.rmtree(mine)
 
 
+# --- half precision ----------------------------------------------------------------------------------
+
+def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
+    """A bfloat16 base (the paper preset's Qwen2.5-14B only fits in half precision): the float32 adapter
+    trains on its cached states, and the cosine evaluation, the m-step rollout, the hand-off benchmark
+    and the reconstruction objective run end to end, with latents in the base's dtype."""
+    from lab.bases import load_base
+    from lab.innerlink import reconstruct as RC
+    from lab.innerlink.training import caches, cosine_measures, heldout_cosines, latent_rollout, load, rollout_eval, train
+    b16 = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
+    assert b16.dtype == torch.bfloat16
+    d = b16.d_model
+    cfg = small_config(train_docs=40, heldout_docs=12, steps=4, batch_size=32, eval_rows=64, rollout_prompts=4)
+    art = train(cfg, b16, out_dir=tmp_path / "link")
+    link, _, _ = load(art.path, b16)
+    assert all(p.dtype == torch.float32 for p in link.parameters())
+    assert np.isfinite(art.manifest["metrics"]["history"][-1]["heldout_cos"])
+    # the adapter computes in float32 and hands back the dtype it was given
+    h = torch.randn(3, d, dtype=torch.bfloat16, device=b16.device)
+    assert link(h).dtype == torch.bfloat16 and link(h.float()).dtype == torch.float32
+    # held-out cosines (cached float32 states; the head and the embedding matrix are bfloat16)
+    _, held = caches(cfg, b16)
+    cos = heldout_cosines(link, b16, held)
+    for k in ("trained", "shuffled", "identity", "untrained", "nearest_ok", "base_top1_ok"):
+        assert cos[k].shape == (len(held),) and cos[k].dtype == np.float32 and np.isfinite(cos[k]).all(), k
+    assert all(np.isfinite(m.value) for m in cosine_measures(cos))
+    # the m-step rollout feeds the latents back as input embeddings of the base's dtype
+    ids = torch.tensor([b16.tokenizer.encode("K = walnut. What is K?", add_special_tokens=False)], device=b16.device)
+    lat, raw = latent_rollout(b16, link, b16.embed(ids), 2)
+    assert lat.shape == raw.shape == (1, 2, d) and lat.dtype == torch.bfloat16
+    table, _ = rollout_eval(link, b16, cfg)
+    assert [r["step"] for r in table] == list(range(1, cfg.rollout_steps + 1))
+    assert all(np.isfinite(r["cos_gold"]) and np.isfinite(r["nearest_is_greedy"]) for r in table)
+    # the hand-off benchmark on a few items, with a second map's arm
+    items = H.make_items(4, "test", 0)
+    res = H.run_benchmark(b16, link, items, 2, seed=0, extra_maps={"recon": link})
+    assert res.latents.shape == (4, 2, d) and torch.isfinite(res.latents.float()).all()
+    arms = {m.extra.get("arm"): m for m in res.measures if m.extra.get("arm")}
+    assert set(arms) == set(H.ARMS) | {"recon", "session_a"} and all(m.n == 4 for m in arms.values())
+    assert res.answers["recon"] == res.answers["inner_link"]
+    # the reconstruction objective: a finite loss whose gradient reaches the float32 map
+    rmap = InnerLink(d).to(b16.device)
+    rmap.load_state_dict(link.state_dict())
+    loss = RC.recon_loss(b16, rmap, items[:2], 2)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and rmap.w1.weight.grad.dtype == torch.float32
+    assert torch.isfinite(rmap.w1.weight.grad).all() and rmap.w1.weight.grad.abs().sum() > 0
+    rc = RC.recon_cosines(b16, link, items, 2)
+    assert rc.shape == (4,) and np.isfinite(rc).all()
+
+
 # --- evaluate, CLI, app -----------------------------------------------------------------------------
 
 def test_evaluate_report_answers_published_figures(trained, smoke_gpt2):

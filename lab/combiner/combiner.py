@@ -2,6 +2,8 @@
 
 h is the final-normed state (what the head reads), so logits = head(h') and at init
 h' = 1.0 * h + 0 + 0 = h bit for bit: the base's logits exactly (tested with max |diff| == 0.0).
+The parameters stay float32 on a half-precision base (a bf16 alpha would round 1 + alpha to steps of
+2^-8): the combiner computes in its own dtype and hands h' back in h's dtype.
 Parameters: 1 + d*d + d (262,657 at d = 512, as published).
 """
 
@@ -42,14 +44,16 @@ class Combiner(nn.Module):
     def forward(self, h: torch.Tensor, t: torch.Tensor, alpha: float | None = None,
                 m_scale: float = 1.0) -> torch.Tensor:
         """h, t: (B, d) -> h' (B, d). `alpha` overrides the fitted alpha and `m_scale` scales M and beta
-        (the app's sliders); the defaults use the fitted values unchanged."""
+        (the app's sliders); the defaults use the fitted values unchanged. Computed in the parameters' dtype
+        (h and t cast to it: no-ops when they match), returned in h's dtype."""
         self.check(h, t)
+        out_dtype, h, t = h.dtype, h.to(self.M.dtype), t.to(self.M.dtype)
         a = self.alpha if alpha is None else torch.as_tensor(alpha, dtype=h.dtype, device=h.device)
         if m_scale == 1.0:
             mix = F.linear(t, self.M, self.beta)                     # (B, d)
         else:
             mix = F.linear(t, self.M * m_scale, self.beta * m_scale)
-        return (1 + a) * h + mix
+        return ((1 + a) * h + mix).to(out_dtype)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -73,5 +77,5 @@ class Combiner(nn.Module):
 
 
 def combined_logits(base, combiner: Combiner, h: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
-    """Frozen head on h' (no final norm: h is already final-normed). (B, d) -> (B, V)."""
-    return base.logits(combiner(h, t, **kw), normed=True)
+    """Frozen head on h' (no final norm: h is already final-normed), h' cast to the base's dtype. (B, d) -> (B, V)."""
+    return base.logits(combiner(h, t, **kw).to(base.dtype), normed=True)

@@ -100,8 +100,8 @@ def artifact_dir(preset: str, base_name: str) -> Path:
 
 
 def build(config: Config, base) -> Combiner:
-    """A zero-init (identity) combiner for this base."""
-    return Combiner(base.d_model).to(base.device, base.dtype)
+    """A zero-init (identity) combiner for this base (float32 parameters on any base dtype)."""
+    return Combiner(base.d_model).to(base.device)
 
 
 def _check_base_context(config: Config, base) -> None:
@@ -150,13 +150,13 @@ def train(config: Config, base, out_dir: Path | None = None, progress: bool = Tr
 def combiners(artifact: Artifact, base) -> dict[tuple[str, int], Combiner]:
     """{(fit, k): Combiner} from a trained artifact."""
     cfg = Config.from_dict(artifact.config)
-    return {(fit, k): Combiner.from_tensors(artifact.tensors, f"{fit}.k{k}.", base.d_model).to(base.device, base.dtype)
+    return {(fit, k): Combiner.from_tensors(artifact.tensors, f"{fit}.k{k}.", base.d_model).to(base.device)
             for fit in FITS for k in range(1, cfg.k_max + 1)}
 
 
 def control_combiner(artifact: Artifact, base) -> Combiner:
     """The no-thought control (alpha, beta fitted, M = 0)."""
-    return Combiner.from_tensors(artifact.tensors, f"{CONTROL}.", base.d_model).to(base.device, base.dtype)
+    return Combiner.from_tensors(artifact.tensors, f"{CONTROL}.", base.d_model).to(base.device)
 
 
 def load(path: Path, base) -> Artifact:
@@ -203,7 +203,7 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
     ids, nb, feats = eval_features(cfg, base, progress=progress)
     t_chunk = time.perf_counter() - t0
     base_nats = B.score_chunks(base, feats)
-    ident = Combiner(base.d_model).to(base.device, base.dtype)
+    ident = Combiner(base.d_model).to(base.device)
     id_nats = B.score_chunks(base, feats, ident, 1)
     m_base = rep.add(B.bpb_measure("base bpb (chunked last-position)", base_nats, feats.nbytes, cfg.seed,
                                    chunk_len=cfg.chunk_len),
@@ -374,9 +374,9 @@ def thought_lens(base, text: str, k: int = 4, top: int = 5, feed: str = "final")
     th = think(base, ids, k, feed=feed)
     rows = []
     for name, v in [("h", th.h[0])] + [(f"T_{j + 1}", th.T[0, j]) for j in range(k)]:
-        p = torch.softmax(base.logits(v, normed=True).float(), -1)
+        p = torch.softmax(base.logits(v.to(base.dtype), normed=True).float(), -1)
         pv, pi = p.topk(top)
-        rows.append({"state": name, "cos_to_h": float(torch.nn.functional.cosine_similarity(v, th.h[0], 0)),
-                     "norm": float(v.norm()),
+        rows.append({"state": name, "cos_to_h": float(torch.nn.functional.cosine_similarity(v.float(), th.h[0].float(), 0)),
+                     "norm": float(v.float().norm()),
                      "top_tokens": ", ".join(f"{base.tokenizer.decode([int(i)])!r} {float(q):.2f}" for q, i in zip(pv, pi))})
     return rows

@@ -42,13 +42,16 @@ def _check(base, feats: dict) -> None:
 
 @torch.no_grad()
 def ce_nats(base, comb: Combiner | None, feats: dict, batch: int = 4096, **kw) -> torch.Tensor:
-    """Per-row cross-entropy (nats) of head(h') (or of head(h) when comb is None). (n,)"""
+    """Per-row cross-entropy (nats) of head(h') (or of head(h) when comb is None). (n,)
+    The combiner gets float32 features (its parameters are float32); h' goes to the head in the base's dtype."""
     out = []
     for s in range(0, len(feats["y"]), batch):
-        h = feats["h"][s: s + batch].to(base.device, base.dtype)
-        t = feats["t"][s: s + batch].to(base.device, base.dtype)
-        x = h if comb is None else comb(h, t, **kw)
-        logits = base.logits(x, normed=True).float()
+        h = feats["h"][s: s + batch].to(base.device)
+        if comb is None:
+            x = h
+        else:
+            x = comb(h.float(), feats["t"][s: s + batch].to(base.device).float(), **kw)
+        logits = base.logits(x.to(base.dtype), normed=True).float()
         out.append(F.cross_entropy(logits, feats["y"][s: s + batch].to(base.device), reduction="none").cpu())
     return torch.cat(out)
 
@@ -78,7 +81,8 @@ def fit_ce(base, train: dict, val: dict, steps: int = 80, batch: int = 512, lr: 
         return {"h": train["h"][idx], "t": train["t"][idx], "y": train["y"][idx]}
 
     def loss_fn(model, b):
-        logits = base.logits(model(b["h"].to(base.dtype), b["t"].to(base.dtype)), normed=True)
+        # float32 features into the float32 combiner; h' to the frozen head in the base's dtype
+        logits = base.logits(model(b["h"].float(), b["t"].float()).to(base.dtype), normed=True)
         return F.cross_entropy(logits.float(), b["y"])
 
     def eval_fn(model):
@@ -112,8 +116,8 @@ def _ridge_solve(H: torch.Tensor, T: torch.Tensor, D: torch.Tensor, lam: float, 
     """
     H, T, D = H.double(), T.double(), D.double()
     n, d = T.shape
-    X = torch.cat([T, torch.ones(n, 1, dtype=T.dtype)], 1)            # (n, d+1)
-    reg = torch.full((d + 1,), lam, dtype=T.dtype)
+    X = torch.cat([T, torch.ones(n, 1, dtype=T.dtype, device=T.device)], 1)  # (n, d+1)
+    reg = torch.full((d + 1,), lam, dtype=T.dtype, device=T.device)
     reg[-1] = 0.0
     A = X.T @ X + torch.diag(reg)
     B0 = torch.linalg.solve(A, X.T @ D)                                 # (d+1, d)
@@ -126,12 +130,13 @@ def _ridge_solve(H: torch.Tensor, T: torch.Tensor, D: torch.Tensor, lam: float, 
 
 
 def _scaled(base, alpha: float, M: torch.Tensor, beta: torch.Tensor, s: float) -> Combiner:
+    """The float32 combiner for step s (in the base's dtype, 1 + alpha would be rounded to bf16's 2^-8 grid)."""
     c = Combiner(base.d_model)
     with torch.no_grad():
         c.alpha.fill_(s * alpha)
         c.M.copy_(s * M)
         c.beta.copy_(s * beta)
-    return c.to(base.device, base.dtype).requires_grad_(False).eval()
+    return c.to(base.device).requires_grad_(False).eval()
 
 
 def _line_search(base, alpha, M, beta, val: dict) -> tuple[float, float]:

@@ -43,13 +43,14 @@ def check_k(k: int, k_max: int = 4) -> int:
 
 
 def thought_input(base, h: torch.Tensor, feed: str = "final") -> torch.Tensor:
-    """The input embedding of a thought position from a final-normed state h (B, d)."""
+    """The input embedding of a thought position from a final-normed state h (B, d), in the base's dtype
+    (a half-precision Mamba2 keeps its residual, and so its final state, in float32)."""
     if feed == "final":
-        return h
+        return h.to(base.dtype)
     if feed == "final_embed_rms":
         target = base.embed.weight.detach().float().pow(2).mean(-1).sqrt().mean()  # mean row RMS
         rms = h.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8)
-        return (h * (target / rms)).to(h.dtype)
+        return (h * (target / rms)).to(base.dtype)
     raise LabError(f"feed must be one of {FEEDS}, got {feed!r}")
 
 
@@ -110,7 +111,7 @@ def think_every_position(base, ids: torch.Tensor, k: int = 1, feed: str = "final
     """For one sequence ids (n,) or (1, n): h (n, d) and T (n, k, d) at every position t, each thought
     seeing only x_0..x_t. Rows are right-padded copies of the prefix; causality makes padding exact."""
     check_k(k)
-    ids = ids.reshape(-1)
+    ids = ids.reshape(-1).to(base.device)
     n = ids.numel()
     if n < 1:
         raise LabError("expected a non-empty token sequence")
@@ -123,14 +124,14 @@ def think_every_position(base, ids: torch.Tensor, k: int = 1, feed: str = "final
     for s in range(0, n, batch):
         rows = torch.arange(s, min(n, s + batch), device=ids.device)
         L = int(rows.max()) + 1 + k
-        seq = torch.zeros(len(rows), L, base.d_model, dtype=hs.dtype, device=hs.device)
+        seq = torch.zeros(len(rows), L, base.d_model, dtype=emb.dtype, device=hs.device)  # input embeddings
         for r, t in enumerate(rows.tolist()):
             seq[r, : t + 1] = emb[: t + 1]
         x = hs[rows]
         for j in range(k):
-            seq[torch.arange(len(rows)), rows + 1 + j] = thought_input(base, x, feed)
+            seq[torch.arange(len(rows), device=seq.device), rows + 1 + j] = thought_input(base, x, feed)
             with capture(base, layers=[], final=True) as cache:
                 forward(base, inputs_embeds=seq[:, : int(rows.max()) + 2 + j])
-            x = cache["final"][torch.arange(len(rows)), rows + 1 + j]
+            x = cache["final"][torch.arange(len(rows), device=seq.device), rows + 1 + j]
             out[rows, j] = x
     return hs, out

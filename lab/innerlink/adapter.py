@@ -40,8 +40,12 @@ class InnerLink(nn.Module):
                            f"(shape {tuple(h.shape)}), but this inner link expects width d={self.d}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Computes in the adapter's own dtype (float32, also on a half-precision base) and returns the
+        dtype it was given: a bf16 base's state comes back as a bf16 input embedding. Both casts are
+        no-ops when the dtypes already match."""
         self.check_width(h)
-        return self.ln_post(h + self.w2(nn.functional.gelu(self.w1(self.ln_pre(h)))))  # (…, d)
+        x = h.to(self.w1.weight.dtype)
+        return self.ln_post(x + self.w2(nn.functional.gelu(self.w1(self.ln_pre(x))))).to(h.dtype)  # (…, d)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -59,5 +63,5 @@ class InnerLink(nn.Module):
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_in = 1 − cos(pred, target), averaged over all leading dims."""
-    return (1 - nn.functional.cosine_similarity(pred, target, dim=-1)).mean()
+    """L_in = 1 − cos(pred, target), averaged over all leading dims; computed in float32."""
+    return (1 - nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()

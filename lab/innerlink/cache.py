@@ -61,7 +61,7 @@ def last_layer_states(base, ids: torch.Tensor, mask: torch.Tensor | None = None)
     """The final-normed last-layer stream (B, T, d) for token ids."""
     from lab.hooks import capture, forward
     with capture(base, layers=[], final=True) as cache:
-        forward(base, input_ids=ids, attention_mask=mask)
+        forward(base, input_ids=ids.to(base.device), attention_mask=None if mask is None else mask.to(base.device))
     return cache["final"]
 
 

@@ -148,7 +148,7 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     x = seqs[0].new_zeros(len(seqs), int(lens.max()), seqs[0].shape[-1])
     for i, s in enumerate(seqs):
         x[i, : s.shape[0]] = s
-    return x, lens                                                   # (B, T, d), (B,)
+    return x, lens                                                   # (B, T, d), (B,) on the CPU
 
 
 def final_states(base, seqs: list[torch.Tensor], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,16 +163,16 @@ def final_states(base, seqs: list[torch.Tensor], grad: bool = False) -> tuple[to
 
 def ragged_rollout(base, link, seqs: list[torch.Tensor], steps: int, grad: bool = False):
     """latent_rollout for rows of different lengths: each row's R_in(h_last) is appended at its own end.
-    Returns (latents (B, m, d), raw states (B, m, d))."""
+    Returns (latents (B, m, d) in the base's dtype, raw states (B, m, d))."""
     if steps < 1:
         raise LabError(f"a latent rollout needs steps >= 1, got {steps}")
     seqs = list(seqs)
     lat, raw = [], []
     for _ in range(steps):
         h, lens = final_states(base, seqs, grad=grad)
-        last = h[torch.arange(len(seqs)), lens - 1]                # (B, d)
+        last = h[torch.arange(len(seqs), device=h.device), (lens - 1).to(h.device)]  # (B, d)
         with (torch.enable_grad() if grad else torch.no_grad()):
-            e = link(last)                                         # (B, d)
+            e = link(last).to(base.dtype)                          # (B, d) an input embedding of the base
         lat.append(e)
         raw.append(last)
         seqs = [torch.cat([s, e[i: i + 1]], 0) for i, s in enumerate(seqs)]
@@ -191,7 +191,8 @@ def greedy_answers(base, seqs: list[torch.Tensor], max_new: int, batch: int = 64
         done = [False] * len(rows)
         for _ in range(max_new):
             h, lens = final_states(base, rows)
-            nxt = base.logits(h[torch.arange(len(rows)), lens - 1], normed=True).argmax(-1)  # (B,)
+            last = h[torch.arange(len(rows), device=h.device), (lens - 1).to(h.device)]
+            nxt = base.logits(last.to(base.dtype), normed=True).argmax(-1)  # (B,)
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
@@ -286,8 +287,9 @@ def arm_handoffs(base, a: SessionA, seed: int = 0, extra: dict[str, torch.Tensor
     """Each arm's soft prompt per item (a (k_i, d) tensor; k_i = 0 for 'none')."""
     rng = np.random.default_rng(seed)
     N, m, d = a.latents.shape
-    g = torch.from_numpy(rng.standard_normal((N, m, d)).astype(np.float32)).to(a.latents)
-    rand = g / g.norm(dim=-1, keepdim=True) * a.latents.norm(dim=-1, keepdim=True)
+    lat32 = a.latents.float()  # norms in float32 (the latents are in the base's dtype)
+    g = torch.from_numpy(rng.standard_normal((N, m, d)).astype(np.float32)).to(lat32)
+    rand = (g / g.norm(dim=-1, keepdim=True) * lat32.norm(dim=-1, keepdim=True)).to(a.latents.dtype)
     perm = torch.from_numpy(derangement(N, rng)).to(a.latents.device)
     text = []
     for it, ans in zip(a.items, a.answers):
@@ -345,7 +347,7 @@ def answer_with_handoffs(base, items: list[Item], q_ids: list[torch.Tensor], han
     seqs = []
     for soft, q in zip(handoffs, q_ids):
         check_handoff(base, soft)
-        seqs.append(torch.cat([soft.to(base.dtype), base.embed(q)], 0))
+        seqs.append(torch.cat([soft.to(base.device, base.dtype), base.embed(q)], 0))
     return greedy_answers(base, seqs, max_answer_tokens(items))
 
 

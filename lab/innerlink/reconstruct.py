@@ -50,14 +50,15 @@ def recon_loss(base, rmap: InnerLink, items: list[Item], steps: int, per_item: b
     with torch.no_grad():  # the teacher: A's own states at the question tokens
         hA, lensA = final_states(base, a_seqs)
     lat, _ = ragged_rollout(base, rmap, a_seqs, steps, grad=True)          # (B, m, d)
-    b_seqs = [torch.cat([lat[i], base.embed(q)], 0) for i, q in enumerate(q_ids)]
+    b_seqs = [torch.cat([lat[i].to(base.dtype), base.embed(q)], 0) for i, q in enumerate(q_ids)]
     hB, lensB = final_states(base, b_seqs, grad=True)
     losses = []
     for i, q in enumerate(q_ids):
         n = len(q)
         a_q = hA[i, int(lensA[i]) - n: int(lensA[i])]                        # (n, d)
         b_q = hB[i, int(lensB[i]) - n: int(lensB[i])]                        # (n, d)
-        losses.append(1 - torch.nn.functional.cosine_similarity(b_q, a_q, dim=-1))
+        # in float32: on a half-precision base the states are bf16/fp16, the map and its loss are not
+        losses.append(1 - torch.nn.functional.cosine_similarity(b_q.float(), a_q.float(), dim=-1))
     if per_item:
         return torch.stack([x.mean() for x in losses])
     return torch.cat(losses).mean()

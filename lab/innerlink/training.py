@@ -183,6 +183,8 @@ def heldout_cosines(link: InnerLink, base, held: StateCache, seed: int = 0, chun
     untrained     cos(R_0(h_t), Emb(y_{t+1})) with R_0 the same adapter at its seeded init
     nearest_ok    the embedding row nearest to R_in(h_t) by cosine is y_{t+1}
     base_top1_ok  the base's own greedy next token is y_{t+1} (what the head gets from h_t)
+    The cached states are float32 and so is the adapter; cosines are taken in float32, and the states go to
+    the head (and R_in(h_t) to the embedding matrix) in the base's dtype.
     """
     emb = base.embed.weight.detach()
     emb_n = torch.nn.functional.normalize(emb, dim=-1)
@@ -205,13 +207,14 @@ def heldout_cosines(link: InnerLink, base, held: StateCache, seed: int = 0, chun
         h, y = held.rows(idx)
         h, y = h.to(base.device), y.to(base.device)
         yo = torch.from_numpy(y_all[other[idx]]).to(base.device)
-        r = link(h)  # (N, d)
-        out["trained"].append(cos(r, emb[y], dim=-1))
-        out["shuffled"].append(cos(r, emb[yo], dim=-1))
-        out["identity"].append(cos(h, emb[y], dim=-1))
-        out["untrained"].append(cos(untrained(h), emb[y], dim=-1))
-        out["nearest_ok"].append((torch.nn.functional.normalize(r, dim=-1) @ emb_n.T).argmax(-1) == y)
-        out["base_top1_ok"].append(base.logits(h, normed=True).argmax(-1) == y)
+        r = link(h).float()  # (N, d)
+        e_y = emb[y].float()
+        out["trained"].append(cos(r, e_y, dim=-1))
+        out["shuffled"].append(cos(r, emb[yo].float(), dim=-1))
+        out["identity"].append(cos(h.float(), e_y, dim=-1))
+        out["untrained"].append(cos(untrained(h).float(), e_y, dim=-1))
+        out["nearest_ok"].append((torch.nn.functional.normalize(r, dim=-1).to(emb_n.dtype) @ emb_n.T).argmax(-1) == y)
+        out["base_top1_ok"].append(base.logits(h.to(base.dtype), normed=True).argmax(-1) == y)
     res = {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
     res["doc"] = held.column("doc")
     return res
@@ -249,7 +252,7 @@ def latent_rollout(base, link: InnerLink, prefix_embeds: torch.Tensor, steps: in
                    grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """RecursiveMAS latent thoughts: from the state at the end of `prefix_embeds` (B, T, d), append
     R_in(h) as the next input embedding, `steps` times, through lab.hooks.forward(inputs_embeds=...).
-    Returns (latents (B, m, d), the raw last-layer states they were made from (B, m, d))."""
+    Returns (latents (B, m, d) in the base's dtype, the raw last-layer states they were made from (B, m, d))."""
     from lab.hooks import capture, forward
     if steps < 1:
         raise LabError(f"a latent rollout needs steps >= 1, got {steps}")
@@ -262,7 +265,7 @@ def latent_rollout(base, link: InnerLink, prefix_embeds: torch.Tensor, steps: in
             with capture(base, layers=[], final=True, detach=not grad) as cache:
                 forward(base, inputs_embeds=seq)
             h = cache["final"][:, -1]          # (B, d)
-            e = link(h)                        # (B, d) the latent thought
+            e = link(h).to(base.dtype)         # (B, d) the latent thought, an input embedding of the base
             raw.append(h)
             lat.append(e)
             seq = torch.cat([seq, e[:, None]], dim=1)  # (B, T+k, d)
@@ -289,7 +292,7 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
     seq = ids[:, :P]
     greedy = []
     for _ in range(m):
-        nxt = base.logits(last_layer_states(base, seq)[:, -1], normed=True).argmax(-1)
+        nxt = base.logits(last_layer_states(base, seq)[:, -1].to(base.dtype), normed=True).argmax(-1)
         greedy.append(nxt)
         seq = torch.cat([seq, nxt[:, None]], 1)
     greedy = torch.stack(greedy, 1)                               # (N, m)
@@ -300,10 +303,12 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
     table, raw = [], {}
     for k in range(m):
         e = lat[:, k]
-        c_gold = cos(e, emb[gold[:, k]], dim=-1).cpu().numpy()
-        c_greedy = cos(e, emb[greedy[:, k]], dim=-1).cpu().numpy()
-        c_ctrl = cos(e, emb[gold[other, k]], dim=-1).cpu().numpy()
-        near = ((torch.nn.functional.normalize(e, dim=-1) @ emb_n.T).argmax(-1) == greedy[:, k]).float().cpu().numpy()
+        e32 = e.float()  # cosines in float32; the nearest-token search against the embedding matrix in its dtype
+        c_gold = cos(e32, emb[gold[:, k]].float(), dim=-1).cpu().numpy()
+        c_greedy = cos(e32, emb[greedy[:, k]].float(), dim=-1).cpu().numpy()
+        c_ctrl = cos(e32, emb[gold[other, k]].float(), dim=-1).cpu().numpy()
+        near = ((torch.nn.functional.normalize(e32, dim=-1).to(emb_n.dtype) @ emb_n.T).argmax(-1)
+                == greedy[:, k]).float().cpu().numpy()
         g, c = mean_with_ci("", c_gold), mean_with_ci("", c_ctrl)
         gr, nr = mean_with_ci("", c_greedy), proportion("", near)
         table.append({"step": k + 1, "n": len(rows), "cos_gold": g.value, "cos_gold_lo": g.ci_low, "cos_gold_hi": g.ci_high,

@@ -155,8 +155,11 @@ class Base:
         return ids.to(self.device), mask.to(self.device)
 
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
-        """Unembed a residual-stream state (B, ..., d) -> (B, ..., V), applying the final norm unless `normed`."""
-        return self.unembed(hidden if normed else self.final_norm(hidden))
+        """Unembed a residual-stream state (B, ..., d) -> (B, ..., V), applying the final norm unless `normed`.
+        The state is cast to the head's dtype, as HF's own forward does (a half-precision Mamba2 base keeps
+        its residual, and so its final norm's output, in float32)."""
+        x = hidden if normed else self.final_norm(hidden)
+        return self.unembed(x.to(self.unembed.weight.dtype))
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 30, greedy: bool = True, seed: int = 0) -> str:
@@ -179,14 +182,17 @@ def preset_path(name: str) -> Path:
 
 
 def default_device() -> torch.device:
-    """Where bases load when no device is named: $LAB_DEVICE if set (e.g. "cpu", "cuda:1", "mps"), else the
-    first CUDA GPU if there is one, else the CPU. MPS is used only when named: the lab's float64 steps
+    """Where bases load when no device is named: $LAB_DEVICE if set (e.g. "cpu", "cuda:1", "mps"), else this
+    process's CUDA GPU if there is one (LOCAL_RANK under a multi-process launch), else the CPU. MPS is used only when named: the lab's float64 steps
     (whitening, ridge solves) are not supported there."""
     import os
 
     name = os.environ.get("LAB_DEVICE", "").strip()
     if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under `accelerate launch` / torchrun each process takes its own GPU, the one accelerate trains on
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:

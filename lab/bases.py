@@ -183,8 +183,8 @@ def preset_path(name: str) -> Path:
 
 def default_device() -> torch.device:
     """Where bases load when no device is named: $LAB_DEVICE if set (e.g. "cpu", "cuda:1", "mps"), else this
-    process's CUDA GPU if there is one (LOCAL_RANK under a multi-process launch), else the CPU. MPS is used only when named: the lab's float64 steps
-    (whitening, ridge solves) are not supported there."""
+    process's CUDA GPU if there is one (LOCAL_RANK under a multi-process launch), else the CPU. MPS is used
+    only when named: it has no float64, which some of the lab's statistics use (they run on the CPU)."""
     import os
 
     name = os.environ.get("LAB_DEVICE", "").strip()

@@ -77,5 +77,5 @@ class Combiner(nn.Module):
 
 
 def combined_logits(base, combiner: Combiner, h: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
-    """Frozen head on h' (no final norm: h is already final-normed), h' cast to the base's dtype. (B, d) -> (B, V)."""
-    return base.logits(combiner(h, t, **kw).to(base.dtype), normed=True)
+    """Frozen head on h' (no final norm: h is already final-normed; Base.logits casts to the head's dtype). (B, d) -> (B, V)."""
+    return base.logits(combiner(h, t, **kw), normed=True)

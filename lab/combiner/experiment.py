@@ -374,7 +374,7 @@ def thought_lens(base, text: str, k: int = 4, top: int = 5, feed: str = "final")
     th = think(base, ids, k, feed=feed)
     rows = []
     for name, v in [("h", th.h[0])] + [(f"T_{j + 1}", th.T[0, j]) for j in range(k)]:
-        p = torch.softmax(base.logits(v.to(base.dtype), normed=True).float(), -1)
+        p = torch.softmax(base.logits(v, normed=True).float(), -1)
         pv, pi = p.topk(top)
         rows.append({"state": name, "cos_to_h": float(torch.nn.functional.cosine_similarity(v.float(), th.h[0].float(), 0)),
                      "norm": float(v.float().norm()),

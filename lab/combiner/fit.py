@@ -51,7 +51,7 @@ def ce_nats(base, comb: Combiner | None, feats: dict, batch: int = 4096, **kw) -
             x = h
         else:
             x = comb(h.float(), feats["t"][s: s + batch].to(base.device).float(), **kw)
-        logits = base.logits(x.to(base.dtype), normed=True).float()
+        logits = base.logits(x, normed=True).float()
         out.append(F.cross_entropy(logits, feats["y"][s: s + batch].to(base.device), reduction="none").cpu())
     return torch.cat(out)
 
@@ -82,7 +82,7 @@ def fit_ce(base, train: dict, val: dict, steps: int = 80, batch: int = 512, lr: 
 
     def loss_fn(model, b):
         # float32 features into the float32 combiner; h' to the frozen head in the base's dtype
-        logits = base.logits(model(b["h"].float(), b["t"].float()).to(base.dtype), normed=True)
+        logits = base.logits(model(b["h"].float(), b["t"].float()), normed=True)
         return F.cross_entropy(logits.float(), b["y"])
 
     def eval_fn(model):

@@ -192,7 +192,7 @@ def greedy_answers(base, seqs: list[torch.Tensor], max_new: int, batch: int = 64
         for _ in range(max_new):
             h, lens = final_states(base, rows)
             last = h[torch.arange(len(rows), device=h.device), (lens - 1).to(h.device)]
-            nxt = base.logits(last.to(base.dtype), normed=True).argmax(-1)  # (B,)
+            nxt = base.logits(last, normed=True).argmax(-1)  # (B,)
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:
                     continue

@@ -214,7 +214,7 @@ def heldout_cosines(link: InnerLink, base, held: StateCache, seed: int = 0, chun
         out["identity"].append(cos(h.float(), e_y, dim=-1))
         out["untrained"].append(cos(untrained(h).float(), e_y, dim=-1))
         out["nearest_ok"].append((torch.nn.functional.normalize(r, dim=-1).to(emb_n.dtype) @ emb_n.T).argmax(-1) == y)
-        out["base_top1_ok"].append(base.logits(h.to(base.dtype), normed=True).argmax(-1) == y)
+        out["base_top1_ok"].append(base.logits(h, normed=True).argmax(-1) == y)
     res = {k: torch.cat(v).float().cpu().numpy() for k, v in out.items()}
     res["doc"] = held.column("doc")
     return res
@@ -292,7 +292,7 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
     seq = ids[:, :P]
     greedy = []
     for _ in range(m):
-        nxt = base.logits(last_layer_states(base, seq)[:, -1].to(base.dtype), normed=True).argmax(-1)
+        nxt = base.logits(last_layer_states(base, seq)[:, -1], normed=True).argmax(-1)
         greedy.append(nxt)
         seq = torch.cat([seq, nxt[:, None]], 1)
     greedy = torch.stack(greedy, 1)                               # (N, m)

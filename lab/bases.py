@@ -286,11 +286,15 @@ def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234) -> np.nd
     return stream
 
 
+def _unigram_logp(train: np.ndarray, vocab: int) -> np.ndarray:
+    """log p of the add-one-smoothed training unigram, per token id."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())
+
+
 def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float:
     """Held-out cross-entropy (nats/token) of the add-one-smoothed training unigram: the floor to beat."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[heldout.astype(np.int64)].mean())
+    return float(-_unigram_logp(train, vocab)[heldout.astype(np.int64)].mean())
 
 
 def _windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -322,11 +326,16 @@ def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, 
 def unigram_window_losses(train: np.ndarray, heldout: np.ndarray, vocab: int, seq_len: int,
                           n_windows: int) -> np.ndarray:
     """The add-one-smoothed training unigram's loss on the same windows' targets as `heldout_window_losses`."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
+    logp = _unigram_logp(train, vocab)
     n = min(n_windows, (len(heldout) - 1) // seq_len)
     targets = np.stack([heldout[o + 1: o + seq_len + 1].astype(np.int64) for o in np.arange(n) * seq_len])
     return -logp[targets].mean(1)
+
+
+def preset_streams(p: "BasePreset", tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """A preset's pretraining token streams: (train, held-out)."""
+    return (corpus_tokens(tokenizer, "train", p.n_train_docs),
+            corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20)))
 
 
 def heldout_comparison(name: str, n_windows: int = 128) -> dict:
@@ -340,8 +349,7 @@ def heldout_comparison(name: str, n_windows: int = 128) -> dict:
     p = PRESETS[name]
     base = load_base(name)
     tokenizer = load_tokenizer()
-    train = corpus_tokens(tokenizer, "train", p.n_train_docs)
-    held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
+    train, held = preset_streams(p, tokenizer)
     model_w = heldout_window_losses(base.model, held, p.seq_len, n_windows)
     uni_w = unigram_window_losses(train, held, len(tokenizer), p.seq_len, n_windows)
     unit = f"{len(model_w)} held-out windows of {p.seq_len} tokens"
@@ -367,8 +375,7 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
     state = PartialState()  # under `accelerate launch`: one process builds shared files, one saves
     with state.main_process_first():
         tokenizer = load_tokenizer()
-        train = corpus_tokens(tokenizer, "train", p.n_train_docs)
-        held = corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20))
+        train, held = preset_streams(p, tokenizer)
     vocab = len(tokenizer)
     torch.manual_seed(p.seed if seed is None else seed)
     model = AutoModelForCausalLM.from_config(p.hf_config(vocab, tokenizer))

@@ -110,15 +110,22 @@ def _active(module, kind: str) -> list | None:
     return table.get((id(module), kind)) if table else None
 
 
+def _run_all(fns: list, h: torch.Tensor) -> torch.Tensor:
+    """The stream after every active function, in the order their contexts were opened, each seeing the
+    stream the previous one left (a function returning None leaves it as it is)."""
+    for fn in tuple(fns):
+        new = fn(h)
+        if new is not None:
+            h = new
+    return h
+
+
 def _pre_dispatch(module, args, kwargs):
     fns = _active(module, "pre")
     if not fns:
         return None
-    h = old = _get_hidden(args, kwargs)
-    for fn in tuple(fns):  # in the order the contexts were opened, each seeing the stream the previous left
-        new = fn(h)
-        if new is not None:
-            h = new
+    old = _get_hidden(args, kwargs)
+    h = _run_all(fns, old)
     return None if h is old else _set_hidden(args, kwargs, h)
 
 
@@ -126,11 +133,8 @@ def _post_dispatch(module, args, output):
     fns = _active(module, "post")
     if not fns:
         return None
-    h = old = _out_hidden(output)
-    for fn in tuple(fns):
-        new = fn(h)
-        if new is not None:
-            h = new
+    old = _out_hidden(output)
+    h = _run_all(fns, old)
     return None if h is old else _replace_out(output, h)
 
 

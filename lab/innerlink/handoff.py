@@ -161,6 +161,11 @@ def final_states(base, seqs: list[torch.Tensor], grad: bool = False) -> tuple[to
     return cache["final"], lens
 
 
+def last_states(h: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """(B, d): each row's state at its own last position, from final_states' (B, T, d) and (B,) lengths."""
+    return h[torch.arange(h.shape[0], device=h.device), (lens - 1).to(h.device)]
+
+
 def ragged_rollout(base, link, seqs: list[torch.Tensor], steps: int, grad: bool = False):
     """latent_rollout for rows of different lengths: each row's R_in(h_last) is appended at its own end.
     Returns (latents (B, m, d) in the base's dtype, raw states (B, m, d))."""
@@ -170,7 +175,7 @@ def ragged_rollout(base, link, seqs: list[torch.Tensor], steps: int, grad: bool 
     lat, raw = [], []
     for _ in range(steps):
         h, lens = final_states(base, seqs, grad=grad)
-        last = h[torch.arange(len(seqs), device=h.device), (lens - 1).to(h.device)]  # (B, d)
+        last = last_states(h, lens)                                # (B, d)
         with (torch.enable_grad() if grad else torch.no_grad()):
             e = link(last).to(base.dtype)                          # (B, d) an input embedding of the base
         lat.append(e)
@@ -191,7 +196,7 @@ def greedy_answers(base, seqs: list[torch.Tensor], max_new: int, batch: int = 64
         done = [False] * len(rows)
         for _ in range(max_new):
             h, lens = final_states(base, rows)
-            last = h[torch.arange(len(rows), device=h.device), (lens - 1).to(h.device)]
+            last = last_states(h, lens)
             nxt = base.logits(last, normed=True).argmax(-1)  # (B,)
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:

@@ -93,21 +93,21 @@ def _replace_out(output, value):
 
 
 # --- dispatch ------------------------------------------------------------------------------------
-# A context does not register its own torch hook. The first context on a module (a block, the final norm)
-# installs one dispatcher there, the last one to close removes it (a count across threads, under a lock), and
-# each context adds its function to a *thread-local* list that the dispatcher runs. Why: the dashboard shares
-# one cached base across Streamlit sessions, which run in threads, and torch hooks act on every forward of
-# the module: one session's `inject` or `capture` would act on another session's concurrent forward. Here a
-# context affects only the forwards of the thread that opened it, and a base no context is open on carries
-# no hook at all. The dispatchers are module-level functions that read the module they are called on.
+# A context registers no torch hook. The first context on a module (a block, the final norm) puts a dispatching
+# `forward` on that module instance; it runs this thread's functions for the module before ("pre") and after
+# ("post") the module's own forward. The last context to close takes it off again (a count across threads,
+# under a lock), so a base no context is open on is untouched. Each context adds its functions to a
+# *thread-local* table. Why:
+# - torch hooks act on every forward of a module, whatever thread runs it, and the dashboard shares one cached
+#   base across Streamlit sessions, which run in threads: one session's `inject` or `capture` would act on
+#   another session's concurrent forward;
+# - a module with any torch hook leaves torch's fast call path, and registering and removing one costs ~10 us
+#   in situ: on a 2-ms forward of a 4-layer base that was most of the channels' per-context cost
+#   (bench/bench_channels.py). An instance `forward` keeps the fast path and costs one Python call.
+# It is the mechanism accelerate's `add_hook_to_module` uses (a forward it already put there is kept and called).
 _local = threading.local()
 _lock = threading.Lock()
-_installed: dict[tuple[int, str], list] = {}  # (id(module), kind) -> [torch handle, open contexts]
-
-
-def _active(module, kind: str) -> list | None:
-    table = getattr(_local, "table", None)
-    return table.get((id(module), kind)) if table else None
+_installed: dict[int, list] = {}  # id(module) -> [module, open contexts]
 
 
 def _run_all(fns: list, h: torch.Tensor) -> torch.Tensor:
@@ -120,59 +120,65 @@ def _run_all(fns: list, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _pre_dispatch(module, args, kwargs):
-    fns = _active(module, "pre")
+def _dispatching_forward(self, *args, **kwargs):
+    """The instance `forward` of a module some context is open on: this thread's "pre" functions on the
+    stream entering it, the module's own forward, this thread's "post" functions on the stream leaving it."""
+    inner = self.__dict__.get("_lab_inner_forward")
+    if inner is None:
+        inner = type(self).forward.__get__(self)
+    table = getattr(_local, "table", None)
+    fns = table.get(id(self)) if table else None
     if not fns:
-        return None
-    old = _get_hidden(args, kwargs)
-    h = _run_all(fns, old)
-    return None if h is old else _set_hidden(args, kwargs, h)
+        return inner(*args, **kwargs)
+    pre, post = fns
+    if pre:
+        old = _get_hidden(args, kwargs)
+        h = _run_all(pre, old)
+        if h is not old:
+            args, kwargs = _set_hidden(args, kwargs, h)
+    output = inner(*args, **kwargs)
+    if post:
+        old = _out_hidden(output)
+        h = _run_all(post, old)
+        if h is not old:
+            output = _replace_out(output, h)
+    return output
 
 
-def _post_dispatch(module, args, output):
-    fns = _active(module, "post")
-    if not fns:
-        return None
-    old = _out_hidden(output)
-    h = _run_all(fns, old)
-    return None if h is old else _replace_out(output, h)
+def _is_dispatching(forward) -> bool:
+    return getattr(forward, "__func__", None) is _dispatching_forward
 
 
-_DISPATCH = {"pre": _pre_dispatch, "post": _post_dispatch}
-
-
-def _drop_copied_dispatcher(module, kind: str) -> None:
-    """A deep copy of a module taken while a context was open carries that dispatcher in its hook dicts
-    (torch's private attributes, read only here); a second one would run every function twice."""
-    hooks_dict = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
-    for key in [k for k, v in hooks_dict.items() if v is _DISPATCH[kind]]:
-        del hooks_dict[key]
-        for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-            getattr(module, extra, {}).pop(key, None)
-
-
-def _acquire(keys: list) -> None:
-    """Count one more open context on each (module, kind), installing its dispatcher on the first."""
+def _acquire(modules: list) -> None:
+    """Count one more open context on each module, putting the dispatching forward on it on the first."""
     with _lock:
-        for module, kind in keys:
-            slot = _installed.get((id(module), kind))
+        for module in modules:
+            slot = _installed.get(id(module))
             if slot is None:
-                _drop_copied_dispatcher(module, kind)
-                handle = (module.register_forward_pre_hook(_pre_dispatch, with_kwargs=True) if kind == "pre"
-                          else module.register_forward_hook(_post_dispatch))
-                slot = _installed[(id(module), kind)] = [handle, 0]
+                own = vars(module)
+                # a deep copy taken while a context was open already carries one (bound to the copy)
+                if not _is_dispatching(own.get("forward")):
+                    if "forward" in own:  # e.g. accelerate's: ours runs around it
+                        own["_lab_inner_forward"] = own["forward"]
+                    own["forward"] = _dispatching_forward.__get__(module)
+                slot = _installed[id(module)] = [module, 0]
             slot[1] += 1
 
 
-def _release(keys: list) -> None:
-    """One open context fewer on each (module, kind), removing its dispatcher after the last."""
+def _release(modules: list) -> None:
+    """One open context fewer on each module, restoring its own forward after the last."""
     with _lock:
-        for module, kind in keys:
-            slot = _installed[(id(module), kind)]
+        for module in modules:
+            slot = _installed[id(module)]
             slot[1] -= 1
             if not slot[1]:
-                slot[0].remove()
-                del _installed[(id(module), kind)]
+                del _installed[id(module)]
+                own = vars(module)
+                inner = own.pop("_lab_inner_forward", None)
+                if inner is None:
+                    del own["forward"]
+                else:
+                    own["forward"] = inner
 
 
 def _entry(base, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
@@ -187,31 +193,33 @@ def _hooks(entries: Iterable) -> Iterator[None]:
     table = getattr(_local, "table", None)
     if table is None:
         table = _local.table = {}
-    keys = [(module, kind) for module, kind, _ in entries]
-    _acquire(keys)
+    modules = [module for module, _, _ in entries]
+    _acquire(modules)
     try:
         for module, kind, fn in entries:
-            table.setdefault((id(module), kind), []).append(fn)
+            table.setdefault(id(module), ([], []))[kind == "post"].append(fn)
         yield
     finally:
         for module, kind, fn in reversed(entries):
-            key = (id(module), kind)
-            fns = table.get(key, ())
+            fns = table.get(id(module))
+            if fns is None:
+                continue
+            side = fns[kind == "post"]
             # by identity, the last one: nested contexts may hold equal-comparing functions
-            for i in range(len(fns) - 1, -1, -1):
-                if fns[i] is fn:
-                    del fns[i]
+            for i in range(len(side) - 1, -1, -1):
+                if side[i] is fn:
+                    del side[i]
                     break
-            if not fns:
-                table.pop(key, None)
-        _release(keys)
+            if not fns[0] and not fns[1]:
+                del table[id(module)]
+        _release(modules)
 
 
 def active(base) -> int:
     """How many hook functions this thread has active on `base` (0 outside every context)."""
     table = getattr(_local, "table", None) or {}
     ids = {id(m) for m in (*base.blocks, base.final_norm)}
-    return sum(len(fns) for (mid, _), fns in table.items() if mid in ids)
+    return sum(len(pre) + len(post) for mid, (pre, post) in table.items() if mid in ids)
 
 
 @contextlib.contextmanager

@@ -55,8 +55,10 @@ def test_stream_at_equals_a_full_capture_and_runs_only_the_blocks_before_it(any_
     ref_logits = b.model(input_ids=ids, attention_mask=mask).logits
     with hooks.capture(b) as cache:
         b.model(input_ids=ids, attention_mask=mask)
-    ran = []
-    handles = [blk.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, blk in enumerate(b.blocks)]
+    ran = []  # blocks whose computation started (a submodule of theirs ran), and the final norm
+    handles = [sub.register_forward_pre_hook(lambda m, a, i=i: None if i in ran else ran.append(i))
+               for i, blk in enumerate(b.blocks) for sub in blk.children()]
+    handles.append(b.final_norm.register_forward_pre_hook(lambda m, a: ran.append("final")))
     try:
         for layer, site in [(0, "resid_pre"), (b.n_layers - 1, "resid_pre"), (b.n_layers - 1, "resid_post")]:
             ran.clear()
@@ -103,9 +105,11 @@ def test_add_zero_is_bit_identical_and_nonzero_is_not(any_base, site):
 
 
 def _assert_nothing_active(b):
-    """No lab hook active in this thread, and no torch hook left on the base."""
+    """No lab hook active in this thread, and every module back to its own forward (and no torch hook)."""
     assert hooks.active(b) == 0
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in (*b.blocks, b.final_norm))
+    for m in (*b.blocks, b.final_norm):
+        assert "forward" not in vars(m) and "_lab_inner_forward" not in vars(m)
+        assert not m._forward_pre_hooks and not m._forward_hooks
 
 
 def test_hooks_removed_even_on_error(smoke_gpt2):
@@ -207,14 +211,47 @@ def test_nested_contexts_apply_in_order_and_a_deep_copy_dispatches_once(smoke_gp
     with hooks.add(b, 1, 2 * one):
         assert torch.allclose(b.model(input_ids=ids, attention_mask=mask).logits, twice, atol=1e-5)
     assert not torch.equal(twice, twice_outer)
-    # a deep copy taken while a context is open carries the dispatcher over; a context on it adds once, on
-    # the copy only, and closing everything leaves both models without hooks
+    # a deep copy taken while a context is open carries the dispatching forward over, bound to the copy; a
+    # context on the copy adds once, on the copy only, and closing everything restores both models
     with hooks.add(b, 1, one):
         c = copy.deepcopy(b)
-    assert sum(f is hooks._pre_dispatch for f in c.blocks[1]._forward_pre_hooks.values()) == 1
+    copied = vars(c.blocks[1])["forward"]
+    assert hooks._is_dispatching(copied) and copied.__self__ is c.blocks[1]
+    assert torch.equal(c.model(input_ids=ids, attention_mask=mask).logits, b.model(input_ids=ids, attention_mask=mask).logits)
     with hooks.add(c, 1, one):
-        assert sum(f is hooks._pre_dispatch for f in c.blocks[1]._forward_pre_hooks.values()) == 1
+        assert vars(c.blocks[1])["forward"] is copied  # not wrapped a second time
         assert torch.equal(c.model(input_ids=ids, attention_mask=mask).logits, twice_outer)
         assert hooks.active(b) == 0
     _assert_nothing_active(b)
     _assert_nothing_active(c)
+
+
+def test_a_forward_already_on_the_instance_is_kept_and_restored(smoke_gpt2):
+    """accelerate's `add_hook_to_module` (device maps, offloading) puts its own `forward` on the instance: a
+    context runs around it and leaves it in place on exit."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    ref = b.model(input_ids=ids, attention_mask=mask).logits
+    calls = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    block = b.blocks[0]
+    add_hook_to_module(block, Count())
+    try:
+        theirs = vars(block)["forward"]
+        with hooks.add(b, 0, torch.zeros(b.d_model)), hooks.capture(b, layers=[0]) as cache:
+            assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+        assert len(calls) == 1 and "blocks.0.resid_post" in cache
+        assert vars(block)["forward"] is theirs and "_lab_inner_forward" not in vars(block)
+    finally:
+        remove_hook_from_module(block)
+        # accelerate leaves the class's bound forward on the instance: drop it, the fixture is shared
+        if getattr(vars(block).get("forward"), "__func__", None) is type(block).forward:
+            del vars(block)["forward"]
+    _assert_nothing_active(b)

@@ -25,6 +25,8 @@ re-runs the whole sequence with `inputs_embeds` through `lab.hooks.forward` for 
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,12 @@ def _final_last(base, **kw) -> tuple[torch.Tensor, object]:
     return cache["final"][:, -1], out
 
 
+def _kv_cache_name(base) -> str:
+    """The forward's key-value cache argument and output field: `cache` from transformers 5.x (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before it."""
+    return "cache" if "cache" in inspect.signature(type(base.model).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def think(base, ids: torch.Tensor, k: int = 1, feed: str = "final", cached: bool | None = None) -> Thoughts:
     """h and the thoughts T_1..T_k after each row of `ids` (B, n); rows are unpadded contexts."""
@@ -83,12 +91,13 @@ def think(base, ids: torch.Tensor, k: int = 1, feed: str = "final", cached: bool
         raise LabError(f"cached thinking is implemented for {CACHED_FAMILIES}, not {base.arch!r}; use cached=False")
     thoughts = []
     if cached:
+        name = _kv_cache_name(base)
         h, out = _final_last(base, input_ids=ids, use_cache=True)
-        past, x = out.past_key_values, h
+        past, x = getattr(out, name), h
         for _ in range(k):  # one new position per thought, attending to the cached context
-            x, out = _final_last(base, inputs_embeds=thought_input(base, x, feed)[:, None], past_key_values=past,
-                                 use_cache=True)
-            past = out.past_key_values
+            x, out = _final_last(base, inputs_embeds=thought_input(base, x, feed)[:, None], use_cache=True,
+                                 **{name: past})
+            past = getattr(out, name)
             thoughts.append(x)
         return Thoughts(h, torch.stack(thoughts, 1), 1 + k, n + k)
     with capture(base, layers=[], final=True) as cache:

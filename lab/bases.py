@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lab import LabError, data_dir, models_dir
-from lab.store import atomic_dir, read_json, write_json
+from lab.store import atomic_dir, environment, read_json, write_json
 
 # Which attribute paths hold the parts of each supported family, and how its
 # `output_hidden_states` tuple is laid out ("inputs": block inputs then the final normed state;
@@ -413,7 +413,7 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
         "unigram_loss": unigram_loss(train, held, vocab),
         "heldout_tokens": int(min(128, (len(held) - 1) // p.seq_len) * p.seq_len),
         "train_tokens": int(len(train)), "history": result.history,
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
     }
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from lab.stats import Measure
-from lab.store import atomic_write_text, write_json
+from lab.store import atomic_write_text, environment, environment_text, write_json
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Report:
     published: dict[str, Published] = field(default_factory=dict)  # measure name -> published figure
     provenance: dict = field(default_factory=dict)                 # seed, config hash, base, artifact
     notes: list[str] = field(default_factory=list)
+    environment: dict = field(default_factory=environment)         # package versions that produced it
 
     def add(self, m: Measure, published: Published | None = None) -> Measure:
         self.measures.append(m)
@@ -47,6 +48,7 @@ class Report:
         return {
             "name": self.name,
             "provenance": self.provenance,
+            "environment": self.environment,
             "measures": [{**m.to_dict(), "published": vars(self.published[m.name]) if m.name in self.published else None}
                          for m in self.measures],
             "tables": self.tables,
@@ -54,10 +56,12 @@ class Report:
             "figures": sorted(self.figures),
         }
 
-    def to_markdown(self, figure_dir: str | None = None) -> str:
+    def to_markdown(self, figure_dir: str | None = None, with_environment: bool = True) -> str:
         lines = [f"## {self.name}", ""]
         if self.provenance:
             lines += ["Provenance: " + ", ".join(f"{k} `{v}`" for k, v in self.provenance.items()), ""]
+        if with_environment:
+            lines += [f"Environment: {environment_text(self.environment)}", ""]
         lines += ["| measure | value | n | 95% CI | control | p (test) | published |", "|---|---|---|---|---|---|---|"]
         for m in self.measures:
             ci = f"[{m.ci_low:.3g}, {m.ci_high:.3g}]" if m.ci_low is not None else "-"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lab import LabError, results_dir
 from lab.report import p_text
-from lab.store import atomic_write_text, write_json
+from lab.store import atomic_write_text, environment, environment_text, write_json
 
 MECHANISMS = {
     "rlf": "Recursive Latent Forcing",
@@ -84,18 +84,19 @@ def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
     seconds = time.perf_counter() - t0
     header = {
         "run": run, "preset": preset, "seed": seed, "git_commit": _git_commit(),
-        "seconds": round(seconds, 1), "python": platform.python_version(), "machine": platform.machine(),
+        "seconds": round(seconds, 1), "machine": platform.machine(), "environment": environment(),
         "bases": [_base_row(b) for b in list_bases() if b["on_disk"]],
     }
     write_json(out / "report.json", {**header, "failures": failures,
                                      "sections": {m: r.to_dict() for m, _, r in sections}})
     md = [f"# Latent Lab report: {run}", "",
           f"preset `{preset}`, seed {seed}, commit `{header['git_commit']}`, wall time {seconds / 60:.1f} min", "",
+          f"Environment: {environment_text(header['environment'])}", "",
           "| base | held-out loss, nats/token [95% CI] | add-one training unigram, same tokens | difference [95% CI] | "
           "Wilcoxon p | n |", "|---|---|---|---|---|---|"]
     md += [_base_md(b) for b in header["bases"]]
     for mech, title, report in sections:
-        md += ["", f"# {title}", "", report.to_markdown(f"{mech}/figures").split("\n", 2)[2]]
+        md += ["", f"# {title}", "", report.to_markdown(f"{mech}/figures", with_environment=False).split("\n", 2)[2]]
     if failures:
         md += ["", "# Failures", ""] + [f"- **{m}**: {err}" for m, err in failures.items()]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")

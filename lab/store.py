@@ -141,6 +141,34 @@ class Artifact:
         return self.manifest.get("base", {}).get("name", "?")
 
 
+# the packages whose versions can move a number the lab reports (a model's forward, tokenisation, training,
+# statistics, the affect lexicon); recorded with every artifact, base and report
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy", "scipy",
+                        "statsmodels", "scikit-learn", "vaderSentiment")
+
+
+def environment() -> dict:
+    """What produced a number: Python, the platform and the versions of `ENVIRONMENT_PACKAGES` (None when
+    one is not installed). A seed repeats a run only within these (a forward's kernels and a model's
+    initialisation may change between releases)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), "platform": platform.platform(terse=True),
+            **{name: v(name) for name in ENVIRONMENT_PACKAGES}}
+
+
+def environment_text(env: dict | None = None) -> str:
+    """One line for a report: "python 3.11.7, torch 2.13.0+cpu, ..." (missing packages left out)."""
+    env = environment() if env is None else env
+    return ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and k != "platform")
+
+
 def save_artifact(path: Path, kind: str, tensors: dict[str, torch.Tensor], config: dict,
                   base=None, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Artifact:
     """Write an artifact atomically. `base` (a lab.bases.Base) ties it to the weights it was trained on."""
@@ -156,6 +184,7 @@ def save_artifact(path: Path, kind: str, tensors: dict[str, torch.Tensor], confi
             "weights_sha256": sha256_file(tmp / WEIGHTS),
             "config_hash": config_hash(config),
             "metrics": metrics or {},
+            "environment": environment(),
         }
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(tmp / name, data)

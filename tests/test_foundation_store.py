@@ -22,6 +22,10 @@ def test_artifact_roundtrip_and_base_binding(smoke_gpt2, smoke_mamba2, tmp_path)
     back = load_artifact(tmp_path / "art", kind="probe", base=smoke_gpt2)
     assert torch.equal(back.tensors["w"], t["w"]) and back.config == {"lr": 0.1}
     assert back.base_name == "smoke-gpt2" and art.manifest["metrics"] == {"acc": 0.5}
+    # the package versions that produced it travel with it (seeds repeat a run only within them)
+    import transformers
+    env = back.manifest["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
     with pytest.raises(LabError, match="trained on base 'smoke-gpt2'"):
         load_artifact(tmp_path / "art", base=smoke_mamba2)
     # the same base in another dtype has other weight bytes: refused, and the message says why
@@ -115,6 +119,8 @@ def test_report_prints_an_underflowed_exact_p_as_below_float_range():
                        stats.Measure("half", 0.5, 10, 0.2, 0.8, p_value=0.0312, test="exact McNemar")])
     md = rep.to_markdown()
     assert "| < 1e-300 (exact McNemar) |" in md and "| 0.0312 (exact McNemar) |" in md
+    assert f"torch {torch.__version__}" in md and rep.to_dict()["environment"]["torch"] == torch.__version__
+    assert "Environment:" not in rep.to_markdown(with_environment=False)
 
 
 def test_mcnemar_exact_against_binomial():

@@ -39,6 +39,11 @@ def test_report_has_every_mechanism_with_honest_numbers(smoke_report):
         assert loss["n"] >= 2 and loss["ci_low"] <= loss["value"] <= loss["ci_high"], b["name"]
         assert diff["control"] and diff["p_value"] is not None and diff["n"] == loss["n"], b["name"]
         assert f"| {b['name']} | {loss['value']:.3f} [" in md
+    # the package versions that produced the numbers, once at the top of the markdown and in every section
+    import torch
+    assert rep["environment"]["torch"] == torch.__version__
+    assert md.count("Environment: ") == 1 and f"torch {torch.__version__}" in md
+    assert all(s["environment"] == rep["environment"] for s in rep["sections"].values())
 
 
 def test_every_figure_in_every_format(smoke_report):

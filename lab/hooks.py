@@ -102,8 +102,9 @@ def _replace_out(output, value):
 #   base across Streamlit sessions, which run in threads: one session's `inject` or `capture` would act on
 #   another session's concurrent forward;
 # - a module with any torch hook leaves torch's fast call path, and registering and removing one costs ~10 us
-#   in situ: on a 2-ms forward of a 4-layer base that was most of the channels' per-context cost
-#   (bench/bench_channels.py). An instance `forward` keeps the fast path and costs one Python call.
+#   in situ: on a small base's forward (4 blocks, ~2-4 ms) that is a visible share of the channels'
+#   per-context cost (bench/bench_channels.py). An instance `forward` keeps the fast path and costs one
+#   Python call; putting it on and taking it off is a dict write.
 # It is the mechanism accelerate's `add_hook_to_module` uses (a forward it already put there is kept and called).
 _local = threading.local()
 _lock = threading.Lock()

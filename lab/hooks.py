@@ -175,6 +175,10 @@ def _release(modules: list) -> None:
             if not slot[1]:
                 del _installed[id(module)]
                 own = vars(module)
+                if not _is_dispatching(own.get("forward")):
+                    # something put its own forward over ours while the context was open (accelerate's
+                    # add_hook_to_module keeps ours as the one it calls): ours stays beneath it, idle
+                    continue
                 inner = own.pop("_lab_inner_forward", None)
                 if inner is None:
                     del own["forward"]

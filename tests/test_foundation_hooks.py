@@ -255,3 +255,14 @@ def test_a_forward_already_on_the_instance_is_kept_and_restored(smoke_gpt2):
         if getattr(vars(block).get("forward"), "__func__", None) is type(block).forward:
             del vars(block)["forward"]
     _assert_nothing_active(b)
+    # one accelerate puts over ours while a context is open stays when the context closes, ours idle beneath
+    with hooks.add(b, 0, torch.ones(b.d_model)):
+        add_hook_to_module(block, Count())
+    try:
+        calls.clear()
+        assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref) and len(calls) == 1
+    finally:
+        remove_hook_from_module(block)  # puts back the forward it wrapped: ours, idle
+        assert hooks._is_dispatching(vars(block)["forward"])
+        del vars(block)["forward"]  # the fixture is shared
+    _assert_nothing_active(b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +34,13 @@ pio.templates["lab"] = go.layout.Template(
 TEMPLATE = "lab_white"
 pio.templates[TEMPLATE] = pio.templates.merge_templates(pio.templates["plotly_white"], pio.templates["lab"])
 pio.templates.default = TEMPLATE
+
+
+@functools.cache
+def template_json() -> dict:
+    """The lab template as plain JSON, for a figure built with `_validate=False` (the live ones): there a
+    template *name* is kept as a string, which plotly.js does not resolve, so the figure lost the lab's look."""
+    return pio.templates[TEMPLATE].to_plotly_json()
 
 
 def style(fig: go.Figure, title: str | None = None) -> go.Figure:

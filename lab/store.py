@@ -11,6 +11,7 @@ trained on another base is a clear error rather than silent nonsense.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -151,6 +152,12 @@ def environment() -> dict:
     """What produced a number: Python, the platform and the versions of `ENVIRONMENT_PACKAGES` (None when
     one is not installed). A seed repeats a run only within these (a forward's kernels and a model's
     initialisation may change between releases)."""
+    return dict(_environment())
+
+
+@functools.cache
+def _environment() -> tuple:
+    """Looked up once per process: importlib.metadata scans the installed distributions on every call."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -159,8 +166,8 @@ def environment() -> dict:
             return version(name)
         except PackageNotFoundError:
             return None
-    return {"python": platform.python_version(), "platform": platform.platform(terse=True),
-            **{name: v(name) for name in ENVIRONMENT_PACKAGES}}
+    return (("python", platform.python_version()), ("platform", platform.platform(terse=True)),
+            *((name, v(name)) for name in ENVIRONMENT_PACKAGES))
 
 
 def environment_text(env: dict | None = None) -> str:

@@ -523,6 +523,11 @@ def test_app_page_recomputes_live(rlf_smoke, lab_home):
                 at.dataframe[0].value.to_json(), at.markdown[0].value if at.markdown else "")
 
     before = outputs()
+    # the charts carry the lab template itself: a template name in an unvalidated figure reaches plotly.js
+    # (and kaleido's export) unresolved
+    from lab.figures import LAB_COLORS
+    for chart in at.get("plotly_chart"):
+        assert json.loads(chart.proto.spec)["layout"]["template"]["layout"]["colorway"][0] == LAB_COLORS[0]
     at.slider(key="rlf-scale").set_value(0.2).run()
     assert not at.exception, at.exception
     after_scale = outputs()

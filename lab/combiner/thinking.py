@@ -26,7 +26,6 @@ re-runs the whole sequence with `inputs_embeds` through `lab.hooks.forward` for 
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 
 import torch

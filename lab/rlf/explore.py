@@ -74,7 +74,7 @@ class Explorer:
         interaction, and validated construction alone costs ~50-90 ms."""
         import plotly.graph_objects as go
 
-        from lab.figures import LAB_COLORS, TEMPLATE
+        from lab.figures import LAB_COLORS, template_json
         if not hasattr(self, "_bg_traces"):
             self._bg_traces = self._background_traces()
         data = list(self._bg_traces)
@@ -85,7 +85,7 @@ class Explorer:
                              textposition="top center", line=dict(color=color, dash=dash),
                              marker=dict(size=8, color=color)))
         ev = self.pca.explained_variance_ratio_
-        layout = dict(template=TEMPLATE, xaxis=dict(title=dict(text=f"PC1 ({ev[0]:.0%})")),
+        layout = dict(template=template_json(), xaxis=dict(title=dict(text=f"PC1 ({ev[0]:.0%})")),
                       yaxis=dict(title=dict(text=f"PC2 ({ev[1]:.0%})")),
                       title=dict(text="Answer-position latent per loop (PCA of held-out latents)", x=0.02))
         return go.Figure(data=data, layout=layout, _validate=False)

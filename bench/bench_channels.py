@@ -13,10 +13,10 @@ Measures (interleaved repetitions in a shuffled order, medians, ratios with a pa
                         per forward   one state over 8 forwards in one context vs 8 bare forwards (the
                                       channels config's 8 generated tokens: one context per generation)
                         one-shot      a context around a single forward
-                        The injection costs a fixed ~0.3 ms per context (check the channel values, project
+                        The injection costs a fixed ~0.3-0.6 ms per context (check the channel values, project
                         them into every layer's delta, activate the hooks) plus one add per layer and forward.
                         The fixed part is per channel state, not per forward: it is in the one-shot ratio, and
-                        an eighth of it in the per-forward ratio. On a 2.4-ms forward it is over 10%.
+                        an eighth of it in the per-forward ratio. On a 2-4-ms forward it is over 10%.
 Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
 
     python bench/bench_channels.py --gpt2-small-shape

@@ -67,7 +67,7 @@ def test_wrong_width_latent_is_laberror():
 def test_cache_is_memory_mapped_arrow_with_fingerprint(trained, smoke_gpt2):
     from lab.innerlink.cache import cache_path, load_cache
     cfg = trained[0]
-    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed)
+    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed, cfg.max_tokens)
     c = load_cache(p, smoke_gpt2)
     assert (p / "states.arrow").exists() and c.meta["fingerprint"] == smoke_gpt2.fingerprint
     assert len(c) == c.meta["rows"] > 100
@@ -85,10 +85,29 @@ def test_cache_is_memory_mapped_arrow_with_fingerprint(trained, smoke_gpt2):
     assert int(y[1]) == ids[2]
 
 
+def test_cache_is_keyed_by_its_token_cut(trained, smoke_gpt2):
+    """A cache cut at another max_tokens holds other rows: it is another cache, and a directory whose
+    record disagrees with what was asked for is refused, not silently reused."""
+    import shutil
+    from lab.innerlink.cache import cache_path, get_cache
+    cfg = trained[0]
+    short = get_cache(smoke_gpt2, "heldout", 3, cfg.cache_seed, max_tokens=8)
+    assert short.meta["max_tokens"] == 8 and short.path == cache_path(smoke_gpt2, "heldout", 3, cfg.cache_seed, 8)
+    longer = get_cache(smoke_gpt2, "heldout", 3, cfg.cache_seed, max_tokens=16)
+    assert longer.path != short.path and len(longer) > len(short)
+    misnamed = cache_path(smoke_gpt2, "heldout", 3, cfg.cache_seed, 32)
+    shutil.copytree(short.path, misnamed)
+    try:
+        with pytest.raises(LabError, match="built with max_tokens=8, but max_tokens=32 was asked for"):
+            get_cache(smoke_gpt2, "heldout", 3, cfg.cache_seed, max_tokens=32)
+    finally:
+        shutil.rmtree(misnamed)
+
+
 def test_cache_from_another_base_is_laberror(trained, smoke_gpt2, smoke_mamba2):
     from lab.innerlink.cache import cache_path, load_cache
     cfg = trained[0]
-    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed)
+    p = cache_path(smoke_gpt2, "train", cfg.train_docs, cfg.cache_seed, cfg.max_tokens)
     assert smoke_mamba2.d_model == smoke_gpt2.d_model  # same width: only the fingerprint tells them apart
     with pytest.raises(LabError, match="made on base 'smoke-gpt2'.*rebuild the cache"):
         load_cache(p, smoke_mamba2)

@@ -142,14 +142,25 @@ def load_cache(path: Path, base=None) -> StateCache:
     return StateCache(path, table, meta)
 
 
-def cache_path(base, split: str, n_docs: int, seed: int) -> Path:
+def cache_path(base, split: str, n_docs: int, seed: int, max_tokens: int = 128) -> Path:
+    """Where the cache of these states lives: named by everything that decides its rows (a cache cut at
+    another `max_tokens` holds other rows, so it must not be found under the same name)."""
     from lab import data_dir
-    return data_dir() / "innerlink" / f"states-{base.name}-{base.fingerprint[:10]}-{split}-{n_docs}-{seed}"
+    return (data_dir() / "innerlink"
+            / f"states-{base.name}-{base.fingerprint[:10]}-{split}-{n_docs}-{seed}-{max_tokens}tok")
 
 
 def get_cache(base, split: str, n_docs: int, seed: int = 1234, max_tokens: int = 128) -> StateCache:
-    """Load the cache for (base, split, n_docs, seed), building it the first time."""
-    p = cache_path(base, split, n_docs, seed)
-    if (p / META).exists():
-        return load_cache(p, base)
-    return build_cache(base, p, split, n_docs, seed, max_tokens)
+    """Load the cache for (base, split, n_docs, seed, max_tokens), building it the first time."""
+    p = cache_path(base, split, n_docs, seed, max_tokens)
+    if not (p / META).exists():
+        return build_cache(base, p, split, n_docs, seed, max_tokens)
+    cache = load_cache(p, base)
+    wanted = {"split": split, "n_docs": n_docs, "seed": seed, "max_tokens": max_tokens}
+    differ = {k: (cache.meta.get(k), v) for k, v in wanted.items() if cache.meta.get(k) != v}
+    if differ:  # a directory renamed or copied by hand: its rows are not the ones asked for
+        raise LabError(f"the state cache at {p} was built with "
+                       + ", ".join(f"{k}={have!r}" for k, (have, _) in differ.items()) + ", but "
+                       + ", ".join(f"{k}={want!r}" for k, (_, want) in differ.items())
+                       + " was asked for; delete it to rebuild")
+    return cache

@@ -117,6 +117,25 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def run_hash(config: dict, base) -> str:
+    """The hash a training checkpoint is resumed under: the config and the exact base (its fingerprint). A base
+    re-pretrained under the same name keeps every config field, so a config hash alone would resume a
+    checkpoint trained on the old base's states."""
+    return config_hash({"config": config, "base_fingerprint": base.fingerprint})
+
+
+def made_on(path: Path, base) -> bool:
+    """Whether the artifact at `path` records exactly this base (by fingerprint, not name). False when it has no
+    readable manifest or another base: "train what is missing" treats both as missing, so a base
+    re-pretrained under the same name gets its artifacts retrained rather than refused at load."""
+    try:
+        manifest = read_json(Path(path) / MANIFEST)
+    except LabError:
+        return False
+    recorded = manifest.get("base") if isinstance(manifest, dict) else None
+    return isinstance(recorded, dict) and recorded.get("fingerprint") == base.fingerprint
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a corrupt or truncated one is a LabError naming the file."""
     path = Path(path)
@@ -139,7 +158,7 @@ class Artifact:
 
     @property
     def base_name(self) -> str:
-        return self.manifest.get("base", {}).get("name", "?")
+        return manifest_base_name(self.manifest) or "?"
 
 
 # the packages whose versions can move a number the lab reports (a model's forward, tokenisation, training,

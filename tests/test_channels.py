@@ -96,6 +96,32 @@ def test_generation_with_closed_gates_equals_base_greedy(smoke_gpt2):
     assert got == [b.generate(p, max_new_tokens=5) for p in prompts]
 
 
+def test_generation_without_early_exit_runs_every_forward_with_the_same_outputs(smoke_gpt2):
+    """early_exit=False (the bench's equal-work arms): all max_new_tokens forwards, the same texts. A hook
+    makes end-of-text every row's first token, so the default exits after one forward."""
+    b = smoke_gpt2
+    model = build(Config.preset("smoke"), b)
+    ch = model.channels([ChannelState(affect=(1.0, 0.0))] * 2)
+    prompts = ["On Monday at dawn, Mara felt", "Mara"]
+    calls = []
+
+    def end_of_text_first(module, args, output):
+        calls.append(1)
+        output.logits[..., b.tokenizer.eos_token_id] = 1e4
+        return output
+    handle = b.model.register_forward_hook(end_of_text_first)
+    try:
+        fixed = model.generate(prompts, ch, max_new_tokens=6, early_exit=False)
+        n_fixed = len(calls)
+        calls.clear()
+        early = model.generate(prompts, ch, max_new_tokens=6)
+        n_early = len(calls)
+    finally:
+        handle.remove()
+    assert (n_fixed, n_early) == (6, 1)
+    assert fixed == early
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_channel_values_are_lab_errors(smoke_gpt2):
@@ -363,6 +389,14 @@ def test_train_resume_is_exact(smoke_gpt2, tmp_path):
     for k in full.tensors:
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
     assert full.manifest["metrics"]["alpha_history"] == resumed.manifest["metrics"]["alpha_history"]
+    # without force the adapter on disk is reused, unless the base was re-pretrained under the same name:
+    # then it counts as missing and is retrained on the new base, not refused at load
+    import copy
+    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "a").manifest == full.manifest
+    retrained = copy.copy(smoke_gpt2)
+    retrained.__dict__["fingerprint"] = "f" * 64
+    again = train(cfg, retrained, out_dir=tmp_path / "a")
+    assert again.manifest["base"]["fingerprint"] == "f" * 64 and again.manifest["base"]["name"] == "smoke-gpt2"
 
 
 def test_artifact_on_another_base_is_refused(smoke_artifacts, smoke_mamba2):

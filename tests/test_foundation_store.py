@@ -36,6 +36,29 @@ def test_artifact_roundtrip_and_base_binding(smoke_gpt2, smoke_mamba2, tmp_path)
         load_artifact(tmp_path / "art", kind="rlf")
 
 
+def test_made_on_and_run_hash_tell_a_re_pretrained_base_apart(smoke_gpt2, tmp_path):
+    """A base re-pretrained under the same name: same name and config, other fingerprint. Its artifacts
+    count as missing (made_on), and a checkpoint is not resumed across it (run_hash)."""
+    import copy
+    import json
+
+    from lab.store import made_on, run_hash
+    retrained = copy.copy(smoke_gpt2)
+    retrained.__dict__["fingerprint"] = "f" * 64  # cached_property: the copy's own value
+    assert retrained.name == smoke_gpt2.name
+    save_artifact(tmp_path / "art", "probe", {"w": torch.zeros(2)}, {"lr": 0.1}, base=smoke_gpt2)
+    assert made_on(tmp_path / "art", smoke_gpt2) and not made_on(tmp_path / "art", retrained)
+    assert not made_on(tmp_path / "nothing", smoke_gpt2)
+    save_artifact(tmp_path / "free", "probe", {"w": torch.zeros(2)}, {}, base=None)
+    assert not made_on(tmp_path / "free", smoke_gpt2)
+    assert load_artifact(tmp_path / "free").base_name == "?"  # a null base in the manifest
+    (tmp_path / "art" / "manifest.json").write_text("{half")
+    assert not made_on(tmp_path / "art", smoke_gpt2)
+    cfg = {"steps": 10, "base": "smoke-gpt2"}
+    assert run_hash(cfg, smoke_gpt2) == run_hash(json.loads(json.dumps(cfg)), smoke_gpt2)
+    assert run_hash(cfg, smoke_gpt2) != run_hash(cfg, retrained)
+
+
 def test_truncated_artifact_is_clear_and_untouched(smoke_gpt2, tmp_path):
     save_artifact(tmp_path / "art", "probe", {"w": torch.randn(50, 50)}, {}, base=smoke_gpt2)
     w = tmp_path / "art" / "weights.safetensors"
@@ -121,6 +144,9 @@ def test_report_prints_an_underflowed_exact_p_as_below_float_range():
     assert "| < 1e-300 (exact McNemar) |" in md and "| 0.0312 (exact McNemar) |" in md
     assert f"torch {torch.__version__}" in md and rep.to_dict()["environment"]["torch"] == torch.__version__
     assert "Environment:" not in rep.to_markdown(with_environment=False)
+    assert rep.measure("half").value == 0.5
+    with pytest.raises(LabError, match="no measure named 'halves'; it has:\n  all right\n  half"):
+        rep.measure("halves")
 
 
 def test_mcnemar_exact_against_binomial():

@@ -213,9 +213,12 @@ class ChannelModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], channels: dict | None, max_new_tokens: int = 8,
-                 batch: int = 64) -> list[str]:
+                 batch: int = 64, early_exit: bool = True) -> list[str]:
         """Greedy continuations, batched with right padding (each row reads its own last position;
-        causal models never look at the padding after it), channels on every forward."""
+        causal models never look at the padding after it), channels on every forward.
+
+        early_exit=False runs all `max_new_tokens` forwards even once every row has ended its text: the
+        same outputs, a fixed amount of work (for timing two arms against each other)."""
         b = self.base
         tok = b.tokenizer
         outs: list[str] = []
@@ -246,7 +249,7 @@ class ChannelModel(nn.Module):
                             done[j] = int(nxt[j]) == tok.eos_token_id
                     ids[torch.arange(len(rows)), lens] = nxt
                     lens = lens + 1
-                    if done.all():
+                    if early_exit and done.all():
                         break
             outs += [tok.decode(g, skip_special_tokens=True) for g in gen]
         return outs

@@ -17,7 +17,7 @@ from lab import LabError, models_dir
 from lab.channels.data import CAPABILITIES, heldout_items, train_batch_items
 from lab.channels.encoders import TextEncoder
 from lab.channels.model import ChannelModel, Config, build
-from lab.store import Artifact, atomic_write_text, config_hash, load_artifact, read_json, save_artifact
+from lab.store import Artifact, atomic_write_text, load_artifact, made_on, read_json, run_hash, save_artifact
 from lab.trainer import TrainSpec, fit
 
 KIND_ADAPTER = "channels-adapter"
@@ -40,14 +40,18 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
     out_dir = Path(out_dir) if out_dir else root / ("adapter" if arm == "channel" else "text-arm")
     kind = KIND_ADAPTER if arm == "channel" else KIND_TEXT
     if (out_dir / "manifest.json").exists() and not force:
-        art = load_artifact(out_dir, kind, base)
-        if art.config == config.to_dict():
-            return art
-        print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
+        if not made_on(out_dir, base):  # e.g. the base was re-pretrained under the same name
+            print(f"{out_dir} was trained on another base than {base.name!r} "
+                  f"(fingerprint {base.fingerprint[:12]}); retraining")
+        else:
+            art = load_artifact(out_dir, kind, base)
+            if art.config == config.to_dict():
+                return art
+            print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
     model = build(config, base, arm=arm)
     spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 5 or 1),
                      seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every,
-                     config_hash=config_hash(config.to_dict()))
+                     config_hash=run_hash(config.to_dict(), base))
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     alpha_log = _alpha_log_path(ckpt)
     history = json.loads(alpha_log.read_text()) if alpha_log.exists() and (ckpt / "trainer.json").exists() else []

@@ -11,7 +11,7 @@ from lab import LabError
 from lab.figures import LAB_COLORS, bars_with_ci, style
 from lab.report import Published, Report
 from lab.stats import paired_delta
-from lab.store import Artifact, read_json
+from lab.store import Artifact, made_on, read_json
 
 SOURCE = "ARM, re-implementing RecursiveMAS (PUBLISHED.md)"
 
@@ -151,10 +151,11 @@ LINK_FIELDS = ("base", "train_docs", "heldout_docs", "cache_seed", "max_tokens",
                "warmup", "seed", "eval_rows")
 
 
-def _matches(path: Path, cfg, fields: tuple | None = None) -> bool:
-    """An artifact at `path` was made with `cfg` (on `fields` only, if given)."""
+def _matches(path: Path, cfg, base, fields: tuple | None = None) -> bool:
+    """An artifact at `path` was made on exactly `base` (its fingerprint: a re-pretrained base keeps its name)
+    with `cfg` (on `fields` only, if given)."""
     try:
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() or not made_on(path, base):
             return False
         have, want = read_json(path / "config.json"), cfg.to_dict_json()
     except LabError:
@@ -170,7 +171,7 @@ def ensure_recon(cfg, base, link, preset: str) -> Path:
     from lab.innerlink import handoff as H
     from lab.innerlink import reconstruct as RC
     recon_dir = RC.artifact_dir(preset, base)
-    if not _matches(recon_dir, cfg):
+    if not _matches(recon_dir, cfg, base):
         RC.train_recon(cfg, base, link, H.items_for(cfg), out_dir=recon_dir)
     return recon_dir
 
@@ -197,6 +198,6 @@ def ensure_trained(cfg, base, preset: str) -> Artifact | Path:
     """The preset's inner-link artifact, trained if missing or made with another config."""
     from lab.innerlink.training import artifact_dir, train
     path = artifact_dir(preset, base)
-    if _matches(path, cfg, LINK_FIELDS):
+    if _matches(path, cfg, base, LINK_FIELDS):
         return path
     return train(cfg, base, out_dir=path)

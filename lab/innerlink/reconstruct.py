@@ -33,7 +33,7 @@ import torch
 from lab import LabError, models_dir
 from lab.innerlink.adapter import InnerLink
 from lab.innerlink.handoff import Item, encode_items, final_states, items_for, ragged_rollout
-from lab.store import Artifact, config_hash, load_artifact, save_artifact
+from lab.store import Artifact, load_artifact, run_hash, save_artifact
 
 KIND = "innerlink-recon"
 VAL_ITEMS = 48
@@ -75,7 +75,7 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
     rmap.load_state_dict(link.state_dict())
     spec = TrainSpec(steps=config.recon_steps, lr=config.recon_lr, warmup=min(50, config.recon_steps // 5),
                      seed=config.seed, ckpt_every=max(20, config.recon_steps // 5),
-                     eval_every=max(10, config.recon_steps // 5), config_hash=config_hash(config.to_dict()))
+                     eval_every=max(10, config.recon_steps // 5), config_hash=run_hash(config.to_dict(), base))
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         # a pure function of (seed, step, rank): resume replays exactly

@@ -18,7 +18,7 @@ from lab.configcheck import check_field_types
 from lab.innerlink.adapter import InnerLink, cosine_loss
 from lab.innerlink.cache import StateCache, get_cache, last_layer_states
 from lab.stats import Measure, mean_with_ci, paired_delta, proportion
-from lab.store import Artifact, config_hash, load_artifact, save_artifact
+from lab.store import Artifact, load_artifact, run_hash, save_artifact
 
 KIND = "innerlink"
 
@@ -127,7 +127,7 @@ def train(config: Config, base, out_dir: Path | None = None, stop_after: int | N
     emb = base.embed.weight.detach()  # (V, d), frozen target space
     spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 2),
                      seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=max(20, config.steps // 5),
-                     config_hash=config_hash(config.to_dict()))
+                     config_hash=run_hash(config.to_dict(), base))
     n_eval = min(config.eval_rows, len(held))
     eval_h, eval_y = held.rows(np.arange(n_eval))
 

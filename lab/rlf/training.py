@@ -12,7 +12,7 @@ from lab.rlf.config import Config
 from lab.rlf.data import (TASK_VERSION, TRAIN_HOPS, excluded_prompts, shuffled_supervision, train_batch, train_hops_for,
                           validation_set)
 from lab.rlf.model import RLF, build, encode_prompts
-from lab.store import Artifact, config_hash, load_artifact, save_artifact
+from lab.store import Artifact, load_artifact, made_on, manifest_base_name, run_hash, save_artifact
 from lab.trainer import TrainSpec, fit
 
 KIND = "rlf"
@@ -107,10 +107,10 @@ class HopCurriculum:
         self.recent = {int(h): [bool(x) for x in w] for h, w in d["recent"].items()}
 
 
-def train_spec(config: Config) -> TrainSpec:
+def train_spec(config: Config, base) -> TrainSpec:
     return TrainSpec(steps=config.steps, lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
                      grad_clip=config.grad_clip, seed=config.seed, ckpt_every=config.ckpt_every,
-                     eval_every=config.eval_every, config_hash=config_hash(config.to_dict()))
+                     eval_every=config.eval_every, config_hash=run_hash(config.to_dict(), base))
 
 
 def default_out_dir(config: Config, base) -> Path:
@@ -161,7 +161,7 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
         out["hops_open"] = curriculum.cap(curriculum.next_step)  # what the next batch draws from
         return out
 
-    spec = train_spec(config)
+    spec = train_spec(config, base)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     t0 = time.perf_counter()
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
@@ -203,7 +203,7 @@ def load(path_or_artifact, base=None) -> RLF:
         raise LabError(f"{art.path} was trained on base {art.manifest['base']['name']!r}, "
                        f"but the loaded base is {base.name!r} (fingerprints differ)")
     if base is None:
-        base = load_base(art.manifest.get("base", {}).get("name") or art.config["base"])
+        base = load_base(manifest_base_name(art.manifest) or art.config["base"])
     config = Config.from_dict(art.config)
     model = build(config, base).to(base.device)   # build already puts it there; the weights below are copied across
     own = dict(model.named_parameters())
@@ -229,7 +229,8 @@ def train_or_load(config: Config, base=None, out_dir: Path | None = None) -> RLF
         base = load_base(config.base, train_if_missing=config.preset_name == "smoke")
     out_dir = Path(out_dir) if out_dir else default_out_dir(config, base)
     # from_dict fills fields added since the artifact was saved with their defaults (which reproduce the old behaviour)
-    if (out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")) == config:
+    if ((out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")) == config
+            and made_on(out_dir, base)):  # another fingerprint (a re-pretrained base): retrain
         return load(out_dir, base)
     return load(train(config, base, out_dir), base)
 

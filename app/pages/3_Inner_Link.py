@@ -48,12 +48,10 @@ try:
     res = benchmark(base_name, str(arts[artifact]), task, n_items, seed)
     base = cached_base(base_name)
 
-    from lab.figures import bars_with_ci
     from lab.innerlink import handoff as H
+    from lab.innerlink.experiment import handoff_figure
     summary = res.summary()
-    fig = bars_with_ci([H.ARM_LABELS.get(r["arm"], r["arm"]) for r in summary], [r["exact_match"] for r in summary],
-                       [r["ci_low"] for r in summary], [r["ci_high"] for r in summary],
-                       f"B's exact match on these {n_items} {task} items (95% Wilson CI)", "exact match")
+    fig = handoff_figure(summary, task)  # the report's figure, for these items
     st.plotly_chart(fig, key="il-fig")
     export_buttons(fig, "innerlink_handoff", key="il-exp")
     st.dataframe(pd.DataFrame([{"arm": H.ARM_LABELS.get(r["arm"], r["arm"]), "correct": f"{r['correct']}/{r['n']}",

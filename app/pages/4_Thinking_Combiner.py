@@ -37,9 +37,9 @@ def held_out_features(path: str, base_name: str, n_docs: int):
 
 
 try:
-    from lab.combiner.experiment import artifact_dir, delta_at, find_artifacts, gains_figure, per_token_gains, scale_sweep
+    from lab.combiner.experiment import (PUBLISHED_FITTED_DELTA, PUBLISHED_IDENTITY_DELTA, delta_at, find_artifacts,
+                                         gains_figure, per_token_gains, scale_sweep, scale_sweep_figure)
     from lab.combiner.bpb import bpb
-    from lab import figures
 
     env_art = os.environ.get("LAB_COMBINER_ARTIFACT")
     base_name = base_picker(key="comb-base", prefer=("tiny-gpt2", "smoke-gpt2"))
@@ -60,7 +60,9 @@ try:
     comb = combs[(fit, k)]
     fitted_alpha = float(comb.alpha)
     s1, s2 = st.columns(2)
-    alpha = s1.slider("α (gain on h; fitted value by default)", -0.5, 0.5, round(fitted_alpha, 3), 0.005, key="comb-alpha")
+    # the range always holds the fitted value (a ridge fit's line-searched step can put it beyond +-0.5)
+    alpha = s1.slider("α (gain on h; fitted value by default)", min(-0.5, round(fitted_alpha, 3)),
+                      max(0.5, round(fitted_alpha, 3)), round(fitted_alpha, 3), 0.005, key="comb-alpha")
     m_scale = s2.slider("M-scale (multiplies M and β)", 0.0, 2.0, 1.0, 0.05, key="comb-m-scale")
 
     feats, base_nats = held_out_features(path, base_name, n_docs)
@@ -74,13 +76,11 @@ try:
     d.metric("Δ bpb, no-thought control", f"{m_ctrl.value:+.4f}", f"95% CI [{m_ctrl.ci_low:+.4f}, {m_ctrl.ci_high:+.4f}]",
              delta_color="off", help="α and β fitted with M = 0: what recalibration alone buys")
     st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, {n_docs} held-out documents, separator {cfg.separator!r}); "
-               f"Wilcoxon p = {m.p_value:.3g}. Published: identity Δ 0 (bit-exact), fitted Δ −0.019 bpb.")
+               f"Wilcoxon p = {m.p_value:.3g}. Published: identity Δ {PUBLISHED_IDENTITY_DELTA}, "
+               f"fitted Δ {PUBLISHED_FITTED_DELTA}.")
 
-    scales = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
-    sweep = scale_sweep(base, feats, comb, k, scales, alpha, cfg.seed)
-    fig = figures.line(scales, {"Δ bpb": [s.value for s in sweep]}, f"Δ bpb vs M-scale ({fit}, k={k}, α={alpha:.3g})",
-                       "M-scale", "Δ bits per byte", error={"Δ bpb": ([s.ci_low for s in sweep], [s.ci_high for s in sweep])})
-    fig.add_vline(x=m_scale, line_dash="dot")
+    sweep = scale_sweep(base, feats, comb, k, alpha=alpha, seed=cfg.seed, base_nats=base_nats)
+    fig = scale_sweep_figure(sweep, label=f"{fit}, k={k}, α={alpha:.3g}", at=m_scale)
     st.plotly_chart(fig, width="stretch")
     export_buttons(fig, "combiner_delta_vs_mscale", key="comb-exp-sweep")
 

@@ -21,6 +21,9 @@ from lab.stats import Measure
 from lab.store import Artifact, load_artifact, save_artifact
 
 KIND = "combiner"
+# the published values the report and the app page quote (PUBLISHED.md)
+PUBLISHED_IDENTITY_DELTA = "0 (bit-exact)"
+PUBLISHED_FITTED_DELTA = "-0.019 bpb (-0.0189)"
 FITS = ("ce", "ridge")
 CONTROL = "control"   # CE fit of alpha and beta only (M = 0): what recalibration alone buys
 SOURCE = "parameter-golf thinking-combiner submission (PUBLISHED.md)"
@@ -165,6 +168,9 @@ def load(path: Path, base) -> Artifact:
     k_max = Config.from_dict(art.config).k_max
     want = [f"{fit}.k{k}.M" for fit in FITS for k in range(1, k_max + 1)] + [f"{CONTROL}.M"]
     missing = [w for w in want if w not in art.tensors]
+    fits = (art.manifest.get("metrics") or {}).get("fits") or {}
+    missing += [f"metrics.fits.k{k}.{fit}.val_nats" for fit in FITS for k in range(1, k_max + 1)
+                if not isinstance((fits.get(f"k{k}") or {}).get(fit), dict) or "val_nats" not in fits[f"k{k}"][fit]]
     if missing:
         raise LabError(f"{path} lacks the fits {missing[:4]} (made by an older version?); retrain it with "
                        f"`lab train combiner`")
@@ -210,11 +216,11 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
                      Published("base, chunked last-position bpb (their base, context only)", "2.13506", SOURCE))
     rep.add(B.delta_measure("delta bpb, identity combiner (chunked)", id_nats, base_nats, feats.nbytes,
                             "base (chunked)", seed=cfg.seed, bit_exact=bool(np.array_equal(id_nats, base_nats))),
-            Published("identity delta (zero-init combiner)", "0 (bit-exact)", SOURCE))
+            Published("identity delta (zero-init combiner)", PUBLISHED_IDENTITY_DELTA, SOURCE))
     _, deltas = delta_table(base, feats, combs, cfg.k_max, cfg.seed)
     for (fit, k), (nats, m) in deltas.items():
         m.extra.update(bpb=B.bpb(nats, feats.nbytes), val_nats=art.manifest["metrics"]["fits"][f"k{k}"][fit]["val_nats"])
-        pub = Published("fitted delta before quantization (k=1, cross-entropy fit)", "-0.019 bpb (-0.0189)", SOURCE) \
+        pub = Published("fitted delta before quantization (k=1, cross-entropy fit)", PUBLISHED_FITTED_DELTA, SOURCE) \
             if (fit, k) == ("ce", 1) else None
         rep.add(m, pub)
     ctrl_nats = B.score_chunks(base, feats, control_combiner(art, base), 1)
@@ -349,20 +355,31 @@ def gains_figure(rows: list[dict], title: str):
     return figures.style(fig, title)
 
 
-def scale_sweep(base, feats, comb: Combiner, k: int, scales, alpha: float | None = None, seed: int = 0):
+M_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # the M-scale sweep of the app and notebook 04
+
+
+def scale_sweep(base, feats, comb: Combiner, k: int, scales=M_SCALES, alpha: float | None = None, seed: int = 0,
+                base_nats: np.ndarray | None = None):
     """Delta bpb (with CI) against the M-scale knob, for the figure beside the sliders."""
-    base_nats = B.score_chunks(base, feats)
+    base_nats = B.score_chunks(base, feats) if base_nats is None else base_nats
     return [delta_at(base, feats, comb, k, alpha, float(s), seed, base_nats)[0] for s in scales]
 
 
+def scale_sweep_figure(sweep, scales=M_SCALES, label: str = "", at: float | None = None):
+    """Delta bpb with its CI against M-scale (`scale_sweep`'s measures); `at` marks the current setting."""
+    from lab import figures
+    fig = figures.line(list(scales), {"Δ bpb": [m.value for m in sweep]}, f"Δ bpb vs M-scale{f' ({label})' if label else ''}",
+                       "M-scale", "Δ bits per byte", error={"Δ bpb": ([m.ci_low for m in sweep], [m.ci_high for m in sweep])})
+    if at is not None:
+        fig.add_vline(x=at, line_dash="dot")
+    return fig
+
+
 def find_artifacts(base_name: str) -> list[Path]:
-    """Trained combiner artifacts on disk for this base (newest first)."""
-    from lab.store import read_json
-    out = []
-    for p in sorted(models_dir().glob("combiner-*")):
-        if (p / "manifest.json").exists() and (read_json(p / "manifest.json").get("base") or {}).get("name") == base_name:
-            out.append(p)
-    return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
+    """Trained combiner artifacts on disk for this base, newest first (`lab.store.find_artifacts`: by kind,
+    and a folder with an unreadable manifest is skipped rather than breaking the listing)."""
+    from lab.store import find_artifacts as find_kind
+    return sorted(find_kind(KIND, base_name).values(), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 @torch.no_grad()

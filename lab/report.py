@@ -9,6 +9,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from lab import LabError
 from lab.stats import Measure
 from lab.store import atomic_write_text, environment, environment_text, write_json
 
@@ -42,7 +43,8 @@ class Report:
         for m in self.measures:
             if m.name == name:
                 return m
-        raise KeyError(name)
+        names = "\n  ".join(m.name for m in self.measures) or "(none)"
+        raise LabError(f"report {self.name!r} has no measure named {name!r}; it has:\n  {names}")
 
     def to_dict(self) -> dict:
         return {

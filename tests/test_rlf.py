@@ -421,6 +421,13 @@ def test_lifeline_interventions_change_the_loop(rlf_smoke):
         assert not torch.allclose(on, rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(scale=0.3)))
     with pytest.raises(LabError, match="mode"):
         Lifeline(mode="off")
+    with pytest.raises(LabError, match=r"ram_dims must be a list of non-negative int dimensions, got \[1, -2\]"):
+        Lifeline(ram_dims=[1, -2])
+    with pytest.raises(LabError, match="alu_dims must be a list"):
+        Lifeline(alu_dims=[0.5])
+    d = rlf_smoke.gate.numel()
+    with pytest.raises(LabError, match=rf"alu_dims \[{d}\] are out of range for a gate of width {d}"):
+        rlf_smoke.run(ids, mask, 1, lifeline=Lifeline(alu_dims=[0, d], alu_scale=0.0))
 
 
 # --- probes ----------------------------------------------------------------------------------------

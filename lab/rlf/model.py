@@ -76,6 +76,19 @@ class Lifeline:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise LabError(f"lifeline {k} must be a finite number, got {v!r}")
+        for k in ("ram_dims", "alu_dims"):
+            dims = getattr(self, k)
+            if not isinstance(dims, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                                          for i in dims):
+                raise LabError(f"lifeline {k} must be a list of non-negative int dimensions, got {dims!r}")
+            setattr(self, k, list(dims))
+
+    def check_width(self, d: int) -> None:
+        """The RAM / ALU dimensions exist in a lifeline gate of width d."""
+        for k in ("ram_dims", "alu_dims"):
+            bad = [i for i in getattr(self, k) if i >= d]
+            if bad:
+                raise LabError(f"lifeline {k} {bad} are out of range for a gate of width {d} (0..{d - 1})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,6 +322,7 @@ class RLF(nn.Module):
                        k: int) -> torch.Tensor:
         gate = self.gate.to(x_prompt.dtype)
         if spec is not None and (spec.ram_dims or spec.alu_dims):
+            spec.check_width(gate.numel())
             gate = gate.clone()
             if spec.ram_dims:
                 gate[spec.ram_dims] = gate[spec.ram_dims] * spec.ram_scale

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from lab import lab_home, models_dir, results_dir
-from lab.bases import list_bases
+from lab.bases import list_bases, loss_text, vs_unigram_text
 from lab.ui import artifact_rows
 
 st.set_page_config(page_title="Latent Lab", layout="wide")
@@ -22,7 +22,7 @@ rows = list_bases()
 st.dataframe(pd.DataFrame([{
     "name": r["name"], "arch": r["arch"], "d_model": r["d_model"], "layers": r["layers"],
     "on disk": "yes" if r["on_disk"] else "no",
-    "held-out loss (nats/token)": r["heldout_loss"], "unigram baseline": r["unigram_loss"],
+    "held-out loss, nats/token [95% CI]": loss_text(r), "vs the training unigram (paired)": vs_unigram_text(r),
     "train seconds": r["seconds"],
 } for r in rows]), hide_index=True)
 missing = [r["name"] for r in rows if not r["on_disk"]]

@@ -404,13 +404,18 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
         return {"stopped_at": stop_after}
     if not state.is_main_process:
         return {}
-    from lab.stats import bootstrap_ci
+    from lab.stats import bootstrap_ci, paired_delta
     windows = heldout_window_losses(model, held, p.seq_len, n_windows=128)
+    vs = paired_delta("held-out loss minus the unigram's", windows,
+                      unigram_window_losses(train, held, vocab, p.seq_len, 128), "add-one training unigram")
     metrics = {
         "preset": asdict(p), "steps": spec.steps, "seconds": round(result.seconds, 1),
         "heldout_loss": float(windows.mean()), "heldout_loss_ci95": list(bootstrap_ci(windows)),
         "heldout_windows": len(windows),
         "unigram_loss": unigram_loss(train, held, vocab),
+        # the same windows' targets under the unigram, paired: the floor the base must beat, with its test
+        "vs_unigram": {"delta": vs.value, "ci95": [vs.ci_low, vs.ci_high], "unigram_loss": vs.control_value,
+                       "p_value": vs.p_value, "test": vs.test, "n": vs.n},
         "heldout_tokens": int(min(128, (len(held) - 1) // p.seq_len) * p.seq_len),
         "train_tokens": int(len(train)), "history": result.history,
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
@@ -424,12 +429,35 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
 
 
 def list_bases() -> list[dict]:
-    """Presets and what is on disk, with their held-out loss."""
+    """Presets and what is on disk, with their held-out loss: its 95% CI over `heldout_windows` windows, and
+    `vs_unigram` (loss minus the training unigram's on the same windows, CI and Wilcoxon p; None for a base
+    trained before it was recorded: `heldout_comparison` computes it)."""
     rows = []
     for name, p in PRESETS.items():
         meta_path = preset_path(name) / LAB_META
         meta = read_json(meta_path) if meta_path.exists() else {}
         rows.append({"name": name, "arch": p.arch, "d_model": p.d_model, "layers": p.n_layers,
                      "on_disk": bool(meta), "heldout_loss": meta.get("heldout_loss"),
-                     "unigram_loss": meta.get("unigram_loss"), "seconds": meta.get("seconds"), "note": p.note})
+                     "heldout_loss_ci95": meta.get("heldout_loss_ci95"), "heldout_windows": meta.get("heldout_windows"),
+                     "unigram_loss": meta.get("unigram_loss"), "vs_unigram": meta.get("vs_unigram"),
+                     "seconds": meta.get("seconds"), "note": p.note})
     return rows
+
+
+def loss_text(row: dict) -> str:
+    """A `list_bases` row's held-out loss as the lab shows it: value [95% CI] and n, or "-"."""
+    if row.get("heldout_loss") is None:
+        return "-"
+    ci, n = row.get("heldout_loss_ci95"), row.get("heldout_windows")
+    return (f"{row['heldout_loss']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + (f" (n = {n} windows)" if n else ""))
+
+
+def vs_unigram_text(row: dict) -> str:
+    """A `list_bases` row's paired comparison with the unigram: delta [95% CI], p, or what is known."""
+    vs = row.get("vs_unigram")
+    if vs:
+        return f"{vs['delta']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], p = {vs['p_value']:.2g}"
+    if row.get("unigram_loss") is not None:  # an older base: the unigram's loss, not yet paired
+        return f"unigram {row['unigram_loss']:.3f} (unpaired)"
+    return "-"

@@ -44,17 +44,16 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
 @app.command()
 def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Presets and what is on disk, with their held-out loss."""
-    from lab.bases import list_bases
+    from lab.bases import list_bases, loss_text, vs_unigram_text
     rows = list_bases()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'name':14} {'arch':7} {'d':>4} {'L':>2}  {'on disk':8} {'held-out':>9} {'unigram':>8}")
+    typer.echo(f"{'name':14} {'arch':7} {'d':>4} {'L':>2}  {'on disk':8} {'held-out loss, nats/token [95% CI]':38} "
+               f"vs the training unigram (paired, same windows)")
     for r in rows:
-        ho = f"{r['heldout_loss']:.3f}" if r["heldout_loss"] is not None else "-"
-        ug = f"{r['unigram_loss']:.3f}" if r["unigram_loss"] is not None else "-"
         typer.echo(f"{r['name']:14} {r['arch']:7} {r['d_model']:>4} {r['layers']:>2}  "
-                   f"{'yes' if r['on_disk'] else 'no':8} {ho:>9} {ug:>8}")
+                   f"{'yes' if r['on_disk'] else 'no':8} {loss_text(r):38} {vs_unigram_text(r)}")
         if not r["on_disk"]:
             typer.echo(f"{'':14} train it with:  lab pretrain {r['name']}")
 

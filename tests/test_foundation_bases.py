@@ -130,9 +130,22 @@ def test_text_longer_than_context(smoke_gpt2):
 
 
 def test_list_bases(smoke_gpt2):
+    from lab.bases import loss_text, vs_unigram_text
     rows = {r["name"]: r for r in list_bases()}
     assert set(rows) == set(PRESETS)
-    assert rows["smoke-gpt2"]["on_disk"] and rows["smoke-gpt2"]["heldout_loss"] is not None
+    r = rows["smoke-gpt2"]
+    assert r["on_disk"] and r["heldout_loss"] is not None
+    lo, hi = r["heldout_loss_ci95"]
+    assert lo < r["heldout_loss"] < hi and r["heldout_windows"] >= 2
+    # the unigram paired on the same windows: the base beats it, significantly
+    vs = r["vs_unigram"]
+    assert vs["n"] == r["heldout_windows"] and vs["ci95"][1] < 0 and vs["delta"] < 0 and vs["p_value"] < 0.05
+    assert vs["delta"] == pytest.approx(r["heldout_loss"] - vs["unigram_loss"])
+    assert loss_text(r).startswith(f"{r['heldout_loss']:.3f} [{lo:.3f}, {hi:.3f}]") and "n = " in loss_text(r)
+    assert "p = " in vs_unigram_text(r)
+    older = {k: v for k, v in r.items() if k != "vs_unigram"}  # a base trained before the pairing was recorded
+    assert vs_unigram_text(older).endswith("(unpaired)")
+    assert loss_text({**r, "heldout_loss": None}) == "-"
 
 
 def test_pretrain_resume_is_exact(lab_home, tmp_path, monkeypatch):

@@ -23,6 +23,9 @@ def test_bases_lists_presets(smoke_gpt2):
     assert rows["smoke-gpt2"]["on_disk"]
     r = CliRunner().invoke(app, ["bases"])
     assert "smoke-gpt2" in r.output and "lab pretrain" in r.output  # the command for what is missing
+    line = next(l for l in r.output.splitlines() if l.startswith("smoke-gpt2 "))
+    ho = rows["smoke-gpt2"]
+    assert f"{ho['heldout_loss']:.3f} [{ho['heldout_loss_ci95'][0]:.3f}" in line and "p = " in line
 
 
 def test_unknown_preset_is_a_clear_error(lab_home):

@@ -3,6 +3,11 @@
     python bench/bench_channels.py
 
 Measures (interleaved repetitions in a shuffled order, medians, ratios with a paired bootstrap CI over reps; one intra-op thread so the shared cores do not oversubscribe):
+  lab_uses              the target (issue #4: injection overhead <= 5% of the base forward), measured where the lab
+                        injects channels, each lab call with channels against the same call without: the eval's
+                        scoring pass (64 rows per forward) and generation (64 prompts x 8 tokens), the app's
+                        generation (1 prompt x 12 tokens); and the app's log-prob shift (6 words, one forward), the
+                        one use that opens a context for a single small forward (see `lab_uses`)
   forward_ms            the bare base forward (B x T tokens)
   additive_ms / ratio   one `inject` context of all six channels into every layer, around one forward
   xattn_ms / ratio      the multi-token cross-attention variant (per-position attention: costs more)
@@ -127,7 +132,74 @@ def shape_sweep(base, model, state, shapes=((1, 32, 150), (8, 64, 60), (32, 64, 
     return rows
 
 
-def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None, sweep: bool = True) -> dict:
+def _forwards_run(base, fn) -> int:
+    """How many forwards of the base `fn` runs (a counting torch pre-hook, used outside the timed reps)."""
+    n = [0]
+
+    def count(*_):
+        n[0] += 1
+    handle = base.model.register_forward_pre_hook(count)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return n[0]
+
+
+def lab_uses(base, model, reps: float = 1.0) -> list[dict]:
+    """The additive injection where the lab itself uses it, each against the same call with no channels
+    (`channels=None`: no context is opened, everything else is the same code), on held-out items with
+    their own channel states (encoded once, outside the timing: encoding is not injection):
+
+    scoring      the eval's log-likelihood pass: 64 (prompt, candidate) rows per forward, one context each
+    generation   the eval's: 64 prompts, 8 greedy tokens, one context per generation
+    app_generate the app page's side-by-side generation: one prompt, 12 tokens
+    app_shift    the app page's log-prob shift: six words scored in one forward, one context: a single small
+                 forward per state, where the fixed per-context cost shows most (its target is the page's
+                 150 ms p95, `app_p95_ms`)
+    `reps` scales every use's repetition count."""
+    from lab.channels.data import heldout_items
+    from lab.stats import paired_ratio
+
+    memory = heldout_items("memory", 22)  # three candidates each: 66 rows, the eval's batch is 64
+    rows = [(model.prompt_of(it), c, it.state) for it in memory for c in it.candidates][:64]
+    prompts, conts, states = map(list, zip(*rows))
+    score_ch = model.channels(states)
+    gen_items = heldout_items("continuity", 64)
+    gen_prompts = [model.prompt_of(it) for it in gen_items]
+    gen_ch = model.channels([it.state for it in gen_items])
+    it = heldout_items("identity", 1)[0]
+    one, one_ch = [model.prompt_of(it)], model.channels([it.state])
+    words = [" joyful", " gloomy", " morning", " night", " carefully", " gladly"]
+    shift_ch = model.channels([it.state] * len(words))
+
+    uses = {
+        "scoring": ("the eval's log-likelihood pass, 64 rows per forward", 60,
+                    lambda ch: model.continuation_logprobs(prompts, conts, ch)),
+        "generation": ("the eval's generation, 64 prompts x 8 tokens", 24,
+                       lambda ch: model.generate(gen_prompts, ch, 8, early_exit=False)),
+        "app_generate": ("the app's generation, 1 prompt x 12 tokens", 250,
+                         lambda ch: model.generate(one, ch, 12, early_exit=False)),
+        "app_shift": ("the app's log-prob shift, 6 words in one forward", 300,
+                      lambda ch: model.continuation_logprobs(one * len(words), words, ch)),
+    }
+    chans = {"scoring": score_ch, "generation": gen_ch, "app_generate": one_ch, "app_shift": shift_ch}
+    out = []
+    for key, (what, n, call) in uses.items():
+        if _forwards_run(base, lambda: call(chans[key])) != _forwards_run(base, lambda: call(None)):
+            raise RuntimeError(f"{key}: the two arms ran different numbers of forwards")
+        with torch.no_grad():
+            t = _interleaved({"bare": lambda: call(None), "channels": lambda: call(chans[key])}, max(2, round(n * reps)))
+        r, lo, hi = paired_ratio(t["channels"], t["bare"])
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        out.append({"use": key, "what": what, "reps": len(t["bare"]), "forwards": _forwards_run(base, lambda: call(None)),
+                    "bare_ms": round(med["bare"], 3), "ratio": round(r, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                    "added_ms": round(med["channels"] - med["bare"], 3)})
+    return out
+
+
+def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None, sweep: bool = True, uses: bool = True,
+         sweep_shapes=((1, 32, 150), (8, 64, 60), (32, 64, 40))) -> dict:
     from lab.channels import Config, build
     from lab.channels.encoders import ChannelState
     from lab.channels.injection import inject
@@ -180,10 +252,13 @@ def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None, sweep: bool 
         "xattn_ms": round(med["xattn"], 3), "xattn_ratio": round(med["xattn"] / med["forward"], 4),
         "additive_ratio_min": round(min(times["additive"]) / min(times["forward"]), 4),
         "app_p95_ms": round(p95, 1), "app_median_ms": round(statistics.median(app) * 1e3, 1),
-        "targets": {"additive injection vs the base forward (issue #4)": "<= 1.05", "app_p95_ms": "<= 150"},
+        "targets": {"additive injection vs the same lab call without channels, each of lab_uses (issue #4)": "<= 1.05",
+                    "app_p95_ms": "<= 150"},
     }
+    if uses:
+        out["lab_uses"] = lab_uses(base, models["additive"])
     if sweep:
-        out["additive_by_shape"] = shape_sweep(base, models["additive"], state)
+        out["additive_by_shape"] = shape_sweep(base, models["additive"], state, sweep_shapes)
     return out
 
 
@@ -196,6 +271,13 @@ def _print(r: dict) -> None:
     print(f"  + channels (xattn, K=4)   {r['xattn_ms']:8.2f} ms   {r['xattn_ratio']:.3f}")
     print(f"  additive, ratio of fastest runs {r['additive_ratio_min']:.3f}")
     print(f"  app non-generative recompute: p95 {r['app_p95_ms']:.1f} ms, median {r['app_median_ms']:.1f} ms (target <= 150)")
+    uses = r.get("lab_uses", [])
+    if uses:
+        print("  additive, where the lab uses it, vs the same call without channels (target <= 1.05; app_shift: the page's p95):")
+        for u in uses:
+            lo, hi = u["ci95"]
+            print(f"    {u['use']:<13} {u['what']:<52} {u['forwards']:>2} forward(s) {u['bare_ms']:8.2f} ms: "
+                  f"{u['ratio']:.3f} [{lo:.3f}, {hi:.3f}] (+{u['added_ms']:.2f} ms), {u['reps']} reps")
     rows = r.get("additive_by_shape", [])
     if rows:
         n = rows[0]["n_forwards"]
@@ -214,5 +296,6 @@ if __name__ == "__main__":
     _print(main())
     if "--gpt2-small-shape" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
-            r = main(reps=20, base=gpt2_small_shape(tmp), sweep=False)
+            # and one 32-token prompt, the shape where a 4-layer d-128 base shows the fixed per-context cost most
+            r = main(reps=20, base=gpt2_small_shape(tmp), uses=False, sweep_shapes=((1, 32, 60),))
             _print({**r, "base": "random-init GPT-2-124M shape (d 768, 12 layers)"})

@@ -361,6 +361,18 @@ def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tens
         yield
 
 
+@contextlib.contextmanager
+def add_to_every_layer(base, deltas: Sequence[torch.Tensor], site: str = "resid_pre") -> Iterator[None]:
+    """`add_to_layers` for one fixed tensor per layer, in layer order: the channels' per-context hot path,
+    which skips the per-layer index checks and closures a mapping of arbitrary layers needs (a small
+    base's forward is ~4 ms, and this runs once per channel state)."""
+    kind = "pre" if _check_site(site) == "resid_pre" else "post"
+    if len(deltas) != base.n_layers:
+        raise LabError(f"give one delta per layer: {base.name!r} has {base.n_layers} layers, got {len(deltas)} deltas")
+    with _hooks([(block, kind, _fixed_add(base, d)) for block, d in zip(base.blocks, deltas)]):
+        yield
+
+
 def forward(base, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None):
     """One forward of the base from token ids or from input embeddings (for latent steps)."""

@@ -104,6 +104,29 @@ def test_add_zero_is_bit_identical_and_nonzero_is_not(any_base, site):
         assert not torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
 
 
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
+def test_add_to_every_layer_equals_add_to_layers(smoke_gpt2, site):
+    """The channels' fast path: one fixed delta per layer, the same stream as the general mapping."""
+    b = smoke_gpt2
+    ids, mask = _run(b)
+    deltas = torch.randn(b.n_layers, 1, 1, b.d_model, generator=torch.Generator().manual_seed(0)) * 0.1
+    with hooks.add_to_layers(b, dict(enumerate(deltas.unbind(0))), site=site):
+        ref = b.model(input_ids=ids, attention_mask=mask).logits
+    with hooks.add_to_every_layer(b, deltas.unbind(0), site=site):
+        assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)
+    _assert_nothing_active(b)
+    with pytest.raises(LabError, match=f"one delta per layer: 'smoke-gpt2' has {b.n_layers} layers, got 1"):
+        with hooks.add_to_every_layer(b, deltas.unbind(0)[:1]):
+            pass
+    with pytest.raises(LabError, match="site must be one of"):
+        with hooks.add_to_every_layer(b, deltas.unbind(0), site="resid_mid"):
+            pass
+    with pytest.raises(LabError, match="does not broadcast"):  # the shape is still checked, on the first forward
+        with hooks.add_to_every_layer(b, [torch.zeros(3, 1, b.d_model)] * b.n_layers):
+            b.model(input_ids=ids, attention_mask=mask)
+    _assert_nothing_active(b)
+
+
 def _assert_nothing_active(b):
     """No lab hook active in this thread, and every module back to its own forward (and no torch hook)."""
     assert hooks.active(b) == 0

@@ -19,10 +19,12 @@ Two variants, one module class (`ChannelInjector`, chosen by `mode`):
   read different parts of a channel.
 
 Site: ``resid_pre`` of every block (the stream entering block i), so "channels from layer 1" means the
-very first block already sees them. The hooks come from `lab.hooks.add_to_layers` (one delta per layer, one
-context): they act only on forwards of the thread that opened the context, and are gone when it exits, even on
-error. The cost, by machine, is a fixed ~0.3-0.6 ms per context (check the values, one batched matmul for every
-layer's delta, activate the hooks) plus one add per layer and forward (bench/bench_channels.py).
+very first block already sees them. The hooks come from `lab.hooks.add_to_every_layer` (one delta per layer, one
+context; the xattn variant: `add_to_layers`): they act only on forwards of the thread that opened the context,
+and are gone when it exits, even on error. The cost is a fixed amount per context (check the values, one batched
+matmul for every layer's delta, activate the hooks: 0.3-0.75 ms on tiny-gpt2 by machine, ~8 ms on a
+GPT-2-124M shape, where the matmul reads an 85-MB projection) plus one add per layer and forward
+(bench/bench_channels.py).
 
 Zero-init guarantee: alpha starts at 0 and the projections have no bias, so (a) at init the model is
 bit-identical to its base for any channel values (h + 0 == h exactly), and (b) a channel whose input is

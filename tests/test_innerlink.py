@@ -333,6 +333,11 @@ def test_recon_for_finds_the_map_made_for_this_link_by_config_not_by_folder_name
     assert all(read_json(found / "config.json").get(f) == want.get(f) for f in LINK_FIELDS)
     write_json(mine / "config.json", want)  # one with exactly the link's config is preferred
     assert recon_for(art.path, smoke_gpt2) == mine
+    # the base re-pretrained under the same name: no map made on the old one is offered
+    import copy
+    retrained = copy.copy(smoke_gpt2)
+    retrained.__dict__["fingerprint"] = "f" * 64
+    assert recon_for(art.path, retrained) is None
     shutil.rmtree(other)
     shutil.rmtree(mine)
 

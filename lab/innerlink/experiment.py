@@ -185,6 +185,8 @@ def recon_for(link_path: Path, base) -> Path | None:
     want = read_json(Path(link_path) / "config.json")
     found = []
     for path in find_artifacts(RECON_KIND, base.name).values():
+        if not made_on(path, base):  # made on an earlier base of this name: its states mean nothing here
+            continue
         try:
             have = read_json(path / "config.json")
         except LabError:

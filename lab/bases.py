@@ -264,16 +264,18 @@ def load_base(name_or_path: str | Path, device: str | torch.device | None = None
 
 # --- pretraining -------------------------------------------------------------------------------
 
-def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234) -> np.ndarray:
-    """The corpus split as one token stream (documents separated by EOS), cached under data/."""
-    from lab.corpus import documents
+def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234, guard_docs: int | None = None) -> np.ndarray:
+    """The corpus split as one token stream (documents separated by EOS), cached under data/. guard_docs: see
+    `lab.corpus.documents` (a held-out stream excludes that many of the seed's training documents)."""
+    from lab.corpus import CORPUS_VERSION, TRAIN_GUARD_DOCS, documents
     from lab.store import atomic_write_bytes
 
     vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:10]
-    cache = data_dir() / "corpus" / f"{split}-{n_docs}-{seed}-{vocab_hash}.npy"
+    guard = f"-guard{max(TRAIN_GUARD_DOCS, guard_docs or 0)}" if split == "heldout" else ""
+    cache = data_dir() / "corpus" / f"{split}-{n_docs}-{seed}{guard}-{vocab_hash}-v{CORPUS_VERSION}.npy"
     if cache.exists():
         return np.load(cache, allow_pickle=False)
-    docs = documents(split, n_docs, seed)
+    docs = documents(split, n_docs, seed, guard_docs)
     eos = tokenizer.eos_token_id
     enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
     # uint16 halves the cache for the lab's own vocabularies; a larger one (a user's HF tokenizer) must not wrap
@@ -335,7 +337,7 @@ def unigram_window_losses(train: np.ndarray, heldout: np.ndarray, vocab: int, se
 def preset_streams(p: "BasePreset", tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """A preset's pretraining token streams: (train, held-out)."""
     return (corpus_tokens(tokenizer, "train", p.n_train_docs),
-            corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20)))
+            corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20), guard_docs=p.n_train_docs))
 
 
 def heldout_comparison(name: str, n_windows: int = 128) -> dict:

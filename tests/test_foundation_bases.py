@@ -129,6 +129,21 @@ def test_text_longer_than_context(smoke_gpt2):
         smoke_gpt2.encode("word " * (smoke_gpt2.max_len + 10))
 
 
+def test_no_heldout_document_is_a_training_document():
+    """The generators are templated, so two independent streams share documents verbatim (5.7% of 3,000
+    held-out draws were among 60,000 training ones): held-out excludes the training prefix every preset uses."""
+    from lab.corpus import TRAIN_GUARD_DOCS, documents
+    assert all(p.n_train_docs <= TRAIN_GUARD_DOCS for p in PRESETS.values())
+    held = documents("heldout", 2000)
+    assert not set(held) & set(documents("train", TRAIN_GUARD_DOCS))
+    assert documents("heldout", 50) == held[:50]  # deterministic, and a shorter split is a prefix
+    # a caller training on more of a stream guards that much of it
+    more = documents("heldout", 300, seed=7, guard_docs=TRAIN_GUARD_DOCS + 20_000)
+    assert not set(more) & set(documents("train", TRAIN_GUARD_DOCS + 20_000, seed=7))
+    with pytest.raises(LabError, match="non-negative int, got -1"):
+        documents("heldout", -1)
+
+
 def test_list_bases(smoke_gpt2):
     from lab.bases import loss_text, vs_unigram_text
     rows = {r["name"]: r for r in list_bases()}

@@ -86,7 +86,9 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
         maps["recon"] = rmap
     res = H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps)
     for m in res.measures:
-        pub = Published("Hypothesis-Continuity hand-off, inner-link latent", "0 of 18", SOURCE) \
+        # their set is not public: the comparison is across tasks, and the label says so
+        pub = Published(f"inner-link latent hand-off on their Hypothesis-Continuity set (not public; this is the "
+                        f"lab's {cfg.handoff_task!r} task)", "0 of 18", SOURCE) \
             if m.extra.get("arm") == "inner_link" else None
         rep.add(m, pub)
     if maps:

@@ -259,6 +259,29 @@ def test_chunked_identity_delta_is_exactly_zero(smoke_gpt2):
     assert B.chunked_cost(feats, 2, True)["forwards_per_token"] == 3
 
 
+def test_bpb_ci_resamples_documents_and_is_a_ratio_of_sums():
+    """Tokens of one document are correlated: a CI over tokens would be too narrow. The bytes per token vary,
+    so the resampled statistic is sum(bits) / sum(bytes), not a mean with the bytes held fixed."""
+    rng = np.random.default_rng(0)
+    eos = 3
+    ids = rng.integers(10, 100, 2001)
+    ids[50:2000:50] = eos                                    # 40 documents of 50 scored targets each
+    units = B.document_units(ids, eos)
+    assert np.bincount(units).tolist() == [50] * 40 and B.document_units(ids, None) is None
+    nats = np.repeat(rng.normal(2.0, 0.6, 40).clip(0.2), 50) + rng.normal(0, 0.05, 2000)  # per-document level
+    nbytes = rng.integers(1, 6, 2000).astype(float)
+    by_doc, by_tok = B.bpb_measure("doc", nats, nbytes, units=units), B.bpb_measure("tok", nats, nbytes)
+    assert by_doc.value == by_tok.value == pytest.approx(nats.sum() / math.log(2) / nbytes.sum())
+    assert (by_doc.n, by_tok.n) == (40, 2000) and by_doc.extra["unit"] == "documents"
+    assert by_doc.ci_high - by_doc.ci_low > 3 * (by_tok.ci_high - by_tok.ci_low)
+    assert by_doc.ci_low < by_doc.value < by_doc.ci_high
+    better = nats - rng.normal(0.1, 0.05, 2000)
+    d = B.delta_measure("d", better, nats, nbytes, "base", units=units)
+    assert d.value == pytest.approx((better - nats).sum() / math.log(2) / nbytes.sum())
+    assert d.n == 40 and d.ci_low < d.value < d.ci_high < 0
+    assert d.control_value == pytest.approx(by_doc.value) and d.p_value < 1e-6
+
+
 def test_bad_evaluation_input(smoke_gpt2):
     for empty in ["", "   \n "]:
         with pytest.raises(LabError, match="empty"):

@@ -14,13 +14,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.stats as sps
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lab import LabError
 from lab.hooks import capture, forward
-from lab.stats import Measure, bootstrap_ci, paired_delta
+from lab.stats import Measure
 
 LN2 = math.log(2.0)
 
@@ -71,25 +72,78 @@ def bpb(nats, nbytes) -> float:
     return float(nats.sum() / LN2 / nbytes.sum())
 
 
-def bpb_measure(name: str, nats, nbytes, seed: int = 0, **extra) -> Measure:
-    """bpb with a bootstrap CI over scored tokens (per-token bits divided by the mean bytes per token,
-    so the mean of the per-token values is exactly the bpb)."""
+def _per_unit(values: np.ndarray, units: np.ndarray | None) -> np.ndarray:
+    """Sum `values` within each unit (units: an id per scored token, 0..U-1); None: every token its own unit."""
+    return values if units is None else np.bincount(units, weights=values)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, seed: int = 0, n_resamples: int = 2000,
+             alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of sum(num) / sum(den), resampling units (paired rows of num and den): the
+    ratio estimator, so the denominator (bytes) varies with the resample as it does between texts."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    n = num.size
+    if n < 2:
+        raise LabError(f"a bootstrap CI needs at least 2 units, got {n}")
+    rng = np.random.default_rng(seed)
+    stats = []
+    for start in range(0, n_resamples, 250):  # resampled unit indices, in blocks to bound memory
+        idx = rng.integers(0, n, size=(min(250, n_resamples - start), n))
+        d = den[idx].sum(1)
+        stats.append(np.where(d > 0, num[idx].sum(1) / np.where(d > 0, d, 1.0), np.nan))
+    stats = np.concatenate(stats)
+    stats = stats[np.isfinite(stats)]
+    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def _unit_text(units) -> str:
+    return "scored positions" if units is None else "documents"
+
+
+def bpb_measure(name: str, nats, nbytes, seed: int = 0, units: np.ndarray | None = None, **extra) -> Measure:
+    """bpb = sum of bits / sum of bytes, with a bootstrap CI of that ratio over units: `units` gives each scored
+    token's document (tokens of one document are correlated: resampling tokens would make the CI too narrow);
+    None: each scored position is its own unit (the chunked evaluator's one position per chunk)."""
     nats, nbytes = np.asarray(nats, float), np.asarray(nbytes, float)
-    per = nats / LN2 / nbytes.mean()
-    lo, hi = bootstrap_ci(per, seed=seed)
-    return Measure(name, bpb(nats, nbytes), int(per.size), lo, hi, "bootstrap percentile over scored tokens",
-                   extra=dict(bytes=int(nbytes.sum()), tokens=int(nats.size), **extra))
+    num, den = _per_unit(nats / LN2, units), _per_unit(nbytes, units)
+    lo, hi = ratio_ci(num, den, seed=seed)
+    return Measure(name, bpb(nats, nbytes), int(num.size), lo, hi,
+                   f"bootstrap percentile of sum(bits) / sum(bytes) over {_unit_text(units)}",
+                   extra=dict(bytes=int(nbytes.sum()), tokens=int(nats.size), unit=_unit_text(units), **extra))
 
 
-def delta_measure(name: str, nats_t, nats_c, nbytes, control: str, seed: int = 0, **extra) -> Measure:
-    """delta bpb (treatment - control) on the same scored tokens: paired bootstrap CI and Wilcoxon p.
-    The bytes are the same in both arms, so the per-token delta bits over the mean bytes average to it."""
+def delta_measure(name: str, nats_t, nats_c, nbytes, control: str, seed: int = 0,
+                  units: np.ndarray | None = None, **extra) -> Measure:
+    """delta bpb (treatment - control) on the same scored tokens: sum of the bit differences over the sum of
+    bytes, with a paired bootstrap CI of that ratio over units (see `bpb_measure`) and a Wilcoxon
+    signed-rank p over the units' summed differences."""
     nats_t, nats_c, nbytes = (np.asarray(a, float) for a in (nats_t, nats_c, nbytes))
     if not nats_t.shape == nats_c.shape == nbytes.shape:
         raise LabError(f"paired arms must score the same tokens, got {nats_t.shape}, {nats_c.shape}, {nbytes.shape}")
-    m = paired_delta(name, nats_t / LN2 / nbytes.mean(), nats_c / LN2 / nbytes.mean(), control, seed=seed)
-    m.extra.update(max_abs_token_delta_nats=float(np.abs(nats_t - nats_c).max()), **extra)
-    return m
+    if nbytes.sum() <= 0:
+        raise LabError("the scored tokens cover 0 bytes; cannot compute bits per byte")
+    diff, den = _per_unit((nats_t - nats_c) / LN2, units), _per_unit(nbytes, units)
+    value = float(diff.sum() / den.sum())
+    if np.all(diff == 0):  # e.g. the identity combiner: exactly zero, nothing to resample or test
+        lo = hi = value
+        p = 1.0
+    else:
+        lo, hi = ratio_ci(diff, den, seed=seed)
+        p = float(sps.wilcoxon(diff).pvalue)
+    return Measure(name, value, int(diff.size), lo, hi,
+                   f"paired bootstrap percentile of sum(bit differences) / sum(bytes) over {_unit_text(units)}",
+                   control, bpb(nats_c, nbytes), p, "Wilcoxon signed-rank",
+                   extra=dict(max_abs_token_delta_nats=float(np.abs(nats_t - nats_c).max()), unit=_unit_text(units),
+                              tokens=int(nats_t.size), **extra))
+
+
+def document_units(ids: np.ndarray, eos_id: int | None) -> np.ndarray | None:
+    """The document of each scored target ids[1:] in an EOS-separated stream (0..D-1: the count of EOS tokens
+    before it; an EOS belongs to the document it ends), or None without an EOS token."""
+    if eos_id is None:
+        return None
+    ends = np.asarray(ids)[:-1] == eos_id                 # an EOS at position j - 1 starts a new document at j
+    return np.cumsum(ends).astype(np.int64)
 
 
 # --- sliding window ----------------------------------------------------------------------------

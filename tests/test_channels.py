@@ -406,6 +406,25 @@ def test_artifact_on_another_base_is_refused(smoke_artifacts, smoke_mamba2):
         evaluate(arts["adapter"].path, smoke_mamba2)
 
 
+def test_register_outcomes_count_prompt_pairs_not_poles():
+    """The two poles of a register prompt share it and its candidates: one unit, right when both poles are."""
+    from lab.channels.data import heldout_items
+    from lab.channels.eval import per_unit, unit_chance
+    items = heldout_items("affect", 5, seed=0)
+    assert len(items) == 10 and len({it.pair for it in items}) == 5
+    pairs = [it.pair for it in items]
+    ok = np.array([True] * 10)
+    first_pole = np.array([pairs.index(p) == i for i, p in enumerate(pairs)])  # one pole of every pair right
+    assert per_unit(items, ok).tolist() == [True] * 5 and not per_unit(items, first_pole).any()
+    assert unit_chance(items) == 0.25
+    sel = heldout_items("memory", 4, seed=0)
+    assert per_unit(sel, np.ones(4, bool)).tolist() == [True] * 4 and unit_chance(sel) == pytest.approx(1 / 3)
+    with pytest.raises(LabError, match="do not have exactly two poles"):
+        per_unit(items[:3], ok[:3])
+    with pytest.raises(LabError, match="3 outcomes for 10 items"):
+        per_unit(items, ok[:3])
+
+
 def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
     from lab.channels import evaluate, write_lexicons
     cfg, arts = smoke_artifacts
@@ -416,6 +435,9 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
             m = next(m for m in rep.measures if m.name.startswith(f"{cap}: {kind}"))
             assert m.n >= 6 and m.p_value is not None and 0 <= m.p_value <= 1 and m.control == (
                 "channels zeroed" if kind != "channel arm vs text arm" else "state as text, equally trained")
+        ll = next(m for m in rep.measures if m.name.startswith(f"{cap}: LL preferred"))
+        pairs = ll.extra["unit"].startswith("prompt pair")  # register: n counts prompts, not their two poles
+        assert pairs == (cap in ("affect", "time", "ethics")) and ll.n == (ll.extra["n_items"] // 2 if pairs else ll.extra["n_items"])
     assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
     rep.save(tmp_path / "rep", formats=())                          # evaluate writes nothing; the caller saves

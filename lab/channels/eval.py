@@ -127,6 +127,31 @@ def ll_correct(model, items, **kw) -> np.ndarray:
     return (best == labels) & (top2[:, 1] > top2[:, 0])
 
 
+def per_unit(items: Sequence[Item], ok) -> np.ndarray:
+    """Outcomes per independent unit, in the items' order: a selection item's own; a register prompt pair's
+    "both poles right". The two poles of a pair share the prompt and the candidates: with the channels zeroed
+    exactly one of them can win, so counting both as items doubles n and makes every p too small."""
+    ok = np.asarray(ok, bool)
+    if len(items) != len(ok):
+        raise LabError(f"{len(ok)} outcomes for {len(items)} items")
+    if not len(items) or not items[0].pair:
+        return ok
+    by_pair: dict[str, list[bool]] = {}
+    for it, o in zip(items, ok):
+        by_pair.setdefault(it.pair, []).append(bool(o))
+    odd = [p for p, v in by_pair.items() if len(v) != 2]
+    if odd:
+        raise LabError(f"register prompt pairs {odd[:3]} do not have exactly two poles")
+    return np.array([all(v) for v in by_pair.values()])
+
+
+def unit_chance(items: Sequence[Item]) -> float:
+    """The chance level of `per_unit` outcomes: 1/K per selection item, (1/2)^2 per register pair."""
+    if not len(items) or not items[0].pair:
+        return float(np.mean([1 / len(it.candidates) for it in items])) if len(items) else float("nan")
+    return 0.25
+
+
 def generations(model, items: Sequence[Item], zero: bool = False, max_new_tokens: int = 8) -> list[str]:
     ch = model.channels([it.state for it in items], zero=zero)
     return model.generate([model.prompt_of(it) for it in items], ch, max_new_tokens)
@@ -160,12 +185,12 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
     for cap in config.capabilities:
         items = heldout_items(cap, config.n_heldout, seed=config.seed)
         n_prompts = len({it.prompt for it in items})
-        # log-likelihood version
-        full = ll_correct(model, items)
-        zero = ll_correct(model, items, zero=True)
-        chance = "1/3" if cap in SELECTION else "1/2"
+        # log-likelihood version, per independent unit (a register pair succeeds when both its poles do)
+        unit = "item" if cap in SELECTION else "prompt pair (both poles)"
+        full = per_unit(items, ll_correct(model, items))
+        zero = per_unit(items, ll_correct(model, items, zero=True))
         m = compare_proportions(f"{cap}: LL preferred = state's continuation", full, zero, "channels zeroed")
-        m.extra.update(chance=chance, n_prompts=n_prompts)
+        m.extra.update(chance=round(unit_chance(items), 4), n_prompts=n_prompts, unit=unit, n_items=len(items))
         report.add(m)
         # generation version
         texts_on = generations(model, items, max_new_tokens=config.gen_tokens)
@@ -185,17 +210,18 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         lab = np.array([it.label for it in items])
         opp = np.array([it.conflict_label for it in items])
         r = np.arange(len(items))
-        follow = lp_c[r, lab] > lp_c[r, opp]
-        follow_z = lp_z[r, lab] > lp_z[r, opp]
+        follow = per_unit(items, lp_c[r, lab] > lp_c[r, opp])
+        follow_z = per_unit(items, lp_z[r, lab] > lp_z[r, opp])
         cm = compare_proportions(f"{cap}: conflict, follows channel over text", follow, follow_z, "channels zeroed")
+        cm.extra.update(unit=unit)
         report.add(cm)  # the published 264/265 is pooled over capabilities: it sits beside the pooled measure below
         # three arms: channel / same state as text (equally trained) / neither
         # the frozen base reading the state as text, untrained (channels zeroed = the bare base)
-        text_base = ll_correct(model, items, zero=True, with_text=True)
-        row = {"capability": cap, "n": len(items), "channel": float(full.mean()), "neither": float(zero.mean()),
+        text_base = per_unit(items, ll_correct(model, items, zero=True, with_text=True))
+        row = {"capability": cap, "n": len(full), "unit": unit, "channel": float(full.mean()), "neither": float(zero.mean()),
                "text_untrained_base": float(text_base.mean()), "tokens_channel": 0.0, "tokens_neither": 0.0}
         if text_model is not None:
-            text = ll_correct(text_model, items)
+            text = per_unit(items, ll_correct(text_model, items))
             tok = text_model.base.tokenizer
             cost = float(np.mean([len(tok.encode(it.text_state, add_special_tokens=False)) for it in items]))
             mc = mcnemar_exact(full, text)
@@ -262,12 +288,12 @@ def evaluate_native(config, text_base, report: Report, paths: dict, log=print) -
     full, zero, chance = [], [], []
     for cap in config.capabilities:
         items = heldout_items(cap, config.n_heldout, seed=config.seed)
-        full.append(ll_correct(cm, items))
-        zero.append(ll_correct(cm, items, zero=True))
-        chance += [1 / len(it.candidates) for it in items]
+        full.append(per_unit(items, ll_correct(cm, items)))
+        zero.append(per_unit(items, ll_correct(cm, items, zero=True)))
+        chance += [unit_chance(items)] * len(full[-1])
     full, zero = np.concatenate(full), np.concatenate(zero)
     m = compare_proportions("native: channel decides the preferred continuation (held-out)", full, zero, "channels zeroed")
-    # pooled over 3-candidate (selection) and 2-candidate (register) items: its chance level is their mix
+    # pooled over selection items (chance 1/3) and register pairs (both poles: 1/4): its chance level is their mix
     m.extra["chance"] = float(np.mean(chance))
     report.add(m, Published("native: channel decides the preferred output (counterfactual pairs; chance 25% there, "
                             f"{np.mean(chance):.1%} here)", "88.8% of 455", SRC))

@@ -104,6 +104,17 @@ def test_cache_is_keyed_by_its_token_cut(trained, smoke_gpt2):
         shutil.rmtree(misnamed)
 
 
+def test_control_tokens_are_never_the_target():
+    import numpy as np
+    from lab.innerlink.training import other_tokens
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)  # few distinct tokens: a plain permutation would clash on about a third of rows
+    other = other_tokens(y, y, rng)
+    assert (other != y).all() and set(other.tolist()) <= set(y.tolist())
+    with pytest.raises(LabError, match="pool of 1 distinct token"):
+        other_tokens(np.array([4, 4]), np.array([4, 4, 4]), rng)
+
+
 def test_cache_from_another_base_is_laberror(trained, smoke_gpt2, smoke_mamba2):
     from lab.innerlink.cache import cache_path, load_cache
     cfg = trained[0]

@@ -173,6 +173,22 @@ def _per_doc(values: np.ndarray, doc: np.ndarray) -> np.ndarray:
     return np.bincount(inv, weights=values) / np.bincount(inv)
 
 
+def other_tokens(target: np.ndarray, pool: np.ndarray, rng: np.random.Generator, max_draws: int = 1000) -> np.ndarray:
+    """For each target token, a token drawn from `pool` (e.g. the other rows' tokens) that is not the target
+    itself: the control of "another token". A control equal to the target would score like the target and
+    bias the control towards the trained map."""
+    target, pool = np.asarray(target), np.asarray(pool)
+    out = pool[rng.integers(0, len(pool), len(target))] if len(pool) else target.copy()
+    bad = out == target
+    for _ in range(max_draws):
+        if not bad.any():
+            return out
+        out[bad] = pool[rng.integers(0, len(pool), int(bad.sum()))]
+        bad = out == target
+    raise LabError(f"could not draw a token other than the target for {int(bad.sum())} of {len(target)} rows from "
+                   f"a pool of {len(np.unique(pool))} distinct token(s)")
+
+
 @torch.no_grad()
 def heldout_cosines(link: InnerLink, base, held: StateCache, seed: int = 0, chunk: int = 8192) -> dict:
     """Per-row cosines on held-out tokens for the trained map and its controls:
@@ -193,20 +209,14 @@ def heldout_cosines(link: InnerLink, base, held: StateCache, seed: int = 0, chun
     rng = np.random.default_rng(seed)
     y_all = held.column("target").astype(np.int64)
     n = len(y_all)
-    other = rng.permutation(n)
-    clash = y_all[other] == y_all
-    for _ in range(20):  # re-draw rows whose "other" token happens to be the same token
-        if not clash.any():
-            break
-        other[clash] = rng.integers(0, n, int(clash.sum()))
-        clash = y_all[other] == y_all
+    y_other = other_tokens(y_all, y_all, rng)  # another row's next token, never this row's own
     out = {k: [] for k in ("trained", "shuffled", "identity", "untrained", "nearest_ok", "base_top1_ok")}
     cos = torch.nn.functional.cosine_similarity
     for s in range(0, n, chunk):
         idx = np.arange(s, min(n, s + chunk))
         h, y = held.rows(idx)
         h, y = h.to(base.device), y.to(base.device)
-        yo = torch.from_numpy(y_all[other[idx]]).to(base.device)
+        yo = torch.from_numpy(y_other[idx]).to(base.device)
         r = link(h).float()  # (N, d)
         e_y = emb[y].float()
         out["trained"].append(cos(r, e_y, dim=-1))
@@ -298,7 +308,7 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
     greedy = torch.stack(greedy, 1)                               # (N, m)
     gold = ids[:, P:]                                             # (N, m)
     rng = np.random.default_rng(config.seed + 7)
-    other = torch.tensor(rng.permutation(len(rows)), device=base.device)
+    gold_pool = gold.cpu().numpy().ravel()  # the control draws from every prompt's gold tokens
     cos = torch.nn.functional.cosine_similarity
     table, raw = [], {}
     for k in range(m):
@@ -306,7 +316,9 @@ def rollout_eval(link: InnerLink, base, config: Config) -> tuple[list[dict], dic
         e32 = e.float()  # cosines in float32; the nearest-token search against the embedding matrix in its dtype
         c_gold = cos(e32, emb[gold[:, k]].float(), dim=-1).cpu().numpy()
         c_greedy = cos(e32, emb[greedy[:, k]].float(), dim=-1).cpu().numpy()
-        c_ctrl = cos(e32, emb[gold[other, k]].float(), dim=-1).cpu().numpy()
+        # another gold token of the rollouts, never this prompt's own at this step
+        ctrl = torch.from_numpy(other_tokens(gold[:, k].cpu().numpy(), gold_pool, rng)).to(base.device)
+        c_ctrl = cos(e32, emb[ctrl].float(), dim=-1).cpu().numpy()
         near = ((torch.nn.functional.normalize(e32, dim=-1).to(emb_n.dtype) @ emb_n.T).argmax(-1)
                 == greedy[:, k]).float().cpu().numpy()
         g, c = mean_with_ci("", c_gold), mean_with_ci("", c_ctrl)

@@ -327,8 +327,10 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
         bm = bm if isinstance(bm, RLF) else load(bm, model.base)
         check_comparable(cfg, bm.config, f"baseline {name!r}")
         jobs.append((name, bm, None))
+    # every arm gets the method's loop budget: a baseline trained with another infer_cap (a field the
+    # comparability check leaves to evaluation) must not be compared at a different one
     for name, m, ll in tqdm(jobs, desc="rlf evaluate", disable=not progress):
-        arms[name] = run_arm(m, sets, cap if m is model else m.config.infer_cap, ll)
+        arms[name] = run_arm(m, sets, cap, ll)
     main = arms["RLF"]
 
     # Headlines (pooled in-distribution), each against a paired control on the same problems.

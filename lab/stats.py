@@ -83,6 +83,30 @@ def bootstrap_ci(data: Sequence[float], statistic: Callable = np.mean, n_resampl
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def sum_by_unit(values: np.ndarray, units: np.ndarray | None) -> np.ndarray:
+    """Sum `values` within each unit (units: an id per value, 0..U-1, e.g. its document); None: each value its own unit."""
+    return values if units is None else np.bincount(units, weights=values)
+
+
+def ratio_of_sums_ci(num: np.ndarray, den: np.ndarray, seed: int = 0, n_resamples: int = 2000,
+                     alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of sum(num) / sum(den), resampling units (paired rows of num and den): the
+    ratio estimator, so the denominator (e.g. bytes) varies with the resample as it does between texts."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    n = num.size
+    if n < 2:
+        raise LabError(f"a bootstrap CI needs at least 2 units, got {n}")
+    rng = np.random.default_rng(seed)
+    stats = []
+    for start in range(0, n_resamples, 250):  # resampled unit indices, in blocks to bound memory
+        idx = rng.integers(0, n, size=(min(250, n_resamples - start), n))
+        d = den[idx].sum(1)
+        stats.append(np.where(d > 0, num[idx].sum(1) / np.where(d > 0, d, 1.0), np.nan))
+    stats = np.concatenate(stats)
+    stats = stats[np.isfinite(stats)]
+    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
 def mean_with_ci(name: str, data: Sequence[float], seed: int = 0) -> Measure:
     a = np.asarray(data, dtype=float)
     if a.size == 1:  # one value: its mean, and no interval to give

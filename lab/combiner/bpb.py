@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lab import LabError
 from lab.hooks import capture, forward
-from lab.stats import Measure
+from lab.stats import Measure, ratio_of_sums_ci, sum_by_unit
 
 LN2 = math.log(2.0)
 
@@ -72,30 +72,6 @@ def bpb(nats, nbytes) -> float:
     return float(nats.sum() / LN2 / nbytes.sum())
 
 
-def _per_unit(values: np.ndarray, units: np.ndarray | None) -> np.ndarray:
-    """Sum `values` within each unit (units: an id per scored token, 0..U-1); None: every token its own unit."""
-    return values if units is None else np.bincount(units, weights=values)
-
-
-def ratio_ci(num: np.ndarray, den: np.ndarray, seed: int = 0, n_resamples: int = 2000,
-             alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of sum(num) / sum(den), resampling units (paired rows of num and den): the
-    ratio estimator, so the denominator (bytes) varies with the resample as it does between texts."""
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    n = num.size
-    if n < 2:
-        raise LabError(f"a bootstrap CI needs at least 2 units, got {n}")
-    rng = np.random.default_rng(seed)
-    stats = []
-    for start in range(0, n_resamples, 250):  # resampled unit indices, in blocks to bound memory
-        idx = rng.integers(0, n, size=(min(250, n_resamples - start), n))
-        d = den[idx].sum(1)
-        stats.append(np.where(d > 0, num[idx].sum(1) / np.where(d > 0, d, 1.0), np.nan))
-    stats = np.concatenate(stats)
-    stats = stats[np.isfinite(stats)]
-    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
-
-
 def _unit_text(units) -> str:
     return "scored positions" if units is None else "documents"
 
@@ -105,8 +81,8 @@ def bpb_measure(name: str, nats, nbytes, seed: int = 0, units: np.ndarray | None
     token's document (tokens of one document are correlated: resampling tokens would make the CI too narrow);
     None: each scored position is its own unit (the chunked evaluator's one position per chunk)."""
     nats, nbytes = np.asarray(nats, float), np.asarray(nbytes, float)
-    num, den = _per_unit(nats / LN2, units), _per_unit(nbytes, units)
-    lo, hi = ratio_ci(num, den, seed=seed)
+    num, den = sum_by_unit(nats / LN2, units), sum_by_unit(nbytes, units)
+    lo, hi = ratio_of_sums_ci(num, den, seed=seed)
     return Measure(name, bpb(nats, nbytes), int(num.size), lo, hi,
                    f"bootstrap percentile of sum(bits) / sum(bytes) over {_unit_text(units)}",
                    extra=dict(bytes=int(nbytes.sum()), tokens=int(nats.size), unit=_unit_text(units), **extra))
@@ -122,13 +98,13 @@ def delta_measure(name: str, nats_t, nats_c, nbytes, control: str, seed: int = 0
         raise LabError(f"paired arms must score the same tokens, got {nats_t.shape}, {nats_c.shape}, {nbytes.shape}")
     if nbytes.sum() <= 0:
         raise LabError("the scored tokens cover 0 bytes; cannot compute bits per byte")
-    diff, den = _per_unit((nats_t - nats_c) / LN2, units), _per_unit(nbytes, units)
+    diff, den = sum_by_unit((nats_t - nats_c) / LN2, units), sum_by_unit(nbytes, units)
     value = float(diff.sum() / den.sum())
     if np.all(diff == 0):  # e.g. the identity combiner: exactly zero, nothing to resample or test
         lo = hi = value
         p = 1.0
     else:
-        lo, hi = ratio_ci(diff, den, seed=seed)
+        lo, hi = ratio_of_sums_ci(diff, den, seed=seed)
         p = float(sps.wilcoxon(diff).pvalue)
     return Measure(name, value, int(diff.size), lo, hi,
                    f"paired bootstrap percentile of sum(bit differences) / sum(bytes) over {_unit_text(units)}",

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lab import LabError
 from lab.channels import ChannelInjector, ChannelState, Config, TextEncoder, build, inject
-from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, TEMPLATES, entities, entity_words,
+from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, STATE_TEXTS, TEMPLATES, entities, entity_words,
                                heldout_items, pool, sample_items, train_batch_items)
 from lab.channels.encoders import (ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states,
                                    encode_time)
@@ -302,6 +302,13 @@ def test_heldout_split_is_disjoint_and_large_enough():
         assert not set(TEMPLATES[cap]["train"]) & set(TEMPLATES[cap]["heldout"])
         if cap in CHANNEL_TEXTS:
             assert not set(CHANNEL_TEXTS[cap]["train"]) & set(CHANNEL_TEXTS[cap]["heldout"])
+        # the state as text (the text arm's prefix) is split too, and never names a candidate itself
+        frames = {sp: {f for fr in STATE_TEXTS[cap][sp] for f in (fr if isinstance(fr, tuple) else (fr,))}
+                  for sp in ("train", "heldout")}
+        assert not frames["train"] & frames["heldout"]
+        pool_words = entity_words("train") | entity_words("heldout")
+        for f in frames["train"] | frames["heldout"]:
+            assert not set(re.findall(r"[a-z']+", f.lower())) & pool_words, (cap, f)
         ho = heldout_items(cap, 240)
         assert len(ho) >= 200
         assert len({(i.prompt, i.label, repr(i.state), tuple(i.candidates)) for i in ho}) == len(ho)  # no duplicates
@@ -312,6 +319,15 @@ def test_heldout_split_is_disjoint_and_large_enough():
         for it in tr:
             words = set(re.findall(r"[a-z']+", (it.prompt + it.target + repr(it.state)).lower()))
             assert not words & ho_only, (cap, it.prompt, words & ho_only)
+        # the held-out state texts use held-out frames only, and the two poles of a register pair state opposite states
+        ho_frames = frames["heldout"]
+        for i in ho:
+            assert any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(f)), i.text_state) for f in ho_frames), i.text_state
+        if cap not in SELECTION:
+            by_pair = {}
+            for i in ho:
+                by_pair.setdefault(i.pair, {})[i.pole] = i.text_state
+            assert all(v[1] != v[-1] for v in by_pair.values())
         # content verbatim in the prompt: every selection candidate is in the prompt
         if cap in SELECTION:
             assert all(all(k[0] in i.prompt for k in i.keys) for i in ho)
@@ -373,11 +389,48 @@ def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts)
     assert [h["step"] for h in hist] == [4, 8, 12]
     assert torch.allclose(torch.tensor(hist[-1]["alpha"]), m.injector.alpha)
     assert torch.equal(torch.tensor(hist[0]["alpha"]).abs().sum() > 0, torch.tensor(True))
-    # the text arm is a bias adapter of the same kind; the native track has 3 models bracketing params
-    assert arts["text"].kind == "channels-text-arm"
+    # the text arm: LoRA sized like the injector, its weights alone in the artifact; the native track has 3
+    # models bracketing params
+    text = arts["text"]
+    assert text.kind == "channels-text-arm" and all("lora_" in k for k in text.tensors)
+    mt = text.manifest["metrics"]
+    assert abs(mt["n_params"] - mt["channel_arm_params"]) <= mt["n_params"] / mt["lora_rank"] / 2
+    assert mt["channel_arm_params"] == m.adapter.n_params() and mt["lr"] == cfg.text_lr
+    tm = load_model(text.path, smoke_gpt2)
+    assert any(p.abs().max() > 0 for k, p in tm.adapter.state_dict().items() if "lora_B" in k)  # it trained
     from lab.channels.train import load_native
     n = {k: load_native(p, smoke_gpt2).meta["n_params"] for k, p in arts["native"].items()}
     assert n["baseline-small"] < n["channels"] < n["baseline-large"]
+
+
+def test_injector_param_count_matches_the_built_injector():
+    widths = channel_widths(48)
+    for mode in ("additive", "xattn"):
+        assert ChannelInjector.param_count(64, 3, widths, mode, 2) == ChannelInjector(64, 3, widths, mode, 2).n_params()
+
+
+def test_text_arm_is_lora_sized_like_the_injector_on_a_private_copy(any_base):
+    """The text arm's trainable part matches the channel arm's size, starts exactly at the base, reads the state
+    text in its prompt, and never touches the shared base (peft edits the modules it wraps)."""
+    cfg = Config.preset("smoke", base=any_base.name)
+    channel, text = build(cfg, any_base), build(cfg, any_base, arm="text")
+    names, per_rank, _ = __import__("lab.channels.model", fromlist=["lora_sites"]).lora_sites(any_base.model)
+    assert text.adapter.n_params() == text.text_lora.rank * per_rank
+    assert abs(text.adapter.n_params() - channel.adapter.n_params()) <= per_rank / 2
+    assert text.channels([ChannelState(memory="x")]) is None and text.injector is None
+    assert {n for n, p in text.named_parameters()} == {f"text_lora.weights.{k}" for k in text.text_lora.weights}
+    ids = torch.tensor([any_base.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        assert torch.equal(text.lm(input_ids=ids).logits, any_base.model(input_ids=ids).logits)  # B = 0 at init
+        for k, p in text.adapter.state_dict().items():
+            if "lora_B" in k:
+                p.normal_()
+        assert not torch.equal(text.lm(input_ids=ids).logits, any_base.model(input_ids=ids).logits)
+    # the base's own modules are unwrapped and its weights still its own
+    assert not any("lora" in n for n, _ in any_base.model.named_parameters())
+    items = heldout_items("memory", 2)
+    assert text.prompt_of(items[0]) == items[0].text_state + items[0].prompt
+    assert channel.prompt_of(items[0]) == items[0].prompt
 
 
 def test_train_resume_is_exact(smoke_gpt2, tmp_path):

@@ -121,6 +121,30 @@ CHANNEL_TEXTS = {
 }
 
 
+# The same state written as text: the text arm's prompt prefix in the channel-vs-text test, and the competing state
+# of the conflict test. Split the same way as the prompts, so a text-arm score cannot come from memorising the
+# state's wording; no frame uses a word of any entity pool (a candidate must not be copyable from the state text).
+# Register frames: affect (negative, positive) and ethics (permissive, cautious) pairs; time, one frame of the hour.
+STATE_TEXTS = {
+    "memory": {"train": ["I remember the {x}. ", "What I recall is the {x}. "],
+               "heldout": ["The {x} is in my memory. ", "Memory says: the {x}. "]},
+    "continuity": {"train": ["We were just talking about {x}. ", "Our topic a moment ago: {x}. "],
+                   "heldout": ["The conversation was on {x}. ", "Last we spoke, it was about {x}. "]},
+    "identity": {"train": ["I am {x}, the {r}. ", "My name is {x}; I work as the {r}. "],
+                 "heldout": ["{x} the {r} here. ", "You are talking to {x}, the {r}. "]},
+    "affect": {"train": [("{n} was in a bad mood. ", "{n} was in a good mood. "),
+                         ("{n} felt low that day. ", "{n} felt fine that day. ")],
+               "heldout": [("{n} was in low spirits. ", "{n} was in high spirits. "),
+                           ("Things were going badly for {n}. ", "Things were going well for {n}. ")]},
+    "time": {"train": ["It was {h} {ap} on {d}. ", "The clock showed {h} {ap}, a {d}. "],
+             "heldout": ["{d}, {h} {ap} ", "The time: {h} {ap} on {d}. "]},
+    "ethics": {"train": [("My posture is to accept risk. ", "My posture is to avoid risk. "),
+                         ("I take chances easily. ", "I never take chances. ")],
+               "heldout": [("Risks do not worry me. ", "Risks worry me. "),
+                           ("I say: what could go wrong? ", "Better safe than sorry, I say. ")]},
+}
+
+
 @dataclass
 class Item:
     capability: str
@@ -165,19 +189,18 @@ def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
     x = rng.randrange(3)
     y = rng.choice([i for i in range(3) if i != x])  # the competitor named by the conflict text
     prompt = tmpl.format(a=shown[0], b=shown[1], c=shown[2])
+    si = rng.randrange(len(STATE_TEXTS[cap][split]))
+    stext = STATE_TEXTS[cap][split][si]
     if cap == "identity":
-        role = people[x][1]
-        channel = ctext.format(x=names[x], r=role)
-        text_state = f"I am {names[x]}, the {role}. "
-        conflict = f"I am {names[y]}, the {people[y][1]}. "
+        channel = ctext.format(x=names[x], r=people[x][1])
+        text_state = stext.format(x=names[x], r=people[x][1])
+        conflict = stext.format(x=names[y], r=people[y][1])
     elif cap == "continuity":
         channel = ctext.format(x=names[x], X=_cap(names[x]))
-        text_state = f"We were just talking about {names[x]}. "
-        conflict = f"We were just talking about {names[y]}. "
+        text_state, conflict = stext.format(x=names[x]), stext.format(x=names[y])
     else:
         channel = ctext.format(x=names[x])
-        text_state = f"I remember the {names[x]}. "
-        conflict = f"I remember the {names[y]}. "
+        text_state, conflict = stext.format(x=names[x]), stext.format(x=names[y])
     cont = [f" {n}." for n in names]
     return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: channel}, cont[x], cont, x, keys,
                 text_state=text_state, conflict_text=conflict, conflict_label=y)
@@ -198,13 +221,19 @@ def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict
     return {"ethics": {c: (softer if rng.random() < 0.25 else main) for c in ETHICS_CATEGORIES}}
 
 
-def _register_text(cap: str, pole: int, name: str, state: dict) -> str:
+def _register_text(cap: str, split: str, template: int, name: str, state: dict) -> str:
+    """A register state as text in one of the split's STATE_TEXTS frames. Time is written as the hour (and
+    weekday) the channel carries, not as its pole: reading "day" or "night" off the hour is the arm's job."""
+    frames = STATE_TEXTS[cap][split][template]
     if cap == "affect":
-        return f"{name} was in a {'good' if pole > 0 else 'bad'} mood. "
+        return frames[state["affect"][0] > 0].format(n=name)
     if cap == "time":
-        hour = int(state["time"][0]) % 12 or 12
-        return f"It was {hour} o'clock {'in the morning' if pole > 0 else 'at night'}. "
-    return "I always act with care. " if pole > 0 else "I never worry about risks. "
+        hour, weekday = state["time"]
+        h = int(hour) % 24
+        return frames.format(h=h % 12 or 12, ap="a.m." if h < 12 else "p.m.", d=WEEKDAYS[int(weekday)])
+    main = state["ethics"] if isinstance(state["ethics"], str) else max(
+        set(state["ethics"].values()), key=list(state["ethics"].values()).count)
+    return frames[main in ("cautious", "careful")]
 
 
 def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
@@ -217,14 +246,15 @@ def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
     plus, minus = rng.choice(pool(plus_pool, split)), rng.choice(pool(minus_pool, split))
     cands = [f" {plus}.", f" {minus}."]
     pair = hashlib.sha1(f"{cap}|{split}|{prompt}|{plus}|{minus}|{rng.random()}".encode()).hexdigest()[:12]
+    si = rng.randrange(len(STATE_TEXTS[cap][split]))  # one state-text frame for both poles of the pair
     items = []
     for pole in (1, -1):
         state = _register_state(cap, pole, split, rng)
         label = 0 if pole > 0 else 1
         opp_state = _register_state(cap, -pole, split, rng)
         items.append(Item(cap, split, f"{cap}/{split}/{ti}", prompt, state, cands[label], cands, label,
-                          pole=pole, pair=pair, text_state=_register_text(cap, pole, name, state),
-                          conflict_text=_register_text(cap, -pole, name, opp_state), conflict_label=1 - label))
+                          pole=pole, pair=pair, text_state=_register_text(cap, split, si, name, state),
+                          conflict_text=_register_text(cap, split, si, name, opp_state), conflict_label=1 - label))
     return items
 
 

@@ -226,9 +226,11 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
             cost = float(np.mean([len(tok.encode(it.text_state, add_special_tokens=False)) for it in items]))
             mc = mcnemar_exact(full, text)
             tm = compare_proportions(f"{cap}: channel arm vs text arm (LL)", full, text, "state as text, equally trained")
-            tm.extra.update(text_prompt_tokens=cost, channel_prompt_tokens=0, neither=float(zero.mean()))
+            sizes = dict(channel_params=model.adapter.n_params(), text_params=text_model.adapter.n_params(),
+                         text_lora_rank=text_model.text_lora.rank)
+            tm.extra.update(text_prompt_tokens=cost, channel_prompt_tokens=0, neither=float(zero.mean()), **sizes)
             report.add(tm)
-            row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"])
+            row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"], **sizes)
         arms_rows.append(row)
         raw[cap] = dict(ll_full=full, ll_zero=zero, gen_full=g_on, gen_zero=g_off, follow=follow, follow_zero=follow_z)
         log(f"{cap:10s} LL {full.mean():.3f} vs zeroed {zero.mean():.3f} (p={m.p_value:.2g}); "

@@ -222,6 +222,17 @@ class ChannelInjector(nn.Module):
                     o = offsets[n]
                     self.proj[:, o: o + self.d_model] = torch.eye(self.d_model) / self.proj_scale
 
+    @staticmethod
+    def param_count(d_model: int, n_layers: int, widths: Mapping[str, int], mode: str = "additive",
+                    n_tokens: int = 4) -> int:
+        """The parameters an injector of this shape has, without building it (a GPT-2-sized one is ~85 MB):
+        what the channel-vs-text experiment matches the text arm's adapter to. Kept beside the layout above."""
+        L, d, widths = n_layers, d_model, check_widths(widths)
+        gates = L * len(widths)
+        if mode == "additive":
+            return gates + L * sum(widths.values()) * d
+        return gates + sum(widths.values()) * n_tokens * d + 4 * L * d * d
+
     # --- computation ---------------------------------------------------------------------------
 
     def additive_deltas(self, x: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:

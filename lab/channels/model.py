@@ -5,7 +5,9 @@ each with the channels on, zeroed, or replaced by text.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Sequence
 
@@ -43,6 +45,7 @@ class Config:
     seed: int = 0
     eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
     train_text_arm: bool = True      # also train the equally-trained text arm (channel-vs-text experiment)
+    text_lr: float = 2e-3            # the text arm's LoRA learning rate (same steps, batches, warmup and schedule)
     # evaluation
     n_heldout: int = 240             # held-out items per selection capability / prompt pairs per register one
     gen_tokens: int = 8              # greedy tokens per generation
@@ -97,7 +100,7 @@ class Config:
             raise LabError(f"unknown config field(s) {bad}")
         return cls(**{**presets[name], **overrides, "preset_name": name})
 
-    FORMAT = 3  # bump when the injector's tensor layout or encoder changes: stale artifacts are then retrained
+    FORMAT = 4  # bump when the injector's tensor layout or encoder changes: stale artifacts are then retrained
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -133,14 +136,76 @@ def _pack(tokenizer, prompts: Sequence[str], conts: Sequence[str], pad_id: int):
     return ids, att, score
 
 
-class ChannelModel(nn.Module):
-    """A frozen base with channels. Only `injector` has parameters (the base is not a submodule, so
-    checkpoints and artifacts hold the injector alone).
+def lora_sites(model: nn.Module) -> tuple[list[str], int, bool]:
+    """Where the text arm's LoRA goes: every linear map of the base (`nn.Linear`, and GPT-2's `Conv1D`) except
+    the output head (and a Mamba block's out_proj). Returns (module names, LoRA parameters per unit of rank = sum of in + out features, and
+    whether the maps store their weight transposed, as Conv1D does: peft's `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
 
-    arm "channel": the state goes in through the six channels.
-    arm "text":    the state is written into the prompt (item.text_state); the injector then has one
-                   constant input (a learned per-layer residual bias, gated the same way) so the text arm
-                   gets the same kind of trainable adapter, steps and data: "an equally trained model".
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Mamba's fused CUDA kernels read out_proj's weight directly, past any LoRA wrapper (peft refuses it there)
+    mamba = "mamba" in str(getattr(getattr(model, "config", None), "model_type", ""))
+    names, per_rank, transposed = [], 0, False
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        if mamba and name.rsplit(".", 1)[-1] == "out_proj":
+            continue
+        if isinstance(module, Conv1D):
+            fan_in, fan_out = module.weight.shape
+            transposed = True
+        else:
+            fan_in, fan_out = module.in_features, module.out_features
+        names.append(name)
+        per_rank += fan_in + fan_out
+    if not names:
+        raise LabError(f"found no linear maps for the text arm's LoRA in {type(model).__name__}")
+    return names, per_rank, transposed
+
+
+class TextArmLoRA(nn.Module):
+    """The text arm's trainable part: LoRA (peft) on every linear map of a private copy of the base, of the
+    rank that gives it as many trainable parameters as the channel arm's injector (`ChannelInjector.param_count`).
+    Why LoRA: the text arm must be an equally trained *and equally sized* model whose trainable part can change
+    how the base reads its prompt; a per-layer bias (what this arm had until session 15) cannot read the state
+    at all. LoRA's B starts at zero, so at init the copy computes exactly what the base does.
+
+    The copy, not the base: peft edits the modules it wraps, and the base is shared (with the channel arm,
+    and across the dashboard's sessions). Only the LoRA weights are this module's parameters (and saved)."""
+
+    def __init__(self, base, target_params: int, seed: int = 0):
+        super().__init__()
+        import peft
+
+        lm = copy.deepcopy(base.model)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        names, per_rank, transposed = lora_sites(lm)
+        self.rank = max(1, round(target_params / per_rank))
+        cfg = peft.LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none",
+                              target_modules=names, fan_in_fan_out=transposed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # LoRA's A init draws from the global generator
+            torch.manual_seed(seed)
+            # peft still calls transformers' deprecated is_gradient_checkpointing: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            lm = peft.get_peft_model(lm, cfg)
+        self.__dict__["lm"] = lm  # not a submodule: the frozen copy is the base's weights, never saved
+        # the LoRA matrices themselves (shared Parameter objects): these train, checkpoint and save
+        self.weights = nn.ParameterDict({n.replace(".", "__"): p for n, p in lm.named_parameters() if p.requires_grad})
+        self.target_params = int(target_params)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.weights.values())
+
+
+class ChannelModel(nn.Module):
+    """A frozen base with channels. Only `adapter` has parameters (the base is not a submodule, so
+    checkpoints and artifacts hold the adapter alone).
+
+    arm "channel": the state goes in through the six channels; `adapter` is the `ChannelInjector` (`injector`).
+    arm "text":    the state is written into the prompt (item.text_state) and there are no channels; `adapter`
+                   is a `TextArmLoRA` with as many trainable parameters as the channel arm's injector, trained
+                   on the same batches for the same steps: "an equally trained model".
     """
 
     def __init__(self, config: Config, base, text_encoder: TextEncoder | None = None, arm: str = "channel"):
@@ -150,22 +215,40 @@ class ChannelModel(nn.Module):
         self.config, self.arm = config, arm
         self.__dict__["base"] = base  # not a submodule: the base is frozen and not saved with the adapter
         self.text_encoder = text_encoder or TextEncoder(base, config.text_encoder, config.text_layer)
-        widths = channel_widths(self.text_encoder.dim) if arm == "channel" else {"bias": 1}
+        widths = channel_widths(self.text_encoder.dim)
+        if arm == "text":
+            self.injector = None
+            self.text_lora = TextArmLoRA(base, ChannelInjector.param_count(
+                base.d_model, base.n_layers, widths, config.mode, config.n_tokens), seed=config.seed)
+            self.text_lora.lm.to(base.device)
+            return
         self.injector = ChannelInjector(base.d_model, base.n_layers, widths, config.mode,
                                         config.n_tokens, config.n_heads, config.proj_lr_ratio)
         ident = ()
-        if (arm == "channel" and config.mode == "additive" and config.text_init == "identity"
+        if (config.mode == "additive" and config.text_init == "identity"
                 and config.text_encoder == "base" and self.text_encoder.dim == base.d_model):
             ident = ("memory", "identity", "continuity")
         self.injector.init_weights(seed=config.seed, identity=ident)
         self.injector.to(base.device)  # float32 beside any base dtype: the gates are what trains
 
+    @property
+    def adapter(self) -> nn.Module:
+        """The trainable part: the channel injector, or the text arm's LoRA."""
+        return self.injector if self.arm == "channel" else self.text_lora
+
+    @property
+    def lm(self) -> nn.Module:
+        """The language model this arm runs: the base's own (channels enter through hooks), or the text arm's
+        LoRA-wrapped copy of it."""
+        return self.base.model if self.arm == "channel" else self.text_lora.lm
+
     # --- channel tensors -----------------------------------------------------------------------
 
     def channels(self, states: Sequence[ChannelState | dict], zero: bool | Sequence[str] = False) -> dict:
-        """{name: (B, width)} for a batch of states; `zero` = True (all) or channel names to zero."""
+        """{name: (B, width)} for a batch of states; `zero` = True (all) or channel names to zero.
+        The text arm has no channels: None (no injection)."""
         if self.arm == "text":
-            return {"bias": torch.ones(len(states), 1)}
+            return None
         x = encode_states(states, self.text_encoder)
         if zero is True:
             return {k: torch.zeros_like(v) for k, v in x.items()}
@@ -193,7 +276,7 @@ class ChannelModel(nn.Module):
             b.check_length(ids.shape[1])
             ch = None if channels is None else {k: v[sl] for k, v in channels.items()}
             with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
-                logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits.float()
+                logits = self.lm(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits.float()
             lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(b.device))[..., 0]  # (B, T-1)
             out.append((lp * score[:, :-1].to(lp.device)).sum(1).cpu())
         return torch.cat(out)
@@ -206,7 +289,7 @@ class ChannelModel(nn.Module):
         b.check_length(ids.shape[1])
         ch = self.channels([it.state for it in items])
         with inject(b, self.injector, ch, batch=ids.shape[0], site=self.config.site):
-            logits = b.model(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits  # (B, T, V)
+            logits = self.lm(input_ids=ids.to(b.device), attention_mask=att.to(b.device)).logits  # (B, T, V)
         tgt = ids[:, 1:].to(b.device)
         m = score[:, :-1].to(b.device)
         return F.cross_entropy(logits[:, :-1][m].float(), tgt[m])
@@ -241,7 +324,7 @@ class ChannelModel(nn.Module):
                 for _ in range(max_new_tokens):
                     cur = int(lens.max())
                     att = (torch.arange(cur)[None] < lens[:, None]).long()
-                    logits = b.model(input_ids=ids[:, :cur].to(b.device), attention_mask=att.to(b.device)).logits
+                    logits = self.lm(input_ids=ids[:, :cur].to(b.device), attention_mask=att.to(b.device)).logits
                     nxt = logits[torch.arange(len(rows)), lens - 1].argmax(-1).cpu()  # (B,)
                     for j in range(len(rows)):
                         if not done[j]:

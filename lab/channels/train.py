@@ -49,7 +49,7 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
                 return art
             print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
     model = build(config, base, arm=arm)
-    spec = TrainSpec(steps=config.steps, lr=config.lr, warmup=min(config.warmup, config.steps // 5 or 1),
+    spec = TrainSpec(steps=config.steps, lr=config.lr if arm == "channel" else config.text_lr, warmup=min(config.warmup, config.steps // 5 or 1),
                      seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every,
                      config_hash=run_hash(config.to_dict(), base))
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
@@ -69,6 +69,8 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
         return m.loss(batch["items"])
 
     def eval_fn(m):
+        if m.injector is None:  # the text arm has no gates
+            return {"val_loss": float(m.loss(val))}
         history.append({"step": state["step"], "alpha": m.injector.alpha.detach().tolist()})
         atomic_write_text(alpha_log, json.dumps(history))
         return {"val_loss": float(m.loss(val)), "max|alpha|": float(m.injector.alpha.abs().max())}
@@ -78,9 +80,13 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
     if stop_after is not None and stop_after < spec.steps:
         return None
     metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
-               "alpha_history": history, "names": model.injector.names, "arm": arm,
-               "n_params": model.injector.n_params(), "text_encoder": model.text_encoder.name}
-    art = save_artifact(out_dir, kind, dict(model.injector.state_dict()), config.to_dict(), base=base, metrics=metrics)
+               "alpha_history": history, "arm": arm, "n_params": model.adapter.n_params(),
+               "text_encoder": model.text_encoder.name, "lr": spec.lr}
+    if arm == "channel":
+        metrics["names"] = model.injector.names
+    else:  # the text arm's size, against the channel arm's it is matched to
+        metrics.update(lora_rank=model.text_lora.rank, channel_arm_params=model.text_lora.target_params)
+    art = save_artifact(out_dir, kind, dict(model.adapter.state_dict()), config.to_dict(), base=base, metrics=metrics)
     shutil.rmtree(ckpt, ignore_errors=True)
     alpha_log.unlink(missing_ok=True)
     return art
@@ -95,9 +101,9 @@ def load_model(artifact: Artifact | Path, base, text_encoder: TextEncoder | None
     config = Config.from_dict(artifact.config)
     model = build(config, base, arm="channel" if artifact.kind == KIND_ADAPTER else "text", text_encoder=text_encoder)
     try:
-        model.injector.load_state_dict(artifact.tensors)
+        model.adapter.load_state_dict(artifact.tensors)
     except RuntimeError as e:
-        raise LabError(f"{artifact.path} does not fit this injector ({str(e).splitlines()[0]})") from None
+        raise LabError(f"{artifact.path} does not fit this {model.arm} arm's adapter ({str(e).splitlines()[0]})") from None
     model.eval()
     return model
 

@@ -432,8 +432,8 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
 
 def list_bases() -> list[dict]:
     """Presets and what is on disk, with their held-out loss: its 95% CI over `heldout_windows` windows, and
-    `vs_unigram` (loss minus the training unigram's on the same windows, CI and Wilcoxon p; None for a base
-    trained before it was recorded: `heldout_comparison` computes it)."""
+    `vs_unigram` (loss minus the training unigram's on the same windows, CI and a paired p, its test recorded;
+    None for a base trained before it was recorded: `heldout_comparison` computes it)."""
     rows = []
     for name, p in PRESETS.items():
         meta_path = preset_path(name) / LAB_META

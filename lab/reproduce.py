@@ -93,7 +93,7 @@ def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
           f"preset `{preset}`, seed {seed}, commit `{header['git_commit']}`, wall time {seconds / 60:.1f} min", "",
           f"Environment: {environment_text(header['environment'])}", "",
           "| base | held-out loss, nats/token [95% CI] | add-one training unigram, same tokens | difference [95% CI] | "
-          "Wilcoxon p | n |", "|---|---|---|---|---|---|"]
+          "paired p | n |", "|---|---|---|---|---|---|"]
     md += [_base_md(b) for b in header["bases"]]
     for mech, title, report in sections:
         md += ["", f"# {title}", "", report.to_markdown(f"{mech}/figures", with_environment=False).split("\n", 2)[2]]

@@ -279,7 +279,7 @@ def test_bpb_ci_resamples_documents_and_is_a_ratio_of_sums():
     d = B.delta_measure("d", better, nats, nbytes, "base", units=units)
     assert d.value == pytest.approx((better - nats).sum() / math.log(2) / nbytes.sum())
     assert d.n == 40 and d.ci_low < d.value < d.ci_high < 0
-    assert d.control_value == pytest.approx(by_doc.value) and d.p_value < 1e-6
+    assert d.control_value == pytest.approx(by_doc.value) and d.p_value <= 1e-3 and "sign-flip" in d.test
 
 
 def test_bad_evaluation_input(smoke_gpt2):

@@ -165,8 +165,27 @@ def test_bootstrap_and_paired_delta():
     x = rng.normal(1.0, 1.0, 400)
     lo, hi = stats.bootstrap_ci(x)
     assert lo < 1.0 < hi
-    d = stats.paired_delta("delta", x, x - 0.5, "control")
-    assert d.value == pytest.approx(0.5) and d.p_value < 1e-6
+    d = stats.paired_delta("delta", x, x - 0.5 + rng.normal(0, 0.1, 400), "control")
+    assert d.value == pytest.approx(0.5, abs=0.02) and d.p_value <= 1e-3 and "sign-flip" in d.test
+
+
+def test_sign_flip_p_is_the_exact_permutation_p_of_the_mean():
+    """For n <= 13 scipy enumerates every sign pattern: the p must equal a brute-force count. A skewed sample
+    whose mean is ~0 but whose median is not is where a Wilcoxon p and the mean's CI disagree; the sign-flip p
+    follows the mean."""
+    import itertools
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.3, 1.0, 10)
+    means = [np.mean(np.array(s) * d) for s in itertools.product((-1, 1), repeat=d.size)]
+    exact = np.mean(np.abs(means) >= abs(d.mean()) - 1e-12)
+    assert stats.sign_flip_p(d) == pytest.approx(exact)
+    skewed = np.concatenate([np.full(40, 0.1), np.full(4, -1.0)])          # mean 0.0 exactly, median 0.1
+    assert stats.sign_flip_p(skewed) > 0.5
+    from scipy.stats import wilcoxon
+    assert wilcoxon(skewed).pvalue < 0.05
+    assert stats.sign_flip_p(np.zeros(5)) == 1.0
+    with pytest.raises(LabError, match="1-D"):
+        stats.sign_flip_p(np.zeros((2, 2)))
 
 
 def test_paired_ratio_of_timings():

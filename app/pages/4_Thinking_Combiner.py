@@ -72,11 +72,11 @@ try:
     a.metric("base bpb (chunked)", f"{bpb(base_nats, feats.nbytes):.4f}", help=f"n = {len(feats)} scored positions")
     b_.metric("combiner bpb", f"{bpb(nats, feats.nbytes):.4f}")
     c.metric("Δ bpb vs base", f"{m.value:+.4f}", f"95% CI [{m.ci_low:+.4f}, {m.ci_high:+.4f}]", delta_color="off",
-             help=f"paired bootstrap over {m.n} positions; Wilcoxon p = {m.p_value:.3g}")
+             help=f"{m.ci_method} (n = {m.n}); {m.test} p = {m.p_value:.3g}")
     d.metric("Δ bpb, no-thought control", f"{m_ctrl.value:+.4f}", f"95% CI [{m_ctrl.ci_low:+.4f}, {m_ctrl.ci_high:+.4f}]",
              delta_color="off", help="α and β fitted with M = 0: what recalibration alone buys")
     st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, {n_docs} held-out documents, separator {cfg.separator!r}); "
-               f"Wilcoxon p = {m.p_value:.3g}. Published: identity Δ {PUBLISHED_IDENTITY_DELTA}, "
+               f"{m.test} p = {m.p_value:.3g}. Published: identity Δ {PUBLISHED_IDENTITY_DELTA}, "
                f"fitted Δ {PUBLISHED_FITTED_DELTA}.")
 
     sweep = scale_sweep(base, feats, comb, k, alpha=alpha, seed=cfg.seed, base_nats=base_nats)

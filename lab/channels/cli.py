@@ -43,7 +43,9 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         typer.echo(f"adapter: {arts['adapter'].path}  ({m['n_params']} params, {m['seconds']:.0f} s, "
                    f"val loss {last.get('val_loss', float('nan')):.3f}, max|alpha| {last.get('max|alpha|', 0):.3f})")
         if "text" in arts:
-            typer.echo(f"text arm: {arts['text'].path}")
+            t = arts["text"].manifest["metrics"]
+            typer.echo(f"text arm: {arts['text'].path}  (LoRA rank {t.get('lora_rank')}, {t['n_params']} params "
+                       f"against the injector's {t.get('channel_arm_params')}, {t['seconds']:.0f} s)")
         for k, p in arts.get("native", {}).items():
             typer.echo(f"native {k}: {p}")
 

@@ -45,7 +45,7 @@ class Config:
     seed: int = 0
     eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
     train_text_arm: bool = True      # also train the equally-trained text arm (channel-vs-text experiment)
-    text_lr: float = 2e-3            # the text arm's LoRA learning rate (same steps, batches, warmup and schedule)
+    text_lr: float = 1e-3            # the text arm's LoRA lr, picked on validation loss (see train.py); same steps, batches, schedule
     # evaluation
     n_heldout: int = 240             # held-out items per selection capability / prompt pairs per register one
     gen_tokens: int = 8              # greedy tokens per generation

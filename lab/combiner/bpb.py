@@ -14,14 +14,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.stats as sps
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lab import LabError
 from lab.hooks import capture, forward
-from lab.stats import Measure, ratio_of_sums_ci, sum_by_unit
+from lab.stats import Measure, ratio_of_sums_ci, sign_flip_p, sum_by_unit
 
 LN2 = math.log(2.0)
 
@@ -91,8 +90,9 @@ def bpb_measure(name: str, nats, nbytes, seed: int = 0, units: np.ndarray | None
 def delta_measure(name: str, nats_t, nats_c, nbytes, control: str, seed: int = 0,
                   units: np.ndarray | None = None, **extra) -> Measure:
     """delta bpb (treatment - control) on the same scored tokens: sum of the bit differences over the sum of
-    bytes, with a paired bootstrap CI of that ratio over units (see `bpb_measure`) and a Wilcoxon
-    signed-rank p over the units' summed differences."""
+    bytes, with a paired bootstrap CI of that ratio over units (see `bpb_measure`) and a paired sign-flip
+    permutation p of the units' summed differences (their total is the numerator of the delta: the test is of
+    the statistic reported)."""
     nats_t, nats_c, nbytes = (np.asarray(a, float) for a in (nats_t, nats_c, nbytes))
     if not nats_t.shape == nats_c.shape == nbytes.shape:
         raise LabError(f"paired arms must score the same tokens, got {nats_t.shape}, {nats_c.shape}, {nbytes.shape}")
@@ -105,10 +105,10 @@ def delta_measure(name: str, nats_t, nats_c, nbytes, control: str, seed: int = 0
         p = 1.0
     else:
         lo, hi = ratio_of_sums_ci(diff, den, seed=seed)
-        p = float(sps.wilcoxon(diff).pvalue)
+        p = sign_flip_p(diff, seed=seed)
     return Measure(name, value, int(diff.size), lo, hi,
                    f"paired bootstrap percentile of sum(bit differences) / sum(bytes) over {_unit_text(units)}",
-                   control, bpb(nats_c, nbytes), p, "Wilcoxon signed-rank",
+                   control, bpb(nats_c, nbytes), p, "paired sign-flip permutation (sum over units)",
                    extra=dict(max_abs_token_delta_nats=float(np.abs(nats_t - nats_c).max()), unit=_unit_text(units),
                               tokens=int(nats_t.size), **extra))
 

@@ -281,7 +281,9 @@ def evaluate(artifact: Artifact | Path, base, config: Config | None = None, prog
         f"fits use the training split only.",
         "Identity and base are both head(h) on the same final-normed h: their per-token losses are compared "
         "bit for bit (max |delta| is in the identity measure's extra).",
-        "CIs: paired bootstrap over scored tokens (bytes per token held fixed, same in both arms); p: Wilcoxon.",
+        "CIs: paired percentile bootstrap of sum(bits) / sum(bytes), resampling units (held-out documents for the "
+        "sliding window when documents are EOS-separated, else scored positions), so the byte count varies with the "
+        "resample; p: paired sign-flip permutation test of the units' summed bit differences.",
         f"The published figures come from a 512-d base on FineWeb with 2048-token chunks; this lab's base is "
         f"{base.name} (d={base.d_model}) on the lab corpus: compare signs and orders, not values.",
     ]

@@ -433,22 +433,23 @@ def test_text_arm_is_lora_sized_like_the_injector_on_a_private_copy(any_base):
     assert channel.prompt_of(items[0]) == items[0].prompt
 
 
-def test_train_resume_is_exact(smoke_gpt2, tmp_path):
+@pytest.mark.parametrize("arm", ["channel", "text"])
+def test_train_resume_is_exact(smoke_gpt2, tmp_path, arm):
     from lab.channels import train
     cfg = Config.preset("smoke", steps=6, eval_every=3)
-    full = train(cfg, smoke_gpt2, out_dir=tmp_path / "a", force=True)
-    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "b", stop_after=3, force=True) is None
-    resumed = train(cfg, smoke_gpt2, out_dir=tmp_path / "b", force=True)
+    full = train(cfg, smoke_gpt2, out_dir=tmp_path / "a", force=True, arm=arm)
+    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "b", stop_after=3, force=True, arm=arm) is None
+    resumed = train(cfg, smoke_gpt2, out_dir=tmp_path / "b", force=True, arm=arm)
     for k in full.tensors:
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
     assert full.manifest["metrics"]["alpha_history"] == resumed.manifest["metrics"]["alpha_history"]
     # without force the adapter on disk is reused, unless the base was re-pretrained under the same name:
     # then it counts as missing and is retrained on the new base, not refused at load
     import copy
-    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "a").manifest == full.manifest
+    assert train(cfg, smoke_gpt2, out_dir=tmp_path / "a", arm=arm).manifest == full.manifest
     retrained = copy.copy(smoke_gpt2)
     retrained.__dict__["fingerprint"] = "f" * 64
-    again = train(cfg, retrained, out_dir=tmp_path / "a")
+    again = train(cfg, retrained, out_dir=tmp_path / "a", arm=arm)
     assert again.manifest["base"]["fingerprint"] == "f" * 64 and again.manifest["base"]["name"] == "smoke-gpt2"
 
 
@@ -491,6 +492,11 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
         ll = next(m for m in rep.measures if m.name.startswith(f"{cap}: LL preferred"))
         pairs = ll.extra["unit"].startswith("prompt pair")  # register: n counts prompts, not their two poles
         assert pairs == (cap in ("affect", "time", "ethics")) and ll.n == (ll.extra["n_items"] // 2 if pairs else ll.extra["n_items"])
+        # the test against chance, which for register pairs is the informative one (zeroed is 0 by construction)
+        from scipy.stats import binomtest
+        k = round(ll.value * ll.n)
+        assert ll.extra["p_vs_chance"] == pytest.approx(binomtest(k, ll.n, ll.extra["chance"]).pvalue)
+        assert ll.extra["chance"] == (0.25 if pairs else pytest.approx(1 / 3))
     assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
     rep.save(tmp_path / "rep", formats=())                          # evaluate writes nothing; the caller saves
@@ -498,6 +504,10 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "lexicons.json").exists()
     arms = rep.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"]
     assert all(r["tokens_text"] > 0 and r["tokens_channel"] == 0 for r in arms)
+    # the text arm is sized like the channel arm, and also scored with its state worded as in training
+    assert all(abs(r["text_params"] - r["channel_params"]) <= r["text_params"] / r["text_lora_rank"] / 2 for r in arms)
+    assert all(0 <= r["text_trained_frames"] <= 1 and 0 <= r["p_channel_vs_text_trained_frames"] <= 1 for r in arms)
+    assert any(n.startswith("Text arm: LoRA") for n in rep.notes)
     shares = rep.tables["captum attribution share (mean over items, 95% bootstrap CI)"]
     assert {r["capability"] for r in shares} == set(cfg.capabilities) and all(r["n"] >= 1 for r in shares)
     for r in shares:  # "mean [low, high]" per channel, the mean inside its interval

@@ -84,9 +84,18 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             "Held-out items use templates, channel texts and entities disjoint from training (lab.channels.data).",
             "'Channels zeroed' removes the channels' contribution exactly (bias-free projections).",
             "Register 'directional' with channels zeroed is degenerate by construction (both poles give the same "
-            "text), as in the published work; the LL version's zeroed control is not (chance 1/2 per pole).",
-            f"Evaluation took {time.perf_counter() - t0:.0f} s.",
+            "text), as in the published work. So is the register LL version's, counted per prompt pair (both "
+            "poles right): zeroed, the two poles see one input and at most one can be right. Its informative test "
+            "is against chance (1/4 per pair: `p_vs_chance`) and against the text arm.",
         ]
+        if text_model is not None:
+            rep.notes.append(
+                f"Text arm: LoRA (rank {text_model.text_lora.rank}) on a copy of the base with "
+                f"{text_model.adapter.n_params():,} trainable parameters against the injector's "
+                f"{model.adapter.n_params():,}, the same batches and steps; the state is worded in held-out frames "
+                "('text'), and in training frames as a control for unseen wording ('text_trained_frames'); the "
+                "channel's inputs have one format in both splits.")
+        rep.notes.append(f"Evaluation took {time.perf_counter() - t0:.0f} s.")
     return rep
 
 

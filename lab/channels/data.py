@@ -15,7 +15,10 @@ so a held-out score cannot come from memorised templates or entities. Training i
 fly as a pure function of (seed, step); held-out items are a fixed, deduplicated list.
 
 Each item also carries
-  text_state      the same state written as natural text (the text arm of the channel-vs-text test),
+  text_state      the same state written as natural text (the text arm of the channel-vs-text test), in a frame
+                  of the item's own split,
+  text_state_trained_frame   the same state in a training frame: on held-out items, the text arm's control for
+                  state wording it has never seen (the channel's inputs have one format in both splits),
   conflict_text   text asserting a competing state (the conflict/override test).
 """
 
@@ -158,7 +161,8 @@ class Item:
     keys: list[list[str]] = field(default_factory=list)  # selection: words that reference each candidate
     pole: int = 0               # register: +1 / -1
     pair: str = ""              # register: the id shared by the two poles of one prompt
-    text_state: str = ""        # the same state as text (channel-vs-text experiment)
+    text_state: str = ""        # the same state as text (channel-vs-text experiment), in a frame of this split
+    text_state_trained_frame: str = ""  # the same state in a training-split frame (held-out wording control)
     conflict_text: str = ""     # text asserting a competing state (conflict test)
     conflict_label: int = -1    # the candidate the conflict text asks for
 
@@ -190,20 +194,15 @@ def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
     y = rng.choice([i for i in range(3) if i != x])  # the competitor named by the conflict text
     prompt = tmpl.format(a=shown[0], b=shown[1], c=shown[2])
     si = rng.randrange(len(STATE_TEXTS[cap][split]))
+    role = {"r": people[x][1]} if cap == "identity" else {}
+    role_y = {"r": people[y][1]} if cap == "identity" else {}
+    channel = ctext.format(x=names[x], X=_cap(names[x]), **role)
     stext = STATE_TEXTS[cap][split][si]
-    if cap == "identity":
-        channel = ctext.format(x=names[x], r=people[x][1])
-        text_state = stext.format(x=names[x], r=people[x][1])
-        conflict = stext.format(x=names[y], r=people[y][1])
-    elif cap == "continuity":
-        channel = ctext.format(x=names[x], X=_cap(names[x]))
-        text_state, conflict = stext.format(x=names[x]), stext.format(x=names[y])
-    else:
-        channel = ctext.format(x=names[x])
-        text_state, conflict = stext.format(x=names[x]), stext.format(x=names[y])
+    trained = STATE_TEXTS[cap]["train"][si % len(STATE_TEXTS[cap]["train"])]
     cont = [f" {n}." for n in names]
     return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: channel}, cont[x], cont, x, keys,
-                text_state=text_state, conflict_text=conflict, conflict_label=y)
+                text_state=stext.format(x=names[x], **role), conflict_text=stext.format(x=names[y], **role_y),
+                conflict_label=y, text_state_trained_frame=trained.format(x=names[x], **role))
 
 
 def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict:
@@ -254,7 +253,9 @@ def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
         opp_state = _register_state(cap, -pole, split, rng)
         items.append(Item(cap, split, f"{cap}/{split}/{ti}", prompt, state, cands[label], cands, label,
                           pole=pole, pair=pair, text_state=_register_text(cap, split, si, name, state),
-                          conflict_text=_register_text(cap, split, si, name, opp_state), conflict_label=1 - label))
+                          conflict_text=_register_text(cap, split, si, name, opp_state), conflict_label=1 - label,
+                          text_state_trained_frame=_register_text(cap, "train", si % len(STATE_TEXTS[cap]["train"]),
+                                                                  name, state)))
     return items
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from lab import LabError
 from lab.channels.data import CAPABILITIES, DAY_WORDS, NIGHT_WORDS, REGISTER, SELECTION, Item, heldout_items
@@ -99,11 +100,12 @@ def threads(n: int | None):
 # --- the two versions ------------------------------------------------------------------------------
 
 def ll_choices(model, items: Sequence[Item], zero: bool = False, with_text: bool | None = None,
-               conflict: bool = False) -> np.ndarray:
-    """(N, K) log p of each candidate continuation. conflict=True prepends the competing-state text."""
+               conflict: bool = False, trained_frame: bool = False) -> np.ndarray:
+    """(N, K) log p of each candidate continuation. conflict=True prepends the competing-state text;
+    trained_frame=True words the state text in a training frame (see `ChannelModel.prompt_of`)."""
     prompts, conts, states, idx = [], [], [], []
     for i, it in enumerate(items):
-        p = model.prompt_of(it, with_text)
+        p = model.prompt_of(it, with_text, trained_frame)
         if conflict:
             p = it.conflict_text + p
         for c in it.candidates:
@@ -143,6 +145,13 @@ def per_unit(items: Sequence[Item], ok) -> np.ndarray:
     if odd:
         raise LabError(f"register prompt pairs {odd[:3]} do not have exactly two poles")
     return np.array([all(v) for v in by_pair.values()])
+
+
+def vs_chance(outcomes, chance: float) -> float:
+    """Two-sided exact binomial p of a success rate against its chance level. For register pairs it is the
+    informative test: with the channels zeroed both poles see one input, so the zeroed rate is 0 by construction."""
+    ok = np.asarray(outcomes, bool)
+    return float(binomtest(int(ok.sum()), int(ok.size), chance).pvalue)
 
 
 def unit_chance(items: Sequence[Item]) -> float:
@@ -190,7 +199,9 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         full = per_unit(items, ll_correct(model, items))
         zero = per_unit(items, ll_correct(model, items, zero=True))
         m = compare_proportions(f"{cap}: LL preferred = state's continuation", full, zero, "channels zeroed")
-        m.extra.update(chance=round(unit_chance(items), 4), n_prompts=n_prompts, unit=unit, n_items=len(items))
+        chance = unit_chance(items)
+        m.extra.update(chance=chance, n_prompts=n_prompts, unit=unit, n_items=len(items),
+                       p_vs_chance=vs_chance(full, chance))
         report.add(m)
         # generation version
         texts_on = generations(model, items, max_new_tokens=config.gen_tokens)
@@ -218,10 +229,13 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         # three arms: channel / same state as text (equally trained) / neither
         # the frozen base reading the state as text, untrained (channels zeroed = the bare base)
         text_base = per_unit(items, ll_correct(model, items, zero=True, with_text=True))
-        row = {"capability": cap, "n": len(full), "unit": unit, "channel": float(full.mean()), "neither": float(zero.mean()),
+        row = {"capability": cap, "n": len(full), "unit": unit, "chance": round(chance, 4),
+               "channel": float(full.mean()), "neither": float(zero.mean()),
                "text_untrained_base": float(text_base.mean()), "tokens_channel": 0.0, "tokens_neither": 0.0}
         if text_model is not None:
             text = per_unit(items, ll_correct(text_model, items))
+            # the same text arm with the state worded as in training: what unseen wording costs it
+            text_seen = per_unit(items, ll_correct(text_model, items, trained_frame=True))
             tok = text_model.base.tokenizer
             cost = float(np.mean([len(tok.encode(it.text_state, add_special_tokens=False)) for it in items]))
             mc = mcnemar_exact(full, text)
@@ -230,13 +244,18 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
                          text_lora_rank=text_model.text_lora.rank)
             tm.extra.update(text_prompt_tokens=cost, channel_prompt_tokens=0, neither=float(zero.mean()), **sizes)
             report.add(tm)
-            row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"], **sizes)
+            row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"],
+                       text_trained_frames=float(text_seen.mean()),
+                       p_channel_vs_text_trained_frames=mcnemar_exact(full, text_seen)["p_value"], **sizes)
+            tm.extra.update(text_trained_frames=float(text_seen.mean()))
         arms_rows.append(row)
         raw[cap] = dict(ll_full=full, ll_zero=zero, gen_full=g_on, gen_zero=g_off, follow=follow, follow_zero=follow_z)
-        log(f"{cap:10s} LL {full.mean():.3f} vs zeroed {zero.mean():.3f} (p={m.p_value:.2g}); "
+        log(f"{cap:10s} LL {full.mean():.3f} vs zeroed {zero.mean():.3f} (p={m.p_value:.2g}; "
+            f"vs chance {chance:.3g}: p={m.extra['p_vs_chance']:.2g}); "
             f"gen {metric} {g_on.mean():.3f} vs {g_off.mean():.3f} (p={gm.p_value:.2g}); "
             f"conflict follows channel {follow.mean():.3f} vs {follow_z.mean():.3f}"
-            + (f"; text arm {row['text']:.3f} at {row['tokens_text']:.1f} prompt tokens" if text_model else ""))
+            + (f"; text arm {row['text']:.3f} ({row['text_trained_frames']:.3f} in training frames) at "
+               f"{row['tokens_text']:.1f} prompt tokens" if text_model else ""))
     for kind, rows in gen_examples.items():
         report.tables[f"generation examples ({kind}, channels on)"] = rows
     report.tables["channel vs text vs neither (LL accuracy, prompt tokens per arm)"] = arms_rows

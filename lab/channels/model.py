@@ -258,10 +258,13 @@ class ChannelModel(nn.Module):
             x[k] = torch.zeros_like(x[k])
         return x
 
-    def prompt_of(self, item: Item, with_text: bool | None = None) -> str:
-        """The prompt an arm sees: the text arm prepends the state as text."""
+    def prompt_of(self, item: Item, with_text: bool | None = None, trained_frame: bool = False) -> str:
+        """The prompt an arm sees: the text arm prepends the state as text (trained_frame: worded in a training
+        frame, the control for state wording the text arm has not seen)."""
         with_text = (self.arm == "text") if with_text is None else with_text
-        return (item.text_state + item.prompt) if with_text else item.prompt
+        if not with_text:
+            return item.prompt
+        return (item.text_state_trained_frame if trained_frame else item.text_state) + item.prompt
 
     # --- scoring -------------------------------------------------------------------------------
 

@@ -285,9 +285,9 @@ def heldout_items(cap: str, n: int = 240, seed: int = 0) -> list[Item]:
         if tries > 200 * n:
             raise LabError(f"cannot draw {n} distinct held-out {cap} items from the held-out pools")
         new = [_selection_item(cap, "heldout", rng)] if cap in SELECTION else _register_pair(cap, "heldout", rng)
-        k = (new[0].prompt, repr(new[0].state), new[0].label, tuple(new[0].candidates))
-        if cap in REGISTER:
-            k = (new[0].prompt, tuple(new[0].candidates))
+        # one item per content: two selection items that differ only in the wording of the channel text (or of
+        # the state text) ask the same question of the same prompt and are not independent units
+        k = (new[0].prompt, tuple(new[0].candidates)) + ((new[0].label,) if cap in SELECTION else ())
         if k in seen:
             continue
         seen.add(k)

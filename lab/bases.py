@@ -459,7 +459,8 @@ def vs_unigram_text(row: dict) -> str:
     """A `list_bases` row's paired comparison with the unigram: delta [95% CI], p, or what is known."""
     vs = row.get("vs_unigram")
     if vs:
-        return f"{vs['delta']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], p = {vs['p_value']:.2g}"
+        test = f" ({vs['test']})" if vs.get("test") else ""
+        return f"{vs['delta']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], p = {vs['p_value']:.2g}{test}"
     if row.get("unigram_loss") is not None:  # an older base: the unigram's loss, not yet paired
         return f"unigram {row['unigram_loss']:.3f} (unpaired)"
     return "-"

@@ -164,7 +164,7 @@ class Artifact:
 # the packages whose versions can move a number the lab reports (a model's forward, tokenisation, training,
 # statistics, the affect lexicon); recorded with every artifact, base and report
 ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy", "scipy",
-                        "statsmodels", "scikit-learn", "vaderSentiment")
+                        "statsmodels", "scikit-learn", "vaderSentiment", "peft")
 
 
 def environment() -> dict:

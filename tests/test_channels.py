@@ -321,9 +321,18 @@ def test_heldout_split_is_disjoint_and_large_enough():
             words = set(re.findall(r"[a-z']+", (it.prompt + it.target + repr(it.state)).lower()))
             assert not words & ho_only, (cap, it.prompt, words & ho_only)
         # the held-out state texts use held-out frames only, and the two poles of a register pair state opposite states
-        ho_frames = frames["heldout"]
+        pattern = {sp: [re.sub(r"\\\{\w+\\\}", ".+", re.escape(f)) for f in frames[sp]] for sp in frames}
         for i in ho:
-            assert any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(f)), i.text_state) for f in ho_frames), i.text_state
+            assert any(re.fullmatch(p, i.text_state) for p in pattern["heldout"]), i.text_state
+            assert not any(re.fullmatch(p, i.text_state) for p in pattern["train"]), i.text_state
+            assert any(re.fullmatch(p, i.text_state_trained_frame) for p in pattern["train"]), i.text_state_trained_frame
+            assert i.text_state != i.text_state_trained_frame
+            if cap in SELECTION:  # the channel's own control: the marked entity, its text in a training frame
+                ctexts = {sp: [re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) for t in CHANNEL_TEXTS[cap][sp]] for sp in frames}
+                seen = i.state_trained_frame[cap]
+                assert any(re.fullmatch(p, seen, re.S) for p in ctexts["train"]), seen
+                assert any(re.fullmatch(p, i.state[cap], re.S) for p in ctexts["heldout"]), i.state[cap]
+                assert i.keys[i.label][0] in seen
         if cap not in SELECTION:
             by_pair = {}
             for i in ho:
@@ -448,6 +457,9 @@ def test_train_resume_is_exact(smoke_gpt2, tmp_path, arm):
     # then it counts as missing and is retrained on the new base, not refused at load
     import copy
     assert train(cfg, smoke_gpt2, out_dir=tmp_path / "a", arm=arm).manifest == full.manifest
+    # the other arm's learning rate is not this arm's config: changing it reuses the artifact
+    other = Config.preset("smoke", steps=6, eval_every=3, **({"text_lr": 7e-3} if arm == "channel" else {"lr": 7e-2}))
+    assert train(other, smoke_gpt2, out_dir=tmp_path / "a", arm=arm).manifest == full.manifest
     retrained = copy.copy(smoke_gpt2)
     retrained.__dict__["fingerprint"] = "f" * 64
     again = train(cfg, retrained, out_dir=tmp_path / "a", arm=arm)
@@ -496,7 +508,7 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
         # the test against chance, which for register pairs is the informative one (zeroed is 0 by construction)
         from scipy.stats import binomtest
         k = round(ll.value * ll.n)
-        assert ll.extra["p_vs_chance"] == pytest.approx(binomtest(k, ll.n, ll.extra["chance"]).pvalue)
+        assert ll.extra["p_above_chance"] == pytest.approx(binomtest(k, ll.n, ll.extra["chance"], alternative="greater").pvalue)
         assert ll.extra["chance"] == (0.25 if pairs else pytest.approx(1 / 3))
     assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
@@ -508,6 +520,9 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
     # the text arm is sized like the channel arm, and also scored with its state worded as in training
     assert all(abs(r["text_params"] - r["channel_params"]) <= r["text_params"] / r["text_lora_rank"] / 2 for r in arms)
     assert all(0 <= r["text_trained_frames"] <= 1 and 0 <= r["p_channel_vs_text_trained_frames"] <= 1 for r in arms)
+    # the channel's own control: register channels have one format in both splits, so it is the channel rate there
+    assert all(r["channel_trained_frames"] == r["channel"] for r in arms if r["capability"] not in SELECTION)
+    assert all(0 <= r["channel_trained_frames"] <= 1 and 0 <= r["p_channel_above_chance"] <= 1 for r in arms)
     assert any(n.startswith("Text arm: LoRA") for n in rep.notes)
     shares = rep.tables["captum attribution share (mean over items, 95% bootstrap CI)"]
     assert {r["capability"] for r in shares} == set(cfg.capabilities) and all(r["n"] >= 1 for r in shares)
@@ -515,6 +530,19 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
         for c in ("memory", "affect", "time", "ethics", "identity", "continuity"):
             v, lo, hi = map(float, re.findall(r"[-0-9.e]+", r[c])) if r["n"] > 1 else (float(r[c]),) * 3
             assert lo <= v <= hi
+
+
+def test_evaluate_skips_a_text_arm_of_an_older_format(smoke_gpt2, smoke_artifacts):
+    """A text arm trained before the LoRA (format 3: a bias adapter) is skipped with a note, not a crash."""
+    import copy
+    from lab.channels import evaluate
+    cfg, arts = smoke_artifacts
+    old = copy.copy(arts["text"])
+    old.config = {**arts["text"].config, "format": 3}
+    said = []
+    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=old, attribution=False, log=said.append)
+    assert any("format 3" in n and "skipped" in n for n in rep.notes) and any("format 3" in s for s in said)
+    assert not any("text arm" in m.name for m in rep.measures)
 
 
 def test_mamba2_adapter_trains(smoke_mamba2, tmp_path):

@@ -56,6 +56,16 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
     if artifact.kind != KIND_ADAPTER:
         raise LabError(f"{artifact.path} holds a {artifact.kind!r} artifact, expected {KIND_ADAPTER!r}")
     t0 = time.perf_counter()
+    stale_text = None
+    if text_artifact is not None:
+        if not isinstance(text_artifact, Artifact):
+            text_artifact = load_artifact(Path(text_artifact), KIND_TEXT, base)
+        if text_artifact.config.get("format") != Config.FORMAT:  # e.g. the bias text arm before session 15
+            stale_text = (f"The text arm at {text_artifact.path} has format {text_artifact.config.get('format')}, "
+                          f"this lab's is {Config.FORMAT}: the channel-vs-text arms were skipped; retrain it with "
+                          f"`lab train channels`.")
+            log(stale_text)
+            text_artifact = None
     with threads(1):
         model = load_model(artifact, base)
         config = model.config
@@ -86,15 +96,20 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
             "Register 'directional' with channels zeroed is degenerate by construction (both poles give the same "
             "text), as in the published work. So is the register LL version's, counted per prompt pair (both "
             "poles right): zeroed, the two poles see one input and at most one can be right. Its informative test "
-            "is against chance (1/4 per pair: `p_vs_chance`) and against the text arm.",
+            "is against chance (1/4 per pair: the one-sided binomial `p_channel_above_chance` in the arms table) "
+            "and against the text arm.",
         ]
+        if stale_text:
+            rep.notes.append(stale_text)
         if text_model is not None:
             rep.notes.append(
                 f"Text arm: LoRA (rank {text_model.text_lora.rank}) on a copy of the base with "
                 f"{text_model.adapter.n_params():,} trainable parameters against the injector's "
-                f"{model.adapter.n_params():,}, the same batches and steps; the state is worded in held-out frames "
-                "('text'), and in training frames as a control for unseen wording ('text_trained_frames'); the "
-                "channel's inputs have one format in both splits.")
+                f"{model.adapter.n_params():,}, the same batches, steps and schedule, its own learning rate "
+                f"({text_model.config.text_lr:g}; the injector's gates {model.config.lr:g}). Its state text is worded "
+                "in held-out frames ('text'), and in training frames as a control for unseen wording "
+                "('text_trained_frames'); the channel arm's control of the same kind is 'channel_trained_frames' "
+                "(selection texts in training frames; register channels have one format in both splits).")
         rep.notes.append(f"Evaluation took {time.perf_counter() - t0:.0f} s.")
     return rep
 

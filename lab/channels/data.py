@@ -18,7 +18,10 @@ Each item also carries
   text_state      the same state written as natural text (the text arm of the channel-vs-text test), in a frame
                   of the item's own split,
   text_state_trained_frame   the same state in a training frame: on held-out items, the text arm's control for
-                  state wording it has never seen (the channel's inputs have one format in both splits),
+                  state wording it has never seen,
+  state_trained_frame        selection items: the channel state with its text in a training frame, the channel
+                  arm's control of the same kind (register channels carry numbers and posture names, one
+                  format in both splits),
   conflict_text   text asserting a competing state (the conflict/override test).
 """
 
@@ -163,6 +166,7 @@ class Item:
     pair: str = ""              # register: the id shared by the two poles of one prompt
     text_state: str = ""        # the same state as text (channel-vs-text experiment), in a frame of this split
     text_state_trained_frame: str = ""  # the same state in a training-split frame (held-out wording control)
+    state_trained_frame: dict | None = None  # selection: the channel text in a training frame (the channel's control)
     conflict_text: str = ""     # text asserting a competing state (conflict test)
     conflict_label: int = -1    # the candidate the conflict text asks for
 
@@ -177,7 +181,8 @@ def _cap(s: str) -> str:
 def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
     ti = rng.randrange(len(TEMPLATES[cap][split]))
     tmpl = TEMPLATES[cap][split][ti]
-    ctext = rng.choice(CHANNEL_TEXTS[cap][split])
+    ci = rng.randrange(len(CHANNEL_TEXTS[cap][split]))  # the same draw as rng.choice
+    ctext = CHANNEL_TEXTS[cap][split][ci]
     if cap == "memory":
         cands = rng.sample(pool("objects", split), 3)
         names, keys = cands, [[c] for c in cands]
@@ -197,12 +202,15 @@ def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
     role = {"r": people[x][1]} if cap == "identity" else {}
     role_y = {"r": people[y][1]} if cap == "identity" else {}
     channel = ctext.format(x=names[x], X=_cap(names[x]), **role)
+    channel_trained = CHANNEL_TEXTS[cap]["train"][ci % len(CHANNEL_TEXTS[cap]["train"])].format(
+        x=names[x], X=_cap(names[x]), **role)
     stext = STATE_TEXTS[cap][split][si]
     trained = STATE_TEXTS[cap]["train"][si % len(STATE_TEXTS[cap]["train"])]
     cont = [f" {n}." for n in names]
     return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: channel}, cont[x], cont, x, keys,
                 text_state=stext.format(x=names[x], **role), conflict_text=stext.format(x=names[y], **role_y),
-                conflict_label=y, text_state_trained_frame=trained.format(x=names[x], **role))
+                conflict_label=y, text_state_trained_frame=trained.format(x=names[x], **role),
+                state_trained_frame={cap: channel_trained})
 
 
 def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict:

@@ -2,7 +2,8 @@
 
 Per capability, two versions side by side:
   log-likelihood   which continuation of the counterfactual set the model prefers (selection: the marked
-                   item among three, chance 1/3; register: the pole's word vs the opposite pole's, chance 1/2);
+                   item among three, chance 1/3; register: the pole's word vs the opposite pole's, counted per
+                   prompt pair as "both poles right", chance 1/4);
   generation       greedy text scored by the published metrics: "dominant" (selection: the marked item is
                    referenced strictly more than each other candidate) and "directional" (register: the
                    +pole response scores higher than the -pole response on a transparent lexicon; VADER
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -147,11 +149,12 @@ def per_unit(items: Sequence[Item], ok) -> np.ndarray:
     return np.array([all(v) for v in by_pair.values()])
 
 
-def vs_chance(outcomes, chance: float) -> float:
-    """Two-sided exact binomial p of a success rate against its chance level. For register pairs it is the
-    informative test: with the channels zeroed both poles see one input, so the zeroed rate is 0 by construction."""
+def above_chance(outcomes, chance: float) -> float:
+    """One-sided exact binomial p of a success rate above its chance level (a rate below chance is not evidence
+    of reading the state). For register pairs it is the informative test: with the channels zeroed both poles
+    see one input, so the zeroed rate is 0 by construction."""
     ok = np.asarray(outcomes, bool)
-    return float(binomtest(int(ok.sum()), int(ok.size), chance).pvalue)
+    return float(binomtest(int(ok.sum()), int(ok.size), chance, alternative="greater").pvalue)
 
 
 def unit_chance(items: Sequence[Item]) -> float:
@@ -201,7 +204,7 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         m = compare_proportions(f"{cap}: LL preferred = state's continuation", full, zero, "channels zeroed")
         chance = unit_chance(items)
         m.extra.update(chance=chance, n_prompts=n_prompts, unit=unit, n_items=len(items),
-                       p_vs_chance=vs_chance(full, chance))
+                       p_above_chance=above_chance(full, chance))
         report.add(m)
         # generation version
         texts_on = generations(model, items, max_new_tokens=config.gen_tokens)
@@ -229,8 +232,13 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         # three arms: channel / same state as text (equally trained) / neither
         # the frozen base reading the state as text, untrained (channels zeroed = the bare base)
         text_base = per_unit(items, ll_correct(model, items, zero=True, with_text=True))
+        # the channel arm with its selection texts worded as in training: the channel's own unseen-wording control
+        # (register channels carry numbers and posture names, one format in both splits)
+        seen_items = [replace(it, state=it.state_trained_frame) if it.state_trained_frame else it for it in items]
+        full_seen = per_unit(items, ll_correct(model, seen_items)) if cap in SELECTION else full
         row = {"capability": cap, "n": len(full), "unit": unit, "chance": round(chance, 4),
-               "channel": float(full.mean()), "neither": float(zero.mean()),
+               "channel": float(full.mean()), "p_channel_above_chance": m.extra["p_above_chance"],
+               "channel_trained_frames": float(full_seen.mean()), "neither": float(zero.mean()),
                "text_untrained_base": float(text_base.mean()), "tokens_channel": 0.0, "tokens_neither": 0.0}
         if text_model is not None:
             text = per_unit(items, ll_correct(text_model, items))
@@ -251,7 +259,7 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
         arms_rows.append(row)
         raw[cap] = dict(ll_full=full, ll_zero=zero, gen_full=g_on, gen_zero=g_off, follow=follow, follow_zero=follow_z)
         log(f"{cap:10s} LL {full.mean():.3f} vs zeroed {zero.mean():.3f} (p={m.p_value:.2g}; "
-            f"vs chance {chance:.3g}: p={m.extra['p_vs_chance']:.2g}); "
+            f"above chance {chance:.3g}: p={m.extra['p_above_chance']:.2g}); "
             f"gen {metric} {g_on.mean():.3f} vs {g_off.mean():.3f} (p={gm.p_value:.2g}); "
             f"conflict follows channel {follow.mean():.3f} vs {follow_z.mean():.3f}"
             + (f"; text arm {row['text']:.3f} ({row['text_trained_frames']:.3f} in training frames) at "

@@ -45,13 +45,14 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
                   f"(fingerprint {base.fingerprint[:12]}); retraining")
         else:
             art = load_artifact(out_dir, kind, base)
-            if art.config == config.to_dict():
-                return art
+            if Config.training_view(art.config, arm) == config.training_dict(arm):
+                return art  # the other arm's knobs may differ
             print(f"{out_dir} was trained with another config; retraining")  # e.g. other steps or seed
     model = build(config, base, arm=arm)
-    spec = TrainSpec(steps=config.steps, lr=config.lr if arm == "channel" else config.text_lr, warmup=min(config.warmup, config.steps // 5 or 1),
-                     seed=config.seed, ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every,
-                     config_hash=run_hash(config.to_dict(), base))
+    spec = TrainSpec(steps=config.steps, lr=config.lr if arm == "channel" else config.text_lr,
+                     warmup=min(config.warmup, config.steps // 5 or 1), seed=config.seed,
+                     ckpt_every=max(50, config.steps // 5), eval_every=config.eval_every,
+                     config_hash=run_hash(config.training_dict(arm), base))
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     alpha_log = _alpha_log_path(ckpt)
     history = json.loads(alpha_log.read_text()) if alpha_log.exists() and (ckpt / "trainer.json").exists() else []

@@ -103,15 +103,15 @@ class Config:
             raise LabError(f"unknown config field(s) {bad}")
         return cls(**{**presets[name], **overrides, "preset_name": name})
 
-    FORMAT = 4  # bump when the injector's tensor layout or encoder changes: stale artifacts are then retrained
+    FORMAT = 4  # bump when an arm's adapter layout or the encoder changes: stale artifacts are then retrained
 
     # the other arm's training knobs: changing the text arm's lr must not retrain the injector, nor the reverse.
     # (Evaluation settings stay in: `evaluate` reads them from the artifact's config.)
     _OTHER_ARM = {"channel": ("text_lr",), "text": ("lr", "proj_lr_ratio", "text_init")}
 
     def training_dict(self, arm: str) -> dict:
-        """`to_dict` restricted to what training arm `arm` depends on: what decides whether an artifact on disk
-        is this arm's, and what keys its checkpoints."""
+        """`to_dict` without the other arm's training knobs: what decides whether an artifact on disk is this
+        arm's, and what keys its checkpoints."""
         return self.training_view(self.to_dict(), arm)
 
     @classmethod
@@ -158,8 +158,9 @@ def _pack(tokenizer, prompts: Sequence[str], conts: Sequence[str], pad_id: int):
 
 def lora_sites(model: nn.Module) -> tuple[list[str], int, bool]:
     """Where the text arm's LoRA goes: every linear map of the base (`nn.Linear`, and GPT-2's `Conv1D`) except
-    the output head (and a Mamba block's out_proj). Returns (module names, LoRA parameters per unit of rank = sum of in + out features, and
-    whether the maps store their weight transposed, as Conv1D does: peft's `fan_in_fan_out`)."""
+    the output head and a Mamba block's out_proj. Returns (module names, LoRA parameters per unit of rank = the
+    sum of in + out features, and whether the maps store their weight transposed as Conv1D does: peft's
+    `fan_in_fan_out`)."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

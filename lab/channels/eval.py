@@ -252,9 +252,10 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
                          text_lora_rank=text_model.text_lora.rank)
             tm.extra.update(text_prompt_tokens=cost, channel_prompt_tokens=0, neither=float(zero.mean()), **sizes)
             report.add(tm)
+            # like for like: both arms with their state worded in training frames
             row.update(text=float(text.mean()), tokens_text=cost, p_channel_vs_text=mc["p_value"],
                        text_trained_frames=float(text_seen.mean()),
-                       p_channel_vs_text_trained_frames=mcnemar_exact(full, text_seen)["p_value"], **sizes)
+                       p_channel_vs_text_trained_frames=mcnemar_exact(full_seen, text_seen)["p_value"], **sizes)
             tm.extra.update(text_trained_frames=float(text_seen.mean()))
         arms_rows.append(row)
         raw[cap] = dict(ll_full=full, ll_zero=zero, gen_full=g_on, gen_zero=g_off, follow=follow, follow_zero=follow_z)

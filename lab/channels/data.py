@@ -199,18 +199,20 @@ def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
     y = rng.choice([i for i in range(3) if i != x])  # the competitor named by the conflict text
     prompt = tmpl.format(a=shown[0], b=shown[1], c=shown[2])
     si = rng.randrange(len(STATE_TEXTS[cap][split]))
-    role = {"r": people[x][1]} if cap == "identity" else {}
-    role_y = {"r": people[y][1]} if cap == "identity" else {}
-    channel = ctext.format(x=names[x], X=_cap(names[x]), **role)
-    channel_trained = CHANNEL_TEXTS[cap]["train"][ci % len(CHANNEL_TEXTS[cap]["train"])].format(
-        x=names[x], X=_cap(names[x]), **role)
+    def fill(i: int) -> dict:  # the placeholders of candidate i: {x} its name, {X} capitalised, {r} a role
+        return dict(x=names[i], X=_cap(names[i]), **({"r": people[i][1]} if cap == "identity" else {}))
+
     stext = STATE_TEXTS[cap][split][si]
-    trained = STATE_TEXTS[cap]["train"][si % len(STATE_TEXTS[cap]["train"])]
     cont = [f" {n}." for n in names]
-    return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: channel}, cont[x], cont, x, keys,
-                text_state=stext.format(x=names[x], **role), conflict_text=stext.format(x=names[y], **role_y),
-                conflict_label=y, text_state_trained_frame=trained.format(x=names[x], **role),
-                state_trained_frame={cap: channel_trained})
+    return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: ctext.format(**fill(x))}, cont[x], cont, x, keys,
+                text_state=stext.format(**fill(x)), conflict_text=stext.format(**fill(y)), conflict_label=y,
+                text_state_trained_frame=_trained_frame(STATE_TEXTS, cap, si).format(**fill(x)),
+                state_trained_frame={cap: _trained_frame(CHANNEL_TEXTS, cap, ci).format(**fill(x))})
+
+
+def _trained_frame(texts: dict, cap: str, index: int):
+    """The training-split counterpart of frame `index` of a split's `texts[cap]` (the unseen-wording controls)."""
+    return texts[cap]["train"][index % len(texts[cap]["train"])]
 
 
 def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict:

@@ -207,6 +207,26 @@ def test_items_heldout_and_not_guessable_from_bs_prompt(task):
     assert {it.answer for it in H.make_items(300, "test", 0, "persona")} == {n for n, _ in PERSONAS}
 
 
+def test_commonest_answer_guess_is_picked_on_training_items_not_test_labels():
+    test = H.make_items(60, "test", 0)
+    train = H.make_items(500, "train", 0)
+    golds = [it.answer for it in test]
+    answers = {arm: [""] * len(test) for arm in ("session_a", "wrong_session", "none")}
+    correct = {arm: np.zeros(len(test), bool) for arm in answers}
+    res = H.HandoffResult(test, answers, correct)
+    fair = H.handoff_measures(res, guess_items=train)[-1]
+    top = H.commonest_answer(train)
+    train_golds = [it.answer for it in train]
+    assert train_golds.count(top) == max(train_golds.count(g) for g in train_golds)
+    assert fair.extra == {"guess": top, "picked_on": "training items"} and "500 training golds" in fair.name
+    assert fair.n == 60 and fair.value == golds.count(top) / 60
+    oracle = H.handoff_measures(res)[-1]  # without training items: the test labels' own mode, named as an oracle
+    assert "oracle" in oracle.name and oracle.value == max(golds.count(g) for g in golds) / 60 >= fair.value
+    assert H.commonest_answer(list(reversed(train))) == top  # ties do not depend on order
+    with pytest.raises(LabError, match="at least one item"):
+        H.commonest_answer([])
+
+
 def test_scoring_per_task():
     p = H.Item("K = walnut.", " What is K?\nAnswer:", "walnut", "pointer")
     assert p.score(" walnut.\nWhat") == "walnut" and p.score(" walnut walnut.") != "walnut"

@@ -92,6 +92,11 @@ def test_heldout_sets_saved_deterministic_and_disjoint_from_training(lab_home):
     assert all(len({p.hops for p in b}) == 1 for b in one)
     assert {b[0].hops for b in one} == {1, 2, 3, 4, 5}
     assert [p.prompt for p in one[7]] == [p.prompt for p in train_batch(7, 16, seed=0, one_hop_count=True)]
+    # other test seeds are held out by the size of the problem space (lab.rlf.data's doc): even 1-hop
+    # problems, the smallest space, do not repeat in 20,000 draws
+    from lab.rlf.data import make_problem
+    rng = random.Random("space")
+    assert len({make_problem(rng, 1).prompt for _ in range(20_000)}) == 20_000
 
 
 # --- model -----------------------------------------------------------------------------------------

@@ -359,10 +359,11 @@ def answer_with_handoffs(base, items: list[Item], q_ids: list[torch.Tensor], han
 @torch.no_grad()
 def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
                   extra: dict[str, torch.Tensor] | None = None, extra_maps: dict | None = None,
-                  prefix: str = "hand-off") -> HandoffResult:
+                  prefix: str = "hand-off", guess_items: list[Item] | None = None) -> HandoffResult:
     """Run A, build every arm's hand-off, let B answer, score. `extra_maps` (name -> map with the
     inner link's interface, e.g. the state-reconstruction map) add arms whose latents come from the
-    same m-step rollout of A under that map."""
+    same m-step rollout of A under that map. `guess_items` (training items): where the commonest-answer
+    guess is picked (see `handoff_measures`)."""
     a = run_session_a(base, link, items, steps)
     extra = dict(extra or {})
     for name, m in (extra_maps or {}).items():
@@ -376,12 +377,24 @@ def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
         answers[arm] = answer_with_handoffs(base, items, a.q_ids, soft)
         correct[arm] = np.array([it.score(x) == it.answer for x, it in zip(answers[arm], items)])
     res = HandoffResult(items, answers, correct, latents=a.latents)
-    res.measures = handoff_measures(res, prefix)
+    res.measures = handoff_measures(res, prefix, guess_items)
     return res
 
 
-def handoff_measures(res: HandoffResult, prefix: str = "hand-off") -> list[Measure]:
-    """Per arm: exact match with n and Wilson CI; exact McNemar vs the wrong-session arm."""
+def commonest_answer(items: list[Item]) -> str:
+    """The commonest gold of `items` (ties: the first in sorted order, so the pick does not depend on set order)."""
+    if not items:
+        raise LabError("the commonest-answer guess needs at least one item to pick from, got none")
+    golds = [it.answer for it in items]
+    return max(sorted(set(golds)), key=golds.count)
+
+
+def handoff_measures(res: HandoffResult, prefix: str = "hand-off",
+                     guess_items: list[Item] | None = None) -> list[Measure]:
+    """Per arm: exact match with n and Wilson CI; exact McNemar vs the wrong-session arm. Also the rate of
+    the commonest-answer guess: the commonest gold of `guess_items` (training items, so the guess never sees a
+    test label); without them, the commonest gold of the test items themselves, labelled as that oracle (an
+    upper bound on any constant answer)."""
     ctrl = res.correct[CONTROL_ARM]
     out = []
     for arm in [*(a for a in res.correct if a != "session_a"), "session_a"]:
@@ -394,9 +407,15 @@ def handoff_measures(res: HandoffResult, prefix: str = "hand-off") -> list[Measu
         m.extra["agrees_with_A"] = float(res.agreement(arm).mean())
         out.append(m)
     golds = [it.answer for it in res.items]
-    top = max(set(golds), key=golds.count)
-    guess = proportion(f"{prefix}: commonest-answer guess (what B's prompt alone could reach)", [g == top for g in golds])
-    guess.extra["guess"] = top
+    if guess_items is not None:
+        top = commonest_answer(guess_items)
+        how = f"the commonest of {len(guess_items)} training golds"
+    else:
+        top = commonest_answer(res.items)
+        how = "oracle: the commonest gold of these test items, an upper bound on any constant answer"
+    guess = proportion(f"{prefix}: commonest-answer guess ({how}; what B's prompt alone could reach)",
+                       [g == top for g in golds])
+    guess.extra.update(guess=top, picked_on="training items" if guess_items is not None else "these test items")
     out.append(guess)
     return out
 

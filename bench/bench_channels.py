@@ -25,6 +25,12 @@ Measures (interleaved repetitions in a shuffled order, medians, ratios with a pa
                         ratio, and an eighth of it in the per-forward ratio. On a 4-ms forward it is over 10%.
 Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
 
+    python bench/bench_channels.py --lr-sweep --arm=channel --lrs=1e-2,3e-2,6e-2,0.12 [--base=tiny-mamba2]
+
+trains one arm (channel: the injector's gates; text: the text arm's LoRA) of the tiny preset once per learning
+rate, full length, one run at a time, and prints the mean validation loss of the last four evaluations: how
+both arms' rates in `lab.channels.model.Config` (the tiny preset, TUNED_LRS) were picked.
+
     python bench/bench_channels.py --gpt2-small-shape
 
 also measures the same on a randomly initialised GPT-2-124M-shaped model (d 768, 12 layers, the lab's
@@ -289,10 +295,40 @@ def _print(r: dict) -> None:
                   f"one context per forward {row['one_shot_ratio']:.3f} [{c:.3f}, {d:.3f}] (+{row['one_shot_added_ms']:.2f} ms)")
 
 
+def lr_sweep(arm: str, lrs: list[float], base_name: str = "tiny-gpt2", preset: str = "tiny") -> dict[float, float]:
+    """Mean validation loss of the last four evaluations per learning rate, one full-length run of `arm` each."""
+    import tempfile
+    from pathlib import Path
+
+    from lab.bases import load_base
+    from lab.channels import Config
+    from lab.channels.train import train
+
+    if arm not in ("channel", "text"):
+        raise SystemExit(f"--arm must be 'channel' or 'text', got {arm!r}")
+    base, out = load_base(base_name), {}
+    for lr in lrs:
+        cfg = Config.preset(preset, base=base_name, **({"lr": lr} if arm == "channel" else {"text_lr": lr}))
+        with tempfile.TemporaryDirectory() as tmp:
+            art = train(cfg, base, out_dir=Path(tmp) / arm, arm=arm)
+        curve = [r["val_loss"] for r in art.manifest["metrics"]["history"] if "val_loss" in r]
+        out[lr] = sum(curve[-4:]) / len(curve[-4:])
+        print(f"{arm} lr {lr:g}: mean validation loss of the last 4 evaluations {out[lr]:.3f} "
+              f"(curve {[round(v, 3) for v in curve]})", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     import sys
     import tempfile
 
+    def _opt(name: str, default: str) -> str:
+        return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default)
+
+    if "--lr-sweep" in sys.argv:
+        lr_sweep(_opt("arm", "channel"), [float(x) for x in _opt("lrs", "1e-2,3e-2,6e-2,0.12").split(",")],
+                 _opt("base", "tiny-gpt2"))
+        sys.exit(0)
     _print(main())
     if "--gpt2-small-shape" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:

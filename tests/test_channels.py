@@ -682,3 +682,12 @@ def test_half_precision_base_trains_and_scores_with_float32_gates(family, mode, 
     with pytest.raises(LabError, match="magnitude"):
         concat_channel_values({"affect": torch.tensor([[1e5, 0.0]])}, m.injector.widths, dtype=torch.float32,
                               check_dtype=torch.float16)
+
+
+def test_tiny_preset_learning_rates_are_per_base_and_overridable():
+    gpt2, mamba = Config.preset("tiny"), Config.preset("tiny", base="tiny-mamba2")
+    assert (gpt2.lr, gpt2.text_lr) == (0.12, 1e-3)
+    assert (mamba.lr, mamba.text_lr) == (6e-2, 1e-4) == tuple(Config.TUNED_LRS[("tiny", "tiny-mamba2")].values())
+    assert Config.preset("tiny", base="tiny-mamba2", lr=0.5, text_lr=2e-3).lr == 0.5  # an explicit choice wins
+    assert Config.preset("smoke", base="tiny-mamba2").lr == Config.preset("smoke").lr  # tuned for the tiny preset only
+    assert Config.preset("tiny", base="tiny-mamba2").to_dict()["lr"] == 6e-2  # so it keys the artifact

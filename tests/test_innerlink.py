@@ -225,6 +225,10 @@ def test_commonest_answer_guess_is_picked_on_training_items_not_test_labels():
     assert H.commonest_answer(list(reversed(train))) == top  # ties do not depend on order
     with pytest.raises(LabError, match="at least one item"):
         H.commonest_answer([])
+    cfg = Config.preset("smoke")  # what the report, app and notebook pick on: training items, at least 500
+    picked = H.guess_items_for(cfg, 60, 0, "pointer")
+    assert len(picked) == 500 and picked == H.items_for(cfg, 500, "train", 0, "pointer")
+    assert not {it.a_prompt for it in picked} & {it.a_prompt for it in H.items_for(cfg, 60, "test", 0, "pointer")}
 
 
 def test_scoring_per_task():

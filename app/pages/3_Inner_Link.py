@@ -32,8 +32,8 @@ def benchmark(base_name: str, path: str, task: str, n_items: int, seed: int):
     recon_dir = recon_for(Path(path), base)
     maps = {} if recon_dir is None else {"recon": RC.load_recon(recon_dir, base)[0]}
     items = H.items_for(cfg, n_items, seed=seed, task=task)
-    guess_items = H.items_for(cfg, max(n_items, 500), split="train", seed=seed, task=task)
-    return H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps, guess_items=guess_items)
+    return H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps,
+                           guess_items=H.guess_items_for(cfg, n_items, seed, task))
 
 
 try:

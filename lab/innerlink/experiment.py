@@ -80,13 +80,12 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
     rep.figures["innerlink_rollout"] = rollout_figure(table)
     # 2-3. hand-off benchmark
     items = H.items_for(cfg, n_items, seed=seed)
-    guess_n = max(len(items), 500)  # the commonest-answer guess is picked on training items, never on test labels
     maps = {}
     if recon is not None:
         rmap = recon if isinstance(recon, torch.nn.Module) else load_recon(recon, base)[0]
         maps["recon"] = rmap
     res = H.run_benchmark(base, link, items, cfg.handoff_steps, seed=seed, extra_maps=maps,
-                          guess_items=H.items_for(cfg, guess_n, split="train", seed=seed))
+                          guess_items=H.guess_items_for(cfg, len(items), seed))
     for m in res.measures:
         # their set is not public: the comparison is across tasks, and the label says so
         pub = Published(f"inner-link latent hand-off on their Hypothesis-Continuity set (not public; this is the "
@@ -107,7 +106,7 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
         p_items = H.items_for(cfg, n_items, seed=seed, task="pointer")
         p_res = H.run_benchmark(base, link, p_items, cfg.handoff_steps, seed=seed, extra_maps=maps,
                                 prefix="pointer-chain hand-off",
-                                guess_items=H.items_for(cfg, guess_n, split="train", seed=seed, task="pointer"))
+                                guess_items=H.guess_items_for(cfg, len(p_items), seed, "pointer"))
         for m in p_res.measures:
             rep.add(m)
         rep.tables["hand-off arms (pointer task)"] = p_res.summary()

@@ -131,6 +131,12 @@ def items_for(config, n: int | None = None, split: str = "test", seed: int | Non
                       task or config.handoff_task, config.handoff_hops, config.handoff_distractors, exclude)
 
 
+def guess_items_for(config, n: int | None = None, seed: int | None = None, task: str | None = None) -> list[Item]:
+    """Training-split items to pick the commonest-answer guess on, so it never sees a test label: as many as the
+    test set has (`n`, default the config's), and at least 500."""
+    return items_for(config, max(n or config.handoff_items, 500), "train", seed, task)
+
+
 def normalize_answer(text: str) -> str:
     """B's answer up to the first '.' or newline, whitespace collapsed."""
     for stop in (".", "\n"):

@@ -408,9 +408,16 @@ def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts)
     assert mt["channel_arm_params"] == m.adapter.n_params() and mt["lr"] == cfg.text_lr
     tm = load_model(text.path, smoke_gpt2)
     assert any(p.abs().max() > 0 for k, p in tm.adapter.state_dict().items() if "lora_B" in k)  # it trained
-    from lab.channels.train import load_native
-    n = {k: load_native(p, smoke_gpt2).meta["n_params"] for k, p in arts["native"].items()}
-    assert n["baseline-small"] < n["channels"] < n["baseline-large"]
+    # ... once per training seed (smoke: 2), each seed its own initialisation, in its own directories
+    from lab.channels.train import load_native, native_run_dirs
+    assert arts["native"] == native_run_dirs(cfg) and len(arts["native"]) == cfg.native_seeds == 2
+    runs = [{k: load_native(p, smoke_gpt2) for k, p in run.items()} for run in arts["native"]]
+    for run in runs:
+        n = {k: m.meta["n_params"] for k, m in run.items()}
+        assert n["baseline-small"] < n["channels"] < n["baseline-large"]
+    assert [run["channels"].seed for run in runs] == [cfg.seed, cfg.seed + 1]
+    w0, w1 = (run["baseline-small"].lm.transformer.wte.weight for run in runs)
+    assert w0.shape == w1.shape and not torch.equal(w0, w1)
 
 
 def test_injector_param_count_matches_the_built_injector():
@@ -495,7 +502,7 @@ def test_register_outcomes_count_prompt_pairs_not_poles():
 def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
     from lab.channels import evaluate, write_lexicons
     cfg, arts = smoke_artifacts
-    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=arts["text"], native_paths=arts["native"],
+    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=arts["text"], native_runs=arts["native"],
                    log=lambda s: None)
     for cap in CAPABILITIES:
         for kind in ("LL preferred", "generation", "conflict", "channel arm vs text arm"):
@@ -510,7 +517,22 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
         k = round(ll.value * ll.n)
         assert ll.extra["p_above_chance"] == pytest.approx(binomtest(k, ll.n, ll.extra["chance"], alternative="greater").pvalue)
         assert ll.extra["chance"] == (0.25 if pairs else pytest.approx(1 / 3))
-    assert any(m.name.startswith("native: held-out loss") for m in rep.measures)
+    # the native track: per seed over windows (evaluation noise), then across the training seeds (paired t)
+    per_window = [m for m in rep.measures if m.name.startswith("native seed") and "held-out loss" in m.name]
+    assert len(per_window) == 2 * cfg.native_seeds and all(m.p_value is not None for m in per_window)
+    for b in ("baseline-small", "baseline-large"):
+        across = next(m for m in rep.measures if m.name.startswith(f"native: held-out loss, channels zeroed minus {b}, across"))
+        mine = [m for m in per_window if m.control == b]
+        assert across.n == cfg.native_seeds and across.ci_method == "paired t" and across.test == "paired t-test"
+        assert across.value == pytest.approx(np.mean([m.value for m in mine]))   # the mean of the per-seed deltas
+        assert across.extra["per_seed"] == pytest.approx([m.value for m in mine], abs=1e-5)
+    per_seed = [m for m in rep.measures if m.name.startswith("native seed") and "decides" in m.name]
+    rate = next(m for m in rep.measures if m.name.startswith("native: channel decides the preferred continuation (rate), across"))
+    gain = next(m for m in rep.measures if m.name.startswith("native: channel decides, full minus zeroed rate, across"))
+    assert len(per_seed) == rate.n == gain.n == cfg.native_seeds and 0 < rate.control_value < 1 and rate.control == "chance"
+    assert rate.value == pytest.approx(np.mean([m.value for m in per_seed]))          # the mean rate, not a difference
+    assert gain.value == pytest.approx(np.mean([m.value - m.control_value for m in per_seed]))
+    assert any(r["seed"] == cfg.seed + 1 for r in rep.tables["native models"])
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
     rep.save(tmp_path / "rep", formats=())                          # evaluate writes nothing; the caller saves
     write_lexicons(tmp_path / "rep")
@@ -574,14 +596,17 @@ def test_logprob_shift_and_attribution(smoke_gpt2, smoke_artifacts):
 def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
     from typer.testing import CliRunner
     from lab.cli import app
-    r = CliRunner().invoke(app, ["train", "channels", "--preset", "smoke", "--steps", "3", "--no-native",
-                                 "--no-text-arm", "--force"])
+    r = CliRunner().invoke(app, ["train", "channels", "--preset", "smoke", "--steps", "3", "--no-text-arm", "--force"])
     assert r.exit_code == 0, r.output
     assert "adapter:" in r.output
+    # the native track, once per training seed (smoke: 2), each model's directory printed
+    assert sum(line.startswith("native channels: ") for line in r.output.splitlines()) == 2, r.output
     r = CliRunner().invoke(app, ["evaluate", "channels", "--preset", "smoke", "--no-attribution",
                                  "--out", str(lab_home / "results" / "ch-cli")])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (lab_home / "results" / "ch-cli" / "report.md").exists()
+    report = (lab_home / "results" / "ch-cli" / "report.md").read_text()
+    assert "native seed 1: held-out loss" in report and "across 2 training seeds" in report  # it found both seeds
 
 
 def test_app_page(lab_home, smoke_artifacts):
@@ -691,3 +716,24 @@ def test_tiny_preset_learning_rates_are_per_base_and_overridable():
     assert Config.preset("tiny", base="tiny-mamba2", lr=0.5, text_lr=2e-3).lr == 0.5  # an explicit choice wins
     assert Config.preset("smoke", base="tiny-mamba2").lr == Config.preset("smoke").lr  # tuned for the tiny preset only
     assert Config.preset("tiny", base="tiny-mamba2").to_dict()["lr"] == 6e-2  # so it keys the artifact
+
+
+def test_native_seeds_are_validated_and_do_not_retrain_the_adapter_arms():
+    assert Config.preset("tiny").native_seeds == 3 and Config.preset("smoke").native_seeds == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(LabError, match=f"native_seeds must be (a positive int|an integer), got {bad!r}"):
+            Config.preset("smoke", native_seeds=bad)
+    # the native track's knobs decide none of the arms' artifacts: more native seeds must not retrain an adapter
+    a, b = Config.preset("tiny"), Config.preset("tiny", native_seeds=5, native_steps=2400)
+    for arm in ("channel", "text"):
+        assert a.training_dict(arm) == b.training_dict(arm)
+        assert Config.training_view(b.to_dict(), arm) == a.training_dict(arm)
+    # nor does what `lab reproduce` switches off for tiny-mamba2 (its text arm and native track)
+    m = Config.preset("tiny", base="tiny-mamba2")
+    assert Config.preset("tiny", base="tiny-mamba2", train_text_arm=False, native=False).training_dict("channel") == \
+        m.training_dict("channel")
+    assert Config.preset("tiny", steps=5).training_dict("channel") != a.training_dict("channel")  # its own knobs do
+    # one directory per seed and model, two levels under the models directory (where the dashboard lists artifacts)
+    from lab.channels.train import native_run_dirs
+    runs = native_run_dirs(Config.preset("tiny", seed=4), root="/m")
+    assert [run["channels"].as_posix() for run in runs] == [f"/m/channels-native-tiny-seed{s}/channels" for s in (4, 5, 6)]

@@ -188,6 +188,32 @@ def test_sign_flip_p_is_the_exact_permutation_p_of_the_mean():
         stats.sign_flip_p(np.zeros((2, 2)))
 
 
+def test_paired_t_over_a_few_training_runs():
+    """Three seeds: the t interval and p by hand (t quantile with n - 1 degrees of freedom), which a sign-flip
+    test could not give (its smallest p at n = 3 is .25)."""
+    from scipy.stats import t as t_dist
+    treat, ctrl = np.array([1.00, 1.02, 0.99]), np.array([0.97, 0.98, 0.97])
+    d = treat - ctrl
+    m = stats.paired_t("zeroed minus baseline", treat, ctrl, "baseline")
+    se = d.std(ddof=1) / np.sqrt(3)
+    assert m.value == pytest.approx(d.mean()) and m.n == 3 and m.control_value == pytest.approx(ctrl.mean())
+    assert (m.ci_low, m.ci_high) == pytest.approx((d.mean() - t_dist.ppf(0.975, 2) * se, d.mean() + t_dist.ppf(0.975, 2) * se))
+    assert m.p_value == pytest.approx(2 * t_dist.sf(d.mean() / se, 2)) and m.p_value < 0.25 and m.test == "paired t-test"
+    from scipy.stats import ttest_rel
+    assert m.p_value == pytest.approx(ttest_rel(treat, ctrl).pvalue)
+    # a mean against a fixed level (a rate against chance): the interval is of the mean itself
+    r = stats.t_mean("rate", [0.30, 0.32, 0.35], 0.29, "chance")
+    se = np.std([0.30, 0.32, 0.35], ddof=1) / np.sqrt(3)
+    assert r.value == pytest.approx(0.97 / 3) and r.ci_low == pytest.approx(r.value - t_dist.ppf(0.975, 2) * se)
+    assert r.p_value == pytest.approx(2 * t_dist.sf((r.value - 0.29) / se, 2)) and r.control == "chance"
+    assert stats.t_mean("no test", [0.3, 0.4]).p_value is None                          # no level given: no test
+    same = stats.paired_t("no spread", np.array([1.0, 2.0]), np.array([0.5, 1.5]), "c")  # identical differences
+    assert same.value == 0.5 and same.p_value is None and same.ci_low is None
+    for a, b in ((np.ones(3), np.ones(2)), (np.ones(1), np.ones(1))):
+        with pytest.raises(LabError, match="paired_t needs two equally long 1-d samples of at least 2 values"):
+            stats.paired_t("x", a, b, "c")
+
+
 def test_paired_ratio_of_timings():
     rng = np.random.default_rng(0)
     load = rng.gamma(4.0, 2.5, 300)                          # shared, drifting load hits both arms of a rep

@@ -43,7 +43,7 @@ def train_all(config: Config, base, force: bool = False, native: bool | None = N
 
 
 def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Path | None = None,
-             native_paths: dict | None = None, attribution: bool = True, log=print) -> Report:
+             native_runs: list[dict] | None = None, attribution: bool = True, log=print) -> Report:
     """The channels report: per capability n, rate, control and exact McNemar p (LL and generation
     versions), conflict test, channel-vs-text arms, native track, alpha probes and captum attribution.
     Writes nothing: the caller saves it (`rep.save(dir)`, then `write_lexicons(dir)`)."""
@@ -75,8 +75,8 @@ def evaluate(artifact: Artifact | Path | str, base, text_artifact: Artifact | Pa
                           "config_hash": artifact.manifest.get("config_hash"), "seed": config.seed,
                           "text_encoder": model.text_encoder.name, "site": config.site, "mode": config.mode}
         evaluate_adapter(model, rep, config, text_model, log=log)
-        if native_paths:
-            evaluate_native(config, base, rep, native_paths, log=log)
+        if native_runs:
+            evaluate_native(config, base, rep, native_runs, log=log)
         metrics = artifact.manifest.get("metrics", {})
         names = model.injector.names
         rep.figures["alpha_heatmap"] = probes.alpha_heatmap(model.injector.alpha, names)
@@ -165,7 +165,7 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     config = Config.preset(preset, seed=seed)
     base = load_base(config.base, train_if_missing=preset == "smoke")
     arts = train_all(config, base)
-    rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_paths=arts.get("native"))
+    rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_runs=arts.get("native"))
     if preset == "tiny" and (preset_path("tiny-mamba2") / "config.json").exists():
         mcfg = Config.preset(preset, seed=seed, base="tiny-mamba2", train_text_arm=False, native=False)
         mbase = load_base("tiny-mamba2")

@@ -26,7 +26,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         preset: str = typer.Option("tiny", help="smoke (seconds), tiny (CPU minutes) or paper (GPU)"),
         mode: str = typer.Option(None, help="additive (default) or xattn (multi-token cross-attention)"),
         steps: int = typer.Option(None, help="override the adapter's training steps"),
-        seed: int = typer.Option(0, help="seed"),
+        seed: int = typer.Option(0, help="training seed; the native track trains seeds seed .. seed + native_seeds - 1"),
         native: bool = typer.Option(True, help="also train the native track (3 small models from scratch)"),
         text_arm: bool = typer.Option(True, help="also train the equally-trained text arm"),
         force: bool = typer.Option(False, help="retrain even if the artifact exists"),
@@ -46,15 +46,16 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
             t = arts["text"].manifest["metrics"]
             typer.echo(f"text arm: {arts['text'].path}  (LoRA rank {t.get('lora_rank')}, {t['n_params']} params "
                        f"against the injector's {t.get('channel_arm_params')}, {t['seconds']:.0f} s)")
-        for k, p in arts.get("native", {}).items():
-            typer.echo(f"native {k}: {p}")
+        for run in arts.get("native", []):  # one {model: dir} per training seed
+            for k, p in run.items():
+                typer.echo(f"native {k}: {p}")
 
     @evaluate_app.command("channels")
     def evaluate_channels(
         base: str = typer.Option(None, help="base the adapter was trained on (default: the preset's)"),
         preset: str = typer.Option("tiny", help="which preset's artifacts to evaluate"),
         mode: str = typer.Option(None, help="additive or xattn (must match training)"),
-        seed: int = typer.Option(0, help="seed (held-out draw)"),
+        seed: int = typer.Option(0, help="seed of the adapter and held-out draw; the native seeds from it, as trained"),
         out: Path = typer.Option(None, help="report directory (default: results/channels-<preset>-<base>)"),
         attribution: bool = typer.Option(True, help="captum attributions (slower)"),
     ):
@@ -62,23 +63,16 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from lab import results_dir
         from lab.bases import load_base
         from lab.channels import evaluate, write_lexicons
-        from lab.channels.train import artifact_root
+        from lab.channels.train import artifact_root, native_runs_on_disk
         from lab.channels.model import Config
         cfg = _config(preset, base, mode, None, seed)
         b = load_base(cfg.base)
         root = artifact_root(cfg, b.name)
         text = root / "text-arm"
-        from lab import models_dir
-        native_root = models_dir() / f"channels-native-{cfg.preset_name}"
-        native = {k: native_root / k for k in ("channels", "baseline-small", "baseline-large")}
-        native = native if all((p / "manifest.json").exists() for p in native.values()) else None
-        if native is not None:
-            from lab.store import read_json
-            if read_json(native["channels"] / "config.json").get("text_base_fingerprint") != b.fingerprint:
-                native = None  # the native track was trained with another base's text encoder
+        native = native_runs_on_disk(cfg, b, log=typer.echo)  # every seed's, with this base's text encoder, or None
         out = out or results_dir() / root.name
         rep = evaluate(root / "adapter", b, text_artifact=text if (text / "manifest.json").exists() else None,
-                       native_paths=native, attribution=attribution, log=typer.echo)
+                       native_runs=native, attribution=attribution, log=typer.echo)
         rep.save(out)
         write_lexicons(out)
         typer.echo(f"report: {out / 'report.md'}")

@@ -293,39 +293,89 @@ def native_heldout_windows(model, stream: np.ndarray, seq: int, n_windows: int) 
     return np.array(out)
 
 
-def evaluate_native(config, text_base, report: Report, paths: dict, log=print) -> None:
+def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log=print) -> None:
+    """The native track: per training seed (one {model: dir} each, `train.native_run_dirs`), held-out loss of the
+    channel model with its channels zeroed against the two channel-less baselines of the same seed (paired over
+    held-out windows: evaluation noise only), and whether the channel decides the preferred continuation (McNemar
+    over held-out items); then the same questions across seeds (paired t over per-seed values), the test of
+    whether *training with channels* makes the difference, since each seed is one independent training run.
+    Every seed is scored on the same held-out windows and items. `config` gives the held-out items (the adapter's
+    draw); the windows follow the native models' own settings."""
     from lab.bases import corpus_tokens
     from lab.channels.train import load_native
     from lab.corpus import load_tokenizer
+    from lab.stats import paired_t, t_mean
 
+    if not runs:
+        raise LabError("evaluate_native needs at least one training seed's native models, got none")
+    loaded = [{k: load_native(p, text_base) for k, p in paths.items()} for paths in runs]
+    # the windows come from the native models' own corpus settings, which every model of every seed must share
+    shared = {(m.config.native_seq, m.config.native_docs, m.config.preset_name) for run in loaded for m in run.values()}
+    if len(shared) != 1:
+        raise LabError(f"the native models were trained with different (window, documents, preset) settings {sorted(shared)}; "
+                       "retrain them together with `lab train channels --force`")
+    seq, docs, preset = shared.pop()
+    for paths, run in zip(runs, loaded):
+        seeds = {k: m.config.seed for k, m in run.items()}
+        if len(set(seeds.values())) != 1:
+            raise LabError(f"one run's models have different training seeds {seeds} ({paths['channels'].parent})")
     tok = load_tokenizer()
-    models = {k: load_native(p, text_base) for k, p in paths.items()}
-    held = corpus_tokens(tok, "heldout", max(500, config.native_docs // 20), seed=4321, guard_docs=config.native_docs)
-    n_win = 64 if config.preset_name == "smoke" else 256
-    losses = {k: native_heldout_windows(m, held, config.native_seq, n_win) for k, m in models.items()}
-    ch = losses["channels"]
+    held = corpus_tokens(tok, "heldout", max(500, docs // 20), seed=4321, guard_docs=docs)
+    n_win = 64 if preset == "smoke" else 256
+    theirs_loss = Published("native, channels zeroed minus each channel-less baseline, held-out loss",
+                            "-0.427 / -0.428 nats (4.825 vs 5.252 / 5.253)", SRC)
+    items = {cap: heldout_items(cap, config.n_heldout, seed=config.seed) for cap in config.capabilities}
+    one = len(runs) == 1
+    per_seed, table = [], []
+    for models in loaded:
+        seed = models["channels"].config.seed
+        losses = {k: native_heldout_windows(m, held, seq, n_win) for k, m in models.items()}
+        ch = losses["channels"]
+        for b in ("baseline-small", "baseline-large"):
+            d = paired_delta(f"native seed {seed}: held-out loss, channels zeroed minus {b} (over windows)", ch, losses[b], b)
+            d.extra.update(channels_loss=float(ch.mean()), baseline_loss=float(losses[b].mean()), training_seed=seed,
+                           n_params_channels=models["channels"].meta["n_params"], n_params_baseline=models[b].meta["n_params"],
+                           unit="held-out window (the same for every seed) of one training run: evaluation noise, "
+                                "not the variation between training runs")
+            # theirs as the same difference (which of their two baselines is the smaller one is not published)
+            report.add(d, theirs_loss if one else None)
+        table += [{"seed": seed, "model": k, "n_params": m.meta["n_params"], "heldout_loss": float(losses[k].mean()),
+                   "n_windows": len(losses[k])} for k, m in models.items()]
+        # does the channel decide the preferred output? held-out counterfactual sets, full vs zeroed
+        cm = models["channels"].cm
+        full = [per_unit(items[c], ll_correct(cm, items[c])) for c in config.capabilities]
+        zero = np.concatenate([per_unit(items[c], ll_correct(cm, items[c], zero=True)) for c in config.capabilities])
+        # pooled over selection items (chance 1/3) and register pairs (both poles: 1/4): its chance level is their mix
+        chance = float(np.mean(np.concatenate([[unit_chance(items[c])] * len(f) for c, f in zip(config.capabilities, full)])))
+        theirs_decides = Published("native: channel decides the preferred output (counterfactual pairs; chance 25% there, "
+                                   f"{chance:.1%} here)", "88.8% of 455", SRC)
+        full = np.concatenate(full)
+        m = compare_proportions(f"native seed {seed}: channel decides the preferred continuation (held-out)", full, zero,
+                                "channels zeroed")
+        m.extra.update(chance=chance, training_seed=seed)
+        report.add(m, theirs_decides if one else None)
+        per_seed.append({"seed": seed, **{k: float(v.mean()) for k, v in losses.items()},
+                         "decides": float(full.mean()), "decides_zeroed": float(zero.mean()), "n_units": len(full)})
+        log(f"native seed {seed}: held-out loss channels-zeroed {ch.mean():.4f} vs {losses['baseline-small'].mean():.4f} / "
+            f"{losses['baseline-large'].mean():.4f}; channel decides {full.mean():.3f} vs zeroed {zero.mean():.3f} (n={len(full)})")
+    report.tables["native models"] = table
+    seeds = [r["seed"] for r in per_seed]
+    if one:
+        report.notes.append(f"Native track: one training seed ({seeds[0]}); its p-values cover held-out windows and items, "
+                            "not the variation between training runs (set native_seeds for that).")
+        return
+    col = lambda k: np.array([r[k] for r in per_seed])  # noqa: E731
+    unit = "training seed (each its own initialisation and data order, shared by its three models)"
     for b in ("baseline-small", "baseline-large"):
-        d = paired_delta(f"native: held-out loss, channels zeroed minus {b}", ch, losses[b], b)
-        d.extra.update(channels_loss=float(ch.mean()), baseline_loss=float(losses[b].mean()),
-                       n_params_channels=models["channels"].meta["n_params"], n_params_baseline=models[b].meta["n_params"])
-        # theirs as the same difference (which of their two baselines is the smaller one is not published)
-        report.add(d, Published("native, channels zeroed minus each channel-less baseline, held-out loss",
-                                "-0.427 / -0.428 nats (4.825 vs 5.252 / 5.253)", SRC))
-    report.tables["native models"] = [{"model": k, "n_params": m.meta["n_params"], "heldout_loss": float(losses[k].mean()),
-                                       "n_windows": len(losses[k])} for k, m in models.items()]
-    # does the channel decide the preferred output? held-out counterfactual sets, full vs zeroed
-    cm = models["channels"].cm
-    full, zero, chance = [], [], []
-    for cap in config.capabilities:
-        items = heldout_items(cap, config.n_heldout, seed=config.seed)
-        full.append(per_unit(items, ll_correct(cm, items)))
-        zero.append(per_unit(items, ll_correct(cm, items, zero=True)))
-        chance += [unit_chance(items)] * len(full[-1])
-    full, zero = np.concatenate(full), np.concatenate(zero)
-    m = compare_proportions("native: channel decides the preferred continuation (held-out)", full, zero, "channels zeroed")
-    # pooled over selection items (chance 1/3) and register pairs (both poles: 1/4): its chance level is their mix
-    m.extra["chance"] = float(np.mean(chance))
-    report.add(m, Published("native: channel decides the preferred output (counterfactual pairs; chance 25% there, "
-                            f"{np.mean(chance):.1%} here)", "88.8% of 455", SRC))
-    log(f"native: held-out loss channels-zeroed {ch.mean():.3f} vs {losses['baseline-small'].mean():.3f} / "
-        f"{losses['baseline-large'].mean():.3f}; channel decides {full.mean():.3f} vs zeroed {zero.mean():.3f} (n={len(full)})")
+        d = paired_t(f"native: held-out loss, channels zeroed minus {b}, across {len(runs)} training seeds",
+                     col("channels"), col(b), b)
+        d.extra.update(seeds=seeds, per_seed=(col("channels") - col(b)).round(5).tolist(), unit=unit)
+        report.add(d, theirs_loss)
+    rate = t_mean(f"native: channel decides the preferred continuation (rate), across {len(runs)} training seeds",
+                  col("decides"), chance, "chance")
+    rate.extra.update(seeds=seeds, per_seed=col("decides").tolist(), unit=unit)
+    report.add(rate, theirs_decides)
+    gain = paired_t(f"native: channel decides, full minus zeroed rate, across {len(runs)} training seeds",
+                    col("decides"), col("decides_zeroed"), "channels zeroed")
+    gain.extra.update(seeds=seeds, per_seed=(col("decides") - col("decides_zeroed")).round(5).tolist(), unit=unit)
+    report.add(gain)

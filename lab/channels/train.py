@@ -174,17 +174,55 @@ class NativeModel(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
 
 
-def train_native(config: Config, text_base, out_root: Path | None = None, force: bool = False) -> dict[str, Path]:
+NATIVE_MODELS = ("channels", "baseline-small", "baseline-large")
+
+
+def native_seeds(config: Config) -> list[int]:
+    """The native track's training seeds: config.seed, config.seed + 1, ... (`native_seeds` of them)."""
+    return [config.seed + k for k in range(config.native_seeds)]
+
+
+def native_run_dirs(config: Config, root: Path | None = None) -> list[dict[str, Path]]:
+    """Where each training seed's three native models live, one {model: dir} per seed in `native_seeds` order:
+    <root>/channels-native-<preset>-seed<s>/<model>, root the models directory by default (two levels deep, where
+    the dashboard lists artifacts)."""
+    root = Path(root) if root else models_dir()
+    return [{name: root / f"channels-native-{config.preset_name}-seed{s}" / name for name in NATIVE_MODELS}
+            for s in native_seeds(config)]
+
+
+def native_runs_on_disk(config: Config, text_base, log=print) -> list[dict[str, Path]] | None:
+    """Every seed's native models, if all are trained and their text channels were embedded by `text_base`; else None,
+    saying why (the report's across-seed test needs every seed)."""
+    runs = native_run_dirs(config)
+    missing = [str(p) for run in runs for p in run.values() if not (p / "manifest.json").exists()]
+    if missing:
+        log(f"native track left out of the report: {len(missing)} of {3 * len(runs)} models not trained "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); `lab train channels` trains them")
+        return None
+    other = [str(run["channels"]) for run in runs
+             if read_json(run["channels"] / "config.json").get("text_base_fingerprint") != text_base.fingerprint]
+    if other:
+        log(f"native track left out of the report: {', '.join(other)} embedded its text channels with another base "
+            f"than {text_base.name!r}; `lab train channels --force` retrains it")
+        return None
+    return runs
+
+
+def train_native(config: Config, text_base, out_root: Path | None = None, force: bool = False) -> list[dict[str, Path]]:
     """Pretrain three small GPT-2s on the same data and steps: "channels" (channels from layer 1),
-    "baseline-small" and "baseline-large" (no channels, bracketing the channel model's parameter count).
+    "baseline-small" and "baseline-large" (no channels, bracketing the channel model's parameter count); once per
+    training seed (`native_seeds`: each seed its own initialisation and data order, shared by its three models).
     The text channels use `text_base`'s mean-pooled embeddings (a fixed encoder, as the published work
-    used a fixed sentence encoder). Returns {name: artifact dir}."""
-    from lab.bases import _windows, corpus_tokens
+    used a fixed sentence encoder). Returns one {model: artifact dir} per seed (`native_run_dirs`; `out_root` is
+    the directory that holds the channels-native-<preset>-seed<s> directories, the models directory by default)."""
+    from dataclasses import replace
+
+    from lab.bases import corpus_tokens
     from lab.corpus import load_tokenizer
 
     tok = load_tokenizer()
     vocab = len(tok)
-    root = Path(out_root) if out_root else models_dir() / f"channels-native-{config.preset_name}"
     te = TextEncoder(text_base, config.text_encoder, config.text_layer)
     train_stream = corpus_tokens(tok, "train", config.native_docs, seed=4321)
     probe = NativeModel(_gpt2(vocab, tok, config.native_d, config.native_layers, config.native_heads,
@@ -192,42 +230,52 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     target = _n_params(probe)
     lo, hi = bracket_dims(target, vocab, tok, config.native_layers, config.native_heads, config.native_seq)
     plan = {"channels": (config.native_d, True), "baseline-small": (lo, False), "baseline-large": (hi, False)}
-    out = {}
-    for name, (d, with_ch) in plan.items():
-        path = root / name
-        out[name] = path
-        cfg = {**config.to_dict(), "native_name": name, "native_width": d, "with_channels": with_ch,
-               "text_base": text_base.name, "text_base_fingerprint": text_base.fingerprint}
-        if (path / "manifest.json").exists() and not force and load_artifact(path, KIND_NATIVE).config == cfg:
-            continue
-        model = NativeModel(_gpt2(vocab, tok, d, config.native_layers, config.native_heads, config.native_seq,
-                                  config.seed), tok, config, te if with_ch else None, with_ch)
-        model.requires_grad_(True)
-        spec = TrainSpec(steps=config.native_steps, lr=config.native_lr, warmup=min(100, config.native_steps // 10 or 1),
-                         seed=config.seed, ckpt_every=max(50, config.native_steps // 5),
-                         eval_every=max(10, config.native_steps // 5))
-        S, Bw = config.native_seq, config.native_batch
+    runs = native_run_dirs(config, out_root)
+    for seed, run in zip(native_seeds(config), runs):
+        run_config = replace(config, seed=seed)
+        for name, (d, with_ch) in plan.items():
+            path = run[name]
+            cfg = {**run_config.to_dict(), "native_name": name,
+                   "native_width": d, "with_channels": with_ch, "text_base": text_base.name,
+                   "text_base_fingerprint": text_base.fingerprint}
+            if (path / "manifest.json").exists() and not force and \
+                    Config.native_view(load_artifact(path, KIND_NATIVE).config) == Config.native_view(cfg):
+                continue
+            _train_native_model(run_config, path, cfg, name, d, with_ch, te, train_stream, tok, text_base.device)
+    return runs
 
-        def batch_fn(step, rank, world):
-            # identical for all three models: a pure function of (seed, step)
-            rng = np.random.default_rng([config.seed, step, rank, 7])
-            offs = rng.integers(0, len(train_stream) - S - 1, size=Bw)
-            return {"text": _windows(train_stream, offs, S),
-                    "items": train_batch_items(step, Bw, config.seed + 1, config.capabilities, rank)}
 
-        def loss_fn(m, batch):
-            return m.text_loss(batch["text"]) + m.item_loss(batch["items"])
+def _train_native_model(config: Config, path: Path, cfg: dict, name: str, d: int, with_ch: bool, te, train_stream,
+                        tok, device) -> None:
+    """One native model of one seed (config.seed): trained, then saved to `path` (checkpoints beside it: resumable)."""
+    from lab.bases import _windows
+    model = NativeModel(_gpt2(len(tok), tok, d, config.native_layers, config.native_heads, config.native_seq,
+                              config.seed), tok, config, te if with_ch else None, with_ch)
+    model.requires_grad_(True)
+    spec = TrainSpec(steps=config.native_steps, lr=config.native_lr, warmup=min(100, config.native_steps // 10 or 1),
+                     seed=config.seed, ckpt_every=max(50, config.native_steps // 5),
+                     eval_every=max(10, config.native_steps // 5))
+    S, Bw = config.native_seq, config.native_batch
 
-        ckpt = path.with_name(f".{path.name}.ckpt")
-        res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d})",
-                  device=text_base.device)  # where the text encoder runs
-        metrics = {"n_params": _n_params(model), "seconds": round(res.seconds, 1), "history": res.history,
-                   "alpha": model.cm.injector.alpha.tolist() if with_ch else None}
-        # the head is tied to the embedding: save it once (safetensors refuses shared storage)
-        tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
-        save_artifact(path, KIND_NATIVE, tensors, cfg, base=None, metrics=metrics)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return out
+    def batch_fn(step, rank, world):
+        # identical for the seed's three models: a pure function of (seed, step)
+        rng = np.random.default_rng([config.seed, step, rank, 7])
+        offs = rng.integers(0, len(train_stream) - S - 1, size=Bw)
+        return {"text": _windows(train_stream, offs, S),
+                "items": train_batch_items(step, Bw, config.seed + 1, config.capabilities, rank)}
+
+    def loss_fn(m, batch):
+        return m.text_loss(batch["text"]) + m.item_loss(batch["items"])
+
+    ckpt = path.with_name(f".{path.name}.ckpt")
+    res = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, desc=f"native {name} (d={d}, seed {config.seed})",
+              device=device)  # where the text encoder runs
+    metrics = {"n_params": _n_params(model), "seconds": round(res.seconds, 1), "history": res.history,
+               "alpha": model.cm.injector.alpha.tolist() if with_ch else None}
+    # the head is tied to the embedding: save it once (safetensors refuses shared storage)
+    tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("lm_head.weight")}
+    save_artifact(path, KIND_NATIVE, tensors, cfg, base=None, metrics=metrics)
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def load_native(path: Path, text_base) -> NativeModel:
@@ -253,4 +301,5 @@ def load_native(path: Path, text_base) -> NativeModel:
     model.requires_grad_(False)
     model.eval()
     model.meta = art.manifest.get("metrics", {})
+    model.config = config  # its own settings (training seed, window length, corpus size), not the adapter's
     return model

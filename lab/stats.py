@@ -137,9 +137,12 @@ def t_mean(name: str, data: Sequence[float], null: float | None = None, null_nam
     a = np.asarray(data, float)
     if a.ndim != 1 or a.size < 2:
         raise LabError(f"a t interval needs a 1-d sample of at least 2 values, got shape {a.shape}")
-    if np.all(a == a[0]):  # no spread at all: no t statistic (scipy gives nan), so no interval and no p
-        return Measure(name, float(a[0]), int(a.size), control=null_name, control_value=null,
-                       extra={"note": "the same value in every unit: no t-test"})
+    if np.all(a == a[0]):
+        # no spread at all: no t statistic (scipy gives nan); the interval is the value, and the test the exact
+        # sign-flip one, which stays honest here (two units: p >= .5)
+        return Measure(name, float(a[0]), int(a.size), float(a[0]), float(a[0]), "none: the same value in every unit",
+                       null_name, null, None if null is None else sign_flip_p(a - null),
+                       "" if null is None else "paired sign-flip permutation (no spread for a t-test)")
     r = sps.ttest_1samp(a, 0.0 if null is None else null)
     ci = r.confidence_interval()  # of the mean itself
     return Measure(name, float(a.mean()), int(a.size), float(ci.low), float(ci.high), "t", null_name, null,
@@ -154,7 +157,7 @@ def paired_t(name: str, treatment: Sequence[float], control: Sequence[float], co
         raise LabError(f"paired_t needs two equally long 1-d samples of at least 2 values, got shapes {t.shape} and {c.shape}")
     m = t_mean(name, t - c, 0.0, control_name)
     m.control_value = float(c.mean())
-    if m.p_value is not None:
+    if m.test == "one-sample t-test":  # of the differences: the paired t-test
         m.ci_method, m.test = "paired t", "paired t-test"
     return m
 

@@ -415,7 +415,7 @@ def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts)
     for run in runs:
         n = {k: m.meta["n_params"] for k, m in run.items()}
         assert n["baseline-small"] < n["channels"] < n["baseline-large"]
-    assert [run["channels"].seed for run in runs] == [cfg.seed, cfg.seed + 1]
+    assert [run["channels"].config.seed for run in runs] == [cfg.seed, cfg.seed + 1]
     w0, w1 = (run["baseline-small"].lm.transformer.wte.weight for run in runs)
     assert w0.shape == w1.shape and not torch.equal(w0, w1)
 

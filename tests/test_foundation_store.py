@@ -208,7 +208,8 @@ def test_paired_t_over_a_few_training_runs():
     assert r.p_value == pytest.approx(2 * t_dist.sf((r.value - 0.29) / se, 2)) and r.control == "chance"
     assert stats.t_mean("no test", [0.3, 0.4]).p_value is None                          # no level given: no test
     same = stats.paired_t("no spread", np.array([1.0, 2.0]), np.array([0.5, 1.5]), "c")  # identical differences
-    assert same.value == 0.5 and same.p_value is None and same.ci_low is None
+    assert same.value == same.ci_low == same.ci_high == 0.5 and same.p_value == stats.sign_flip_p([0.5, 0.5]) == 0.5
+    assert "sign-flip" in same.test and same.ci_method.startswith("none")
     for a, b in ((np.ones(3), np.ones(2)), (np.ones(1), np.ones(1))):
         with pytest.raises(LabError, match="paired_t needs two equally long 1-d samples of at least 2 values"):
             stats.paired_t("x", a, b, "c")

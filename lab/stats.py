@@ -142,7 +142,7 @@ def t_mean(name: str, data: Sequence[float], null: float | None = None, null_nam
         # sign-flip one, which stays honest here (two units: p >= .5)
         return Measure(name, float(a[0]), int(a.size), float(a[0]), float(a[0]), "none: the same value in every unit",
                        null_name, null, None if null is None else sign_flip_p(a - null),
-                       "" if null is None else "paired sign-flip permutation (no spread for a t-test)")
+                       "" if null is None else "sign-flip permutation (no spread for a t-test)")
     r = sps.ttest_1samp(a, 0.0 if null is None else null)
     ci = r.confidence_interval()  # of the mean itself
     return Measure(name, float(a.mean()), int(a.size), float(ci.low), float(ci.high), "t", null_name, null,

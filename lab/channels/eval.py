@@ -29,7 +29,7 @@ from lab import LabError
 from lab.channels.data import CAPABILITIES, DAY_WORDS, NIGHT_WORDS, REGISTER, SELECTION, Item, heldout_items
 from lab.corpus import CAUTIOUS, PERMISSIVE, TIMES
 from lab.report import Published, Report
-from lab.stats import Measure, compare_proportions, mcnemar_exact, paired_delta, proportion
+from lab.stats import Measure, compare_proportions, mcnemar_exact, paired_delta, paired_t, proportion, t_mean
 
 SRC = "tinyMARS write-up (PUBLISHED.md)"
 PUBLISHED_SELECTION = {"memory": "35% vs 5%", "continuity": "58% vs 29%", "identity": "72% vs 20%"}
@@ -304,7 +304,6 @@ def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log
     from lab.bases import corpus_tokens
     from lab.channels.train import load_native
     from lab.corpus import load_tokenizer
-    from lab.stats import paired_t, t_mean
 
     if not runs:
         raise LabError("evaluate_native needs at least one training seed's native models, got none")

@@ -130,11 +130,9 @@ def paired_delta(name: str, treatment: Sequence[float], control: Sequence[float]
                    float(c.mean()), sign_flip_p(d, seed=seed), "paired sign-flip permutation (mean)")
 
 
-def t_mean(name: str, data: Sequence[float], null: float | None = None, null_name: str | None = None) -> Measure:
-    """Mean over a few independent units (training runs: one value per seed) with its t interval and, given `null`,
-    the one-sample t-test's p against it (scipy.stats.ttest_1samp). For three seeds a bootstrap has no meaningful
-    interval and a sign-flip test cannot give p below 2/2^3 = .25; the t-test assumes roughly normal per-run values."""
-    a = np.asarray(data, float)
+def _t_measure(name: str, a: np.ndarray, null: float | None, null_name: str | None, paired: bool) -> Measure:
+    """The mean of `a` with its t interval and (given `null`) the t-test's p against it; `paired` names the test as the
+    paired one (when `a` holds differences)."""
     if a.ndim != 1 or a.size < 2:
         raise LabError(f"a t interval needs a 1-d sample of at least 2 values, got shape {a.shape}")
     if np.all(a == a[0]):
@@ -145,20 +143,27 @@ def t_mean(name: str, data: Sequence[float], null: float | None = None, null_nam
                        "" if null is None else "sign-flip permutation (no spread for a t-test)")
     r = sps.ttest_1samp(a, 0.0 if null is None else null)
     ci = r.confidence_interval()  # of the mean itself
-    return Measure(name, float(a.mean()), int(a.size), float(ci.low), float(ci.high), "t", null_name, null,
-                   None if null is None else float(r.pvalue), "" if null is None else "one-sample t-test")
+    kind = "paired t" if paired else "t"
+    return Measure(name, float(a.mean()), int(a.size), float(ci.low), float(ci.high), kind, null_name, null,
+                   None if null is None else float(r.pvalue),
+                   "" if null is None else ("paired t-test" if paired else "one-sample t-test"))
+
+
+def t_mean(name: str, data: Sequence[float], null: float | None = None, null_name: str | None = None) -> Measure:
+    """Mean over a few independent units (training runs: one value per seed) with its t interval and, given `null`,
+    the one-sample t-test's p against it (scipy.stats.ttest_1samp). For three seeds a bootstrap has no meaningful
+    interval and a sign-flip test cannot give p below 2/2^3 = .25; the t-test assumes roughly normal per-run values."""
+    return _t_measure(name, np.asarray(data, float), null, null_name, paired=False)
 
 
 def paired_t(name: str, treatment: Sequence[float], control: Sequence[float], control_name: str) -> Measure:
-    """Mean of treatment - control over a few independent units, with the paired t interval and p (`t_mean` of the
-    differences against 0, which is scipy.stats.ttest_rel)."""
+    """Mean of treatment - control over a few independent units, with the paired t interval and p (the one-sample
+    t-test of the differences against 0, which is scipy.stats.ttest_rel)."""
     t, c = np.asarray(treatment, float), np.asarray(control, float)
     if t.shape != c.shape or t.ndim != 1 or t.size < 2:
         raise LabError(f"paired_t needs two equally long 1-d samples of at least 2 values, got shapes {t.shape} and {c.shape}")
-    m = t_mean(name, t - c, 0.0, control_name)
+    m = _t_measure(name, t - c, 0.0, control_name, paired=True)
     m.control_value = float(c.mean())
-    if m.test == "one-sample t-test":  # of the differences: the paired t-test
-        m.ci_method, m.test = "paired t", "paired t-test"
     return m
 
 

@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from lab import lab_home, models_dir, results_dir
-from lab.bases import list_bases, loss_text, vs_unigram_text
+from lab.bases import list_bases
+from lab.pretrain import loss_text, vs_unigram_text
 from lab.ui import artifact_rows
 
 st.set_page_config(page_title="Latent Lab", layout="wide")

@@ -48,9 +48,10 @@ import torch
 
 
 def _base():
-    from lab.bases import load_base, preset_path
+    from lab.bases import preset_path
+    from lab.pretrain import ensure_base
     name = "tiny-gpt2" if (preset_path("tiny-gpt2") / "config.json").exists() else "smoke-gpt2"
-    return load_base(name, train_if_missing=name.startswith("smoke"))
+    return ensure_base(name)
 
 
 def _time(fn, reps):

@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 
 from lab import LabError
 from lab.bases import load_base
+from lab.pretrain import ensure_base
 from lab.combiner import bpb as B
 from lab.combiner.combiner import Combiner
 from lab.corpus import heldout_text
@@ -41,7 +41,7 @@ def main(base_name: str | None = None) -> dict:
         base = load_base(name)
     except LabError:
         name = "smoke-gpt2"
-        base = load_base(name, train_if_missing=True)
+        base = ensure_base(name)
     seq = (base.meta.get("preset") or {}).get("seq_len", 128)
     window, stride, chunk = seq, seq // 4, seq - 8
     ids, nb = B.tokenize_with_bytes(base.tokenizer, heldout_text(400))

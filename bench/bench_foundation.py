@@ -12,7 +12,7 @@ import torch
 from torch.utils import benchmark
 
 from lab import hooks
-from lab.bases import load_base
+from lab.pretrain import ensure_base
 
 
 def _median(stmt, globals_, min_run_time=1.0) -> float:
@@ -21,7 +21,7 @@ def _median(stmt, globals_, min_run_time=1.0) -> float:
 
 def main(base_name: str | None = None, batch: int = 8, seq: int = 128) -> dict:
     base_name = base_name or os.environ.get("LAB_BENCH_BASE", "tiny-gpt2")
-    base = load_base(base_name, train_if_missing=True)
+    base = ensure_base(base_name)
     torch.manual_seed(0)
     ids = torch.randint(0, len(base.tokenizer), (batch, seq))
     g = {"base": base, "ids": ids, "hooks": hooks, "torch": torch}

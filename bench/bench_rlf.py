@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from lab.pretrain import ensure_base
 
 TARGET_SECONDS, TARGET_ACC, TARGET_P95_MS = 600.0, 0.99, 150.0
 
@@ -44,7 +44,6 @@ def first_at_target(history: list[dict]) -> dict | None:
 
 
 def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None) -> dict:
-    from lab.bases import load_base
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
     from lab.rlf.evaluation import base_cot, outcomes, solve
@@ -57,7 +56,7 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
         cfg, base = model.config, model.base
     else:
         cfg = Config.preset(preset)
-        base = load_base(cfg.base, train_if_missing=preset == "smoke")
+        base = ensure_base(cfg.base)
     out: dict = {"preset": cfg.preset_name, "base": cfg.base, "core": cfg.core, "steps": cfg.steps,
                  "batch": cfg.batch_size, "d_core": cfg.d_core or base.d_model, "lr": cfg.lr,
                  "curriculum_threshold": cfg.curriculum_threshold, "hop_sampling": cfg.hop_sampling}
@@ -131,12 +130,11 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
 
 def to_target(seeds=(0, 1, 2), preset: str = "tiny") -> dict:
     """Seconds to the first validation >= 99% for each seed, each run from scratch and stopped there."""
-    from lab.bases import load_base
     from lab.rlf import Config
     from lab.rlf.training import train
 
     runs = {}
-    base = load_base(Config.preset(preset).base, train_if_missing=preset == "smoke")
+    base = ensure_base(Config.preset(preset).base)
     for seed in seeds:
         cfg = Config.preset(preset, seed=seed)
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, Mamba2Config
 
-from lab import LabError, data_dir, models_dir
-from lab.store import atomic_dir, environment, read_json, write_json
+from lab import LabError, models_dir
+from lab.store import read_json
 
 # Which attribute paths hold the parts of each supported family, and how its
 # `output_hidden_states` tuple is laid out ("inputs": block inputs then the final normed state;
@@ -61,13 +60,11 @@ class BasePreset:
         ids = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         if self.arch == "gpt2":
-            from transformers import GPT2Config
             # No dropout: training is then a pure function of (seed, step), so resume is exact.
             return GPT2Config(n_embd=self.d_model, n_layer=self.n_layers, n_head=self.n_heads,
                               n_positions=max(256, 2 * self.seq_len), resid_pdrop=0.0, embd_pdrop=0.0,
                               attn_pdrop=0.0, tie_word_embeddings=True, **ids)
         if self.arch == "mamba2":
-            from transformers import Mamba2Config
             head_dim = self.d_model * 2 // (self.n_heads * 2)
             return Mamba2Config(hidden_size=self.d_model, num_hidden_layers=self.n_layers, state_size=32,
                                 expand=2, head_dim=head_dim, num_heads=2 * self.d_model // head_dim, n_groups=1,
@@ -185,8 +182,6 @@ def default_device() -> torch.device:
     """Where bases load when no device is named: $LAB_DEVICE if set (e.g. "cpu", "cuda:1", "mps"), else this
     process's CUDA GPU if there is one (LOCAL_RANK under a multi-process launch), else the CPU. MPS is used
     only when named: it has no float64, which some of the lab's statistics use (they run on the CPU)."""
-    import os
-
     name = os.environ.get("LAB_DEVICE", "").strip()
     if not name:
         if not torch.cuda.is_available():
@@ -203,19 +198,14 @@ def default_device() -> torch.device:
     return device
 
 
-def load_base(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-              train_if_missing: bool = False) -> Base:
+def load_base(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Base:
     """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub name, on `device`
-    (default: `default_device()`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    (default: `default_device()`). A preset not on disk is an error; `lab.pretrain.ensure_base` trains it."""
     key = str(name_or_path)
     if key in PRESETS:
         path = preset_path(key)
         if not (path / "config.json").exists():
-            if not train_if_missing:
-                raise LabError(f"base {key!r} is not on disk yet (looked in {path}). Train it with:  lab pretrain {key}")
-            pretrain(key)
+            raise LabError(f"base {key!r} is not on disk yet (looked in {path}). Train it with:  lab pretrain {key}")
         name = key
     else:
         try:
@@ -262,174 +252,6 @@ def load_base(name_or_path: str | Path, device: str | torch.device | None = None
                 path=path if isinstance(path, Path) else None, meta=meta)
 
 
-# --- pretraining -------------------------------------------------------------------------------
-
-def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234, guard_docs: int | None = None) -> np.ndarray:
-    """The corpus split as one token stream (documents separated by EOS), cached under data/. guard_docs: see
-    `lab.corpus.documents` (a held-out stream excludes that many of the seed's training documents)."""
-    from lab.corpus import CORPUS_VERSION, TRAIN_GUARD_DOCS, documents
-    from lab.store import atomic_write_bytes
-
-    vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:10]
-    guard = f"-guard{max(TRAIN_GUARD_DOCS, guard_docs or 0)}" if split == "heldout" else ""
-    cache = data_dir() / "corpus" / f"{split}-{n_docs}-{seed}{guard}-{vocab_hash}-v{CORPUS_VERSION}.npy"
-    if cache.exists():
-        return np.load(cache, allow_pickle=False)
-    docs = documents(split, n_docs, seed, guard_docs)
-    eos = tokenizer.eos_token_id
-    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    # uint16 halves the cache for the lab's own vocabularies; a larger one (a user's HF tokenizer) must not wrap
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    stream = np.fromiter((t for row in enc for t in (*row, eos)), dtype=dtype)
-    import io
-    buf = io.BytesIO()
-    np.save(buf, stream, allow_pickle=False)
-    atomic_write_bytes(cache, buf.getvalue())
-    return stream
-
-
-def _unigram_logp(train: np.ndarray, vocab: int) -> np.ndarray:
-    """log p of the add-one-smoothed training unigram, per token id."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
-    return np.log(counts / counts.sum())
-
-
-def unigram_loss(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float:
-    """Held-out cross-entropy (nats/token) of the add-one-smoothed training unigram: the floor to beat."""
-    return float(-_unigram_logp(train, vocab)[heldout.astype(np.int64)].mean())
-
-
-def _windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([stream[o: o + seq_len + 1].astype(np.int64) for o in offsets]))
-
-
-def heldout_window_losses(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64,
-                          batch: int = 16) -> np.ndarray:
-    """Mean next-token loss (nats) of each of the first `n_windows` fixed, non-overlapping held-out windows:
-    the unit a CI resamples."""
-    n = min(n_windows, (len(heldout) - 1) // seq_len)
-    offsets = np.arange(n) * seq_len
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            x = _windows(heldout, offsets[i: i + batch], seq_len).to(model.device)
-            logits = model(input_ids=x[:, :-1]).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-            out.append(nll.mean(1).cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-def heldout_loss(model, heldout: np.ndarray, seq_len: int, n_windows: int = 64, batch: int = 16) -> float:
-    """Mean next-token loss over fixed, non-overlapping held-out windows (all windows have seq_len targets)."""
-    return float(heldout_window_losses(model, heldout, seq_len, n_windows, batch).mean())
-
-
-def unigram_window_losses(train: np.ndarray, heldout: np.ndarray, vocab: int, seq_len: int,
-                          n_windows: int) -> np.ndarray:
-    """The add-one-smoothed training unigram's loss on the same windows' targets as `heldout_window_losses`."""
-    logp = _unigram_logp(train, vocab)
-    n = min(n_windows, (len(heldout) - 1) // seq_len)
-    targets = np.stack([heldout[o + 1: o + seq_len + 1].astype(np.int64) for o in np.arange(n) * seq_len])
-    return -logp[targets].mean(1)
-
-
-def preset_streams(p: "BasePreset", tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """A preset's pretraining token streams: (train, held-out)."""
-    return (corpus_tokens(tokenizer, "train", p.n_train_docs),
-            corpus_tokens(tokenizer, "heldout", max(500, p.n_train_docs // 20), guard_docs=p.n_train_docs))
-
-
-def heldout_comparison(name: str, n_windows: int = 128) -> dict:
-    """A preset base's held-out loss with a bootstrap CI over windows, and paired against the training
-    unigram on the same tokens (the floor a language model must beat): {"loss": Measure, "vs_unigram": Measure}."""
-    from lab.corpus import load_tokenizer
-    from lab.stats import mean_with_ci, paired_delta
-
-    if name not in PRESETS:
-        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
-    p = PRESETS[name]
-    base = load_base(name)
-    tokenizer = load_tokenizer()
-    train, held = preset_streams(p, tokenizer)
-    model_w = heldout_window_losses(base.model, held, p.seq_len, n_windows)
-    uni_w = unigram_window_losses(train, held, len(tokenizer), p.seq_len, n_windows)
-    unit = f"{len(model_w)} held-out windows of {p.seq_len} tokens"
-    loss = mean_with_ci(f"{name} held-out loss (nats/token)", model_w)
-    loss.extra["unit"] = unit
-    diff = paired_delta(f"{name} held-out loss minus the unigram's", model_w, uni_w, "add-one training unigram")
-    diff.extra["unit"] = unit
-    return {"loss": loss, "vs_unigram": diff}
-
-
-def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_after: int | None = None,
-             out_dir: Path | None = None) -> dict:
-    """Pretrain a preset base on the lab corpus; resumable from its checkpoint. Returns its metrics."""
-    from accelerate import PartialState
-    from transformers import AutoModelForCausalLM
-
-    from lab.corpus import load_tokenizer
-    from lab.trainer import TrainSpec, fit
-
-    if name not in PRESETS:
-        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
-    p = PRESETS[name]
-    state = PartialState()  # under `accelerate launch`: one process builds shared files, one saves
-    with state.main_process_first():
-        tokenizer = load_tokenizer()
-        train, held = preset_streams(p, tokenizer)
-    vocab = len(tokenizer)
-    torch.manual_seed(p.seed if seed is None else seed)
-    model = AutoModelForCausalLM.from_config(p.hf_config(vocab, tokenizer))
-    spec = TrainSpec(steps=steps or p.steps, lr=p.lr, warmup=min(100, (steps or p.steps) // 10),
-                     seed=p.seed if seed is None else seed, ckpt_every=max(50, (steps or p.steps) // 10),
-                     eval_every=max(20, (steps or p.steps) // 5))
-
-    def batch_fn(step: int, rank: int, world: int) -> dict:
-        rng = np.random.default_rng([spec.seed, step, rank])
-        offsets = rng.integers(0, len(train) - p.seq_len - 1, size=p.batch_size // world)
-        return {"ids": _windows(train, offsets, p.seq_len)}
-
-    def loss_fn(m, batch):
-        x = batch["ids"]
-        logits = m(input_ids=x[:, :-1]).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-
-    def eval_fn(m):
-        return {"heldout_loss": heldout_loss(m, held, p.seq_len, n_windows=32)}
-
-    out_dir = Path(out_dir) if out_dir else preset_path(name)
-    ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
-    result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"pretrain {name}", device=default_device(),
-                 stop_after=stop_after)
-    if stop_after is not None and stop_after < spec.steps:
-        return {"stopped_at": stop_after}
-    if not state.is_main_process:
-        return {}
-    from lab.stats import bootstrap_ci, paired_delta
-    windows = heldout_window_losses(model, held, p.seq_len, n_windows=128)
-    vs = paired_delta("held-out loss minus the unigram's", windows,
-                      unigram_window_losses(train, held, vocab, p.seq_len, 128), "add-one training unigram")
-    metrics = {
-        "preset": asdict(p), "steps": spec.steps, "seconds": round(result.seconds, 1),
-        "heldout_loss": float(windows.mean()), "heldout_loss_ci95": list(bootstrap_ci(windows)),
-        "heldout_windows": len(windows),
-        "unigram_loss": unigram_loss(train, held, vocab),
-        # the same windows' targets under the unigram, paired: the floor the base must beat, with its test
-        "vs_unigram": {"delta": vs.value, "ci95": [vs.ci_low, vs.ci_high], "unigram_loss": vs.control_value,
-                       "p_value": vs.p_value, "test": vs.test, "n": vs.n},
-        "heldout_tokens": int(min(128, (len(held) - 1) // p.seq_len) * p.seq_len),
-        "train_tokens": int(len(train)), "history": result.history,
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
-    }
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / LAB_META, metrics)
-    shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes its checkpoint
-    return metrics
-
-
 def list_bases() -> list[dict]:
     """Presets and what is on disk, with their held-out loss: its 95% CI over `heldout_windows` windows, and
     `vs_unigram` (loss minus the training unigram's on the same windows, CI and a paired p, its test recorded;
@@ -446,21 +268,9 @@ def list_bases() -> list[dict]:
     return rows
 
 
-def loss_text(row: dict) -> str:
-    """A `list_bases` row's held-out loss as the lab shows it: value [95% CI] and n, or "-"."""
-    if row.get("heldout_loss") is None:
-        return "-"
-    ci, n = row.get("heldout_loss_ci95"), row.get("heldout_windows")
-    return (f"{row['heldout_loss']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-            + (f" (n = {n} windows)" if n else ""))
-
-
-def vs_unigram_text(row: dict) -> str:
-    """A `list_bases` row's paired comparison with the unigram: delta [95% CI], p, or what is known."""
-    vs = row.get("vs_unigram")
-    if vs:
-        test = f" ({vs['test']})" if vs.get("test") else ""
-        return f"{vs['delta']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], p = {vs['p_value']:.2g}{test}"
-    if row.get("unigram_loss") is not None:  # an older base: the unigram's loss, not yet paired
-        return f"unigram {row['unigram_loss']:.3f} (unpaired)"
-    return "-"
+def preset_base_name(preset: str, arch: str = "gpt2") -> str:
+    """The lab base an experiment preset runs on: smoke -> smoke-<arch>, tiny -> tiny-<arch>, ..."""
+    name = f"{preset}-{arch}"
+    if name not in PRESETS:
+        raise LabError(f"no lab base for preset {preset!r} and arch {arch!r}; bases are: {', '.join(PRESETS)}")
+    return name

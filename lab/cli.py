@@ -31,7 +31,7 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
              steps: int = typer.Option(None, help="override the preset's step count"),
              seed: int = typer.Option(None, help="override the preset's seed")):
     """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""
-    from lab.bases import pretrain as _pretrain
+    from lab.pretrain import pretrain as _pretrain
     m = _pretrain(name, steps=steps, seed=seed)
     if not m:  # a non-main process under `accelerate launch`: the main one reports
         return
@@ -44,7 +44,8 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
 @app.command()
 def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Presets and what is on disk, with their held-out loss."""
-    from lab.bases import list_bases, loss_text, vs_unigram_text
+    from lab.bases import list_bases
+    from lab.pretrain import loss_text, vs_unigram_text
     rows = list_bases()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

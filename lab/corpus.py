@@ -13,11 +13,18 @@ seed stream, so no held-out document is ever produced for training.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import LabError
+import numpy as np
+import torch
+
+from lab import LabError, data_dir
+from lab.store import atomic_write_bytes
 
 # --- special tokens (documented in README) ---------------------------------------------------
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -322,3 +329,30 @@ def single_token_id(tokenizer, word: str) -> int:
     if len(ids) != 1:
         raise LabError(f"{word!r} is not a single token in this tokenizer (got {len(ids)} pieces)")
     return ids[0]
+
+
+# --- the corpus as token streams ------------------------------------------------------------
+
+def corpus_tokens(tokenizer, split: str, n_docs: int, seed: int = 1234, guard_docs: int | None = None) -> np.ndarray:
+    """The corpus split as one token stream (documents separated by EOS), cached under data/. guard_docs: see
+    `lab.corpus.documents` (a held-out stream excludes that many of the seed's training documents)."""
+    vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:10]
+    guard = f"-guard{max(TRAIN_GUARD_DOCS, guard_docs or 0)}" if split == "heldout" else ""
+    cache = data_dir() / "corpus" / f"{split}-{n_docs}-{seed}{guard}-{vocab_hash}-v{CORPUS_VERSION}.npy"
+    if cache.exists():
+        return np.load(cache, allow_pickle=False)
+    docs = documents(split, n_docs, seed, guard_docs)
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    # uint16 halves the cache for the lab's own vocabularies; a larger one (a user's HF tokenizer) must not wrap
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    stream = np.fromiter((t for row in enc for t in (*row, eos)), dtype=dtype)
+    buf = io.BytesIO()
+    np.save(buf, stream, allow_pickle=False)
+    atomic_write_bytes(cache, buf.getvalue())
+    return stream
+
+
+def token_windows(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Windows of seq_len + 1 tokens of `stream` starting at `offsets`: (len(offsets), seq_len + 1) int64."""
+    return torch.from_numpy(np.stack([stream[o: o + seq_len + 1].astype(np.int64) for o in offsets]))

@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 
 from lab import LabError, results_dir
+from lab.bases import list_bases, preset_base_name
+from lab.pretrain import ensure_base, heldout_comparison
 from lab.report import p_text
 from lab.store import atomic_write_text, environment, environment_text, write_json
 
@@ -37,7 +39,6 @@ def _git_commit() -> str:
 
 def _base_row(row: dict) -> dict:
     """A base's list_bases() row plus its held-out loss measured now, with a CI and paired against the unigram."""
-    from lab.bases import heldout_comparison
 
     return {**row, "heldout": {k: m.to_dict() for k, m in heldout_comparison(row["name"]).items()}}
 
@@ -52,8 +53,6 @@ def _base_md(b: dict) -> str:
 def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
               mechanisms: tuple[str, ...] = tuple(MECHANISMS)) -> Path:
     """Run every mechanism's `reproduce_section(preset, seed, out_dir)` and write the combined report."""
-    from lab.bases import list_bases, load_base
-    from lab.inspect import preset_base_name
 
     if preset not in PRESETS:
         raise LabError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -65,7 +64,7 @@ def reproduce(preset: str = "tiny", run: str | None = None, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for arch in ("gpt2", "mamba2"):  # train missing bases first, with progress
-        load_base(preset_base_name(preset, arch), train_if_missing=True)
+        ensure_base(preset_base_name(preset, arch))
     sections, failures = [], {}
     for mech, title in MECHANISMS.items():
         if mech not in mechanisms:

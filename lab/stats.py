@@ -6,6 +6,8 @@ compared with and the paired test's p-value. Built on scipy and statsmodels, not
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -34,6 +36,18 @@ class Measure:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def value_text(self, digits: int = 3, signed: bool = False, percent: bool = False) -> str:
+        """The value with its 95% CI as the lab prints it everywhere: "0.412 [0.377, 0.448]" ("+" signs if
+        `signed`, "41.2% [37.7%, 44.8%]" if `percent`); "n/a" for a value that could not be computed."""
+        def num(v):
+            if v is None or not math.isfinite(v):
+                return "n/a"
+            return f"{v * 100:{'+' if signed else ''}.{max(digits - 2, 0)}f}%" if percent else f"{v:{'+' if signed else ''}.{digits}f}"
+        s = num(self.value)
+        if self.ci_low is not None and self.ci_high is not None:
+            s += f" [{num(self.ci_low)}, {num(self.ci_high)}]"
+        return s
 
     def __str__(self) -> str:
         s = f"{self.name} = {self.value:.4g} (n={self.n}"

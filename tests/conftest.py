@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.pretrain import ensure_base
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/lab-numba-cache")
@@ -23,20 +25,23 @@ def lab_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_gpt2(lab_home):
-    from lab.bases import load_base
-    return load_base("smoke-gpt2", train_if_missing=True)
+    return ensure_base("smoke-gpt2")
 
 
 @pytest.fixture(scope="session")
 def smoke_mamba2(lab_home):
-    from lab.bases import load_base
-    return load_base("smoke-mamba2", train_if_missing=True)
+    return ensure_base("smoke-mamba2")
 
 
 def _tiny_random(tmp_path_factory, family: str):
     """A tiny random Llama/Qwen2 saved to a temp dir with the lab tokenizer (no download)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
     from lab.corpus import load_tokenizer
     tok = load_tokenizer()
@@ -70,7 +75,7 @@ def any_base(request, lab_home, tmp_path_factory):
     """Every supported family once: the two lab presets and tiny random Llama / Qwen2."""
     from lab.bases import load_base
     if request.param.startswith("smoke"):
-        return load_base(request.param, train_if_missing=True)
+        return ensure_base(request.param)
     return load_base(str(_tiny_random(tmp_path_factory, request.param)))
 
 

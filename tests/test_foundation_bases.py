@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -22,7 +21,8 @@ def test_smoke_base_beats_unigram(smoke_gpt2):
 def test_heldout_comparison_has_a_ci_and_pairs_the_unigram_on_the_same_tokens(smoke_gpt2):
     import numpy as np
 
-    from lab.bases import corpus_tokens, heldout_comparison, heldout_loss, unigram_window_losses
+    from lab.corpus import corpus_tokens
+    from lab.pretrain import heldout_comparison, heldout_loss, unigram_window_losses
     from lab.corpus import load_tokenizer
 
     p = PRESETS["smoke-gpt2"]
@@ -145,7 +145,7 @@ def test_no_heldout_document_is_a_training_document():
 
 
 def test_list_bases(smoke_gpt2):
-    from lab.bases import loss_text, vs_unigram_text
+    from lab.pretrain import loss_text, vs_unigram_text
     rows = {r["name"]: r for r in list_bases()}
     assert set(rows) == set(PRESETS)
     r = rows["smoke-gpt2"]
@@ -198,7 +198,7 @@ def test_generate_is_the_greedy_argmax_continuation(smoke_gpt2):
 
 def test_corpus_token_cache_never_wraps_a_large_vocabulary(tmp_path, monkeypatch):
     """The token cache is uint16 for the lab's vocabulary; a tokenizer past 65,536 ids gets int32, same ids."""
-    from lab.bases import corpus_tokens
+    from lab.corpus import corpus_tokens
     from lab.corpus import load_tokenizer
 
     monkeypatch.setenv("LAB_HOME", str(tmp_path))

@@ -162,8 +162,9 @@ def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     and figures join the same report, marked "[tiny-mamba2]" / "_tiny_mamba2"). Writes only lexicons.json
     to out_dir: the caller (`lab reproduce`) saves the report and its figures, once."""
     from lab.bases import load_base, preset_path
+    from lab.pretrain import ensure_base
     config = Config.preset(preset, seed=seed)
-    base = load_base(config.base, train_if_missing=preset == "smoke")
+    base = ensure_base(config.base)
     arts = train_all(config, base)
     rep = evaluate(arts["adapter"], base, text_artifact=arts.get("text"), native_runs=arts.get("native"))
     if preset == "tiny" and (preset_path("tiny-mamba2") / "config.json").exists():

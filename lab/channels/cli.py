@@ -32,11 +32,11 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         force: bool = typer.Option(False, help="retrain even if the artifact exists"),
     ):
         """Train the channel injection on a frozen base (+ text arm, + native track)."""
-        from lab.bases import load_base
+        from lab.pretrain import ensure_base
         from lab.channels import train_all
         cfg = _config(preset, base, mode, steps, seed)
         cfg.train_text_arm = text_arm
-        b = load_base(cfg.base, train_if_missing=preset == "smoke")
+        b = ensure_base(cfg.base)
         arts = train_all(cfg, b, force=force, native=native)
         m = arts["adapter"].manifest["metrics"]
         last = m["history"][-1] if m.get("history") else {}
@@ -64,7 +64,6 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         from lab.bases import load_base
         from lab.channels import evaluate, write_lexicons
         from lab.channels.train import artifact_root, native_runs_on_disk
-        from lab.channels.model import Config
         cfg = _config(preset, base, mode, None, seed)
         b = load_base(cfg.base)
         root = artifact_root(cfg, b.name)

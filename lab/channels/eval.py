@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,10 +25,10 @@ import torch
 from scipy.stats import binomtest
 
 from lab import LabError
-from lab.channels.data import CAPABILITIES, DAY_WORDS, NIGHT_WORDS, REGISTER, SELECTION, Item, heldout_items
+from lab.channels.data import DAY_WORDS, NIGHT_WORDS, SELECTION, Item, heldout_items
 from lab.corpus import CAUTIOUS, PERMISSIVE, TIMES
 from lab.report import Published, Report
-from lab.stats import Measure, compare_proportions, mcnemar_exact, paired_delta, paired_t, proportion, t_mean
+from lab.stats import compare_proportions, mcnemar_exact, paired_delta, paired_t, t_mean
 
 SRC = "tinyMARS write-up (PUBLISHED.md)"
 PUBLISHED_SELECTION = {"memory": "35% vs 5%", "continuity": "58% vs 29%", "identity": "72% vs 20%"}
@@ -280,13 +279,13 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
 
 def native_heldout_windows(model, stream: np.ndarray, seq: int, n_windows: int) -> np.ndarray:
     """Per-window mean next-token loss on fixed held-out windows (no channels)."""
-    from lab.bases import _windows
+    from lab.corpus import token_windows
     n = min(n_windows, (len(stream) - 1) // seq)
     offs = np.arange(n) * seq
     out = []
     with torch.no_grad():
         for i in range(0, n, 16):
-            x = _windows(stream, offs[i: i + 16], seq)
+            x = token_windows(stream, offs[i: i + 16], seq)
             logits = model.base.model(input_ids=x[:, :-1]).logits.float()
             l = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
             out += l.tolist()
@@ -301,7 +300,7 @@ def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log
     whether *training with channels* makes the difference, since each seed is one independent training run.
     Every seed is scored on the same held-out windows and items. `config` gives the held-out items (the adapter's
     draw); the windows follow the native models' own settings."""
-    from lab.bases import corpus_tokens
+    from lab.corpus import corpus_tokens
     from lab.channels.train import load_native
     from lab.corpus import load_tokenizer
 

@@ -6,9 +6,8 @@ each with the channels on, zeroed, or replaced by text.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import LabError, models_dir
-from lab.channels.data import CAPABILITIES, heldout_items, train_batch_items
+from lab.channels.data import heldout_items, train_batch_items
 from lab.channels.encoders import TextEncoder
 from lab.channels.model import ChannelModel, Config, build
 from lab.store import Artifact, atomic_write_text, load_artifact, made_on, read_json, run_hash, save_artifact
@@ -218,7 +218,7 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     the directory that holds the channels-native-<preset>-seed<s> directories, the models directory by default)."""
     from dataclasses import replace
 
-    from lab.bases import corpus_tokens
+    from lab.corpus import corpus_tokens
     from lab.corpus import load_tokenizer
 
     tok = load_tokenizer()
@@ -248,7 +248,7 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
 def _train_native_model(config: Config, path: Path, cfg: dict, name: str, d: int, with_ch: bool, te, train_stream,
                         tok, device) -> None:
     """One native model of one seed (config.seed): trained, then saved to `path` (checkpoints beside it: resumable)."""
-    from lab.bases import _windows
+    from lab.corpus import token_windows
     model = NativeModel(_gpt2(len(tok), tok, d, config.native_layers, config.native_heads, config.native_seq,
                               config.seed), tok, config, te if with_ch else None, with_ch)
     model.requires_grad_(True)
@@ -261,7 +261,7 @@ def _train_native_model(config: Config, path: Path, cfg: dict, name: str, d: int
         # identical for the seed's three models: a pure function of (seed, step)
         rng = np.random.default_rng([config.seed, step, rank, 7])
         offs = rng.integers(0, len(train_stream) - S - 1, size=Bw)
-        return {"text": _windows(train_stream, offs, S),
+        return {"text": token_windows(train_stream, offs, S),
                 "items": train_batch_items(step, Bw, config.seed + 1, config.capabilities, rank)}
 
     def loss_fn(m, batch):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lab import LabError
-from lab.hooks import capture, forward
+from lab.hooks import forward
 from lab.stats import Measure, ratio_of_sums_ci, sign_flip_p, sum_by_unit
 
 LN2 = math.log(2.0)

@@ -17,12 +17,12 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
                   ce_steps: int = typer.Option(None, help="override the CE fit's steps (published: 80)"),
                   out: Path = typer.Option(None, help="artifact directory (default models/combiner-<preset>-<base>)")):
         """Cache (h, T_1..T_k, next token) features and fit the combiner by cross-entropy and ridge."""
-        from lab.bases import load_base
+        from lab.pretrain import ensure_base
         from lab.combiner import Config, artifact_dir, train
         over = {k: v for k, v in dict(base=base, seed=seed, k_max=k_max, ce_lr=ce_lr,
                                                         ce_steps=ce_steps).items() if v is not None}
         cfg = Config.preset(preset, **over)
-        b = load_base(cfg.base, train_if_missing=preset == "smoke")
+        b = ensure_base(cfg.base)
         art = train(cfg, b, out_dir=out or artifact_dir(preset, cfg.base))
         for k, fits in art.manifest["metrics"]["fits"].items():
             if k == "control":

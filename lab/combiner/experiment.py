@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -307,9 +307,9 @@ def train_or_load(cfg: Config, base, preset: str):
 
 def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     """Train what is missing for this preset (features + fits), then evaluate; writes report.json/md."""
-    from lab.bases import load_base
+    from lab.pretrain import ensure_base
     cfg = Config.preset(preset, seed=seed)
-    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    base = ensure_base(cfg.base)
     art = train_or_load(cfg, base, preset)
     rep = evaluate(art, base, cfg)
     if out_dir is not None:

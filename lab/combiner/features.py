@@ -8,7 +8,6 @@ T_j does not depend on how many thoughts follow it, one cache with k_max thought
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ FEATURE_VERSION = 1
 
 def train_stream(tokenizer, n_docs: int, seed: int = 1234) -> np.ndarray:
     """The training split as one int64 token stream (documents separated by EOS)."""
-    from lab.bases import corpus_tokens
+    from lab.corpus import corpus_tokens
     return corpus_tokens(tokenizer, "train", n_docs, seed).astype(np.int64)  # cached; dtype fits any vocabulary
 
 

@@ -17,14 +17,14 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         recon: bool = typer.Option(True, help="also train the state-reconstruction hand-off map"),
     ):
         """Cache last-layer states (Arrow), fit R_in with 1 - cos, then (optionally) the reconstruction map."""
-        from lab.bases import load_base
+        from lab.pretrain import ensure_base
         from lab.innerlink import handoff as H
         from lab.innerlink import reconstruct as RC
         from lab.innerlink.experiment import ensure_trained
         from lab.innerlink.training import Config, load
 
         cfg = Config.preset(preset, seed=seed, **({"base": base} if base else {}), **({"steps": steps} if steps else {}))
-        b = load_base(cfg.base, train_if_missing=preset == "smoke")
+        b = ensure_base(cfg.base)
         art = ensure_trained(cfg, b, preset)
         link, _, a = load(art, b)
         hist = a.manifest["metrics"]["history"]

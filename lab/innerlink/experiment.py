@@ -137,11 +137,11 @@ def evaluate(artifact_or_path, base, recon=None, seed: int = 0, n_items: int | N
 def reproduce_section(preset: str, seed: int, out_dir: Path) -> Report:
     """Train what is missing for `preset` (inner link, then the reconstruction map), evaluate, return
     the Report (the caller saves it; figures go to out_dir via Report.save)."""
-    from lab.bases import load_base
+    from lab.pretrain import ensure_base
     from lab.innerlink.training import Config, load
 
     cfg = Config.preset(preset, seed=seed)
-    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    base = ensure_base(cfg.base)
     link_art = ensure_trained(cfg, base, preset)
     link, _, _ = load(link_art, base)
     recon_dir = ensure_recon(cfg, base, link, preset)

@@ -48,12 +48,12 @@ def reproduce_section(preset: str, seed: int, out_dir: Path, core: str = "transf
                       baselines: bool = True, n_null: int = N_NULL_RUNS):
     """Train what is missing for `preset` (method, baselines, shuffled-supervision controls), then
     evaluate and probe; writes the report to out_dir and returns it (`lab reproduce` calls this)."""
-    from lab.bases import load_base
+    from lab.pretrain import ensure_base
     from lab.rlf.data import heldout_set
     from lab.rlf.training import train_or_load
 
     cfg = Config.preset(preset, core=core, seed=seed)
-    base = load_base(cfg.base, train_if_missing=preset == "smoke")
+    base = ensure_base(cfg.base)
     model = train_or_load(cfg, base)
     bl = {name: train_or_load(cfg.with_(**kw), base) for name, kw in BASELINES.items()} if baselines else {}
     nulls = [train_or_load(cfg.with_(shuffle_supervision=True, seed=seed + 1 + i), base) for i in range(n_null)]

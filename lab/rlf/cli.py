@@ -46,11 +46,11 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         out: Path = typer.Option(None, help="artifact directory (default models/rlf-<preset>-<base>-<core>...)"),
     ):
         """Train the RLF loop (gate + core; the base stays frozen). Resumes if interrupted."""
-        from lab.bases import load_base
+        from lab.pretrain import ensure_base
         from lab.rlf.training import train
         cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps, core_layers,
                       curriculum_threshold, hop_sampling)
-        b = load_base(cfg.base, train_if_missing=preset == "smoke")
+        b = ensure_base(cfg.base)
         art = train(cfg, b, out)
         m = art.manifest["metrics"]
         last = m["final_val"]

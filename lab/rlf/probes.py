@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np

@@ -8,11 +8,26 @@ from pathlib import Path
 import torch
 
 from lab import LabError, models_dir
+from lab.pretrain import ensure_base
 from lab.rlf.config import Config
-from lab.rlf.data import (TASK_VERSION, TRAIN_HOPS, excluded_prompts, shuffled_supervision, train_batch, train_hops_for,
-                          validation_set)
+from lab.rlf.data import (
+    TASK_VERSION,
+    TRAIN_HOPS,
+    excluded_prompts,
+    shuffled_supervision,
+    train_batch,
+    train_hops_for,
+    validation_set,
+)
 from lab.rlf.model import RLF, build, encode_prompts
-from lab.store import Artifact, load_artifact, made_on, manifest_base_name, run_hash, save_artifact
+from lab.store import (
+    Artifact,
+    load_artifact,
+    made_on,
+    manifest_base_name,
+    run_hash,
+    save_artifact,
+)
 from lab.trainer import TrainSpec, fit
 
 KIND = "rlf"
@@ -222,11 +237,10 @@ def load(path_or_artifact, base=None) -> RLF:
 
 def train_or_load(config: Config, base=None, out_dir: Path | None = None) -> RLF:
     """Load the artifact for this config if it exists (and matches the config), else train it."""
-    from lab.bases import load_base
     from lab.store import read_json
 
     if base is None:
-        base = load_base(config.base, train_if_missing=config.preset_name == "smoke")
+        base = ensure_base(config.base)
     out_dir = Path(out_dir) if out_dir else default_out_dir(config, base)
     # from_dict fills fields added since the artifact was saved with their defaults (which reproduce the old behaviour)
     if ((out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")) == config

@@ -65,12 +65,3 @@ def patching_figure(result: dict, title: str) -> go.Figure:
     fig.add_hline(y=result["corrupt_logprob"], line_dash="dot", annotation_text="corrupt")
     fig.update_layout(xaxis_title="layer patched (last position)", yaxis_title="log p(target)")
     return style(fig, title)
-
-
-def preset_base_name(preset: str, arch: str = "gpt2") -> str:
-    """The base a mechanism preset runs on: smoke -> smoke-<arch>, tiny -> tiny-<arch>."""
-    if preset not in ("smoke", "tiny"):
-        raise LabError(f"preset must be 'smoke' or 'tiny' for the lab's own bases, got {preset!r}")
-    if arch not in ("gpt2", "mamba2"):
-        raise LabError(f"arch must be 'gpt2' or 'mamba2', got {arch!r}")
-    return f"{preset}-{arch}"

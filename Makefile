@@ -4,17 +4,18 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NUMBA_CACHE_DIR ?= /tmp/lab-numba-cache
 
-.PHONY: install reproduce test test-slow bench app
+.PHONY: install reproduce test test-slow bench app docs
 
 install:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(PY) -m pip install -e '.[test]'
 
 reproduce: install
-	lab reproduce --preset tiny
+	lab reproduce --preset quick
 
 # notebook cells that train (the RLF baselines on smoke) took > 300 s, nbmake's default timeout, on a loaded 2-core machine
 test: install-quiet
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 	LAB_PRESET=smoke LAB_HOME=$$(mktemp -d) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
 
@@ -27,5 +28,9 @@ bench: install-quiet
 app: install-quiet
 	lab app
 
+# the README's results table and pictures, from the main job's report
+docs: install-quiet
+	lab docs --run quick-seed0
+
 install-quiet:
-	@$(PY) -c "import lab, playwright, nbmake" 2>/dev/null || $(MAKE) install
+	@$(PY) -c "import lab, playwright, nbmake, ruff" 2>/dev/null || $(MAKE) install

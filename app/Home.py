@@ -20,6 +20,9 @@ st.caption(f"LAB_HOME: `{lab_home()}`")
 
 st.header("Bases")
 rows = list_bases()
+for r in rows:
+    if r.get("warning"):  # a malformed lab_base.json: the base is listed without its numbers
+        st.warning(r["warning"])
 st.dataframe(pd.DataFrame([{
     "name": r["name"], "arch": r["arch"], "d_model": r["d_model"], "layers": r["layers"],
     "on disk": "yes" if r["on_disk"] else "no",

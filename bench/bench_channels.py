@@ -29,7 +29,7 @@ Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missin
 
 trains one arm (channel: the injector's gates; text: the text arm's LoRA) of the tiny preset once per learning
 rate, full length, one run at a time, and prints the mean validation loss of the last four evaluations: how
-both arms' rates in `lab.channels.model.Config` (the tiny preset, TUNED_LRS) were picked.
+both arms' rates in `lab.channels.config.Config` (the tiny preset, PER_BASE) were picked.
 
     python bench/bench_channels.py --gpt2-small-shape
 
@@ -49,9 +49,8 @@ import torch
 
 def _base():
     from lab.bases import preset_path
-    from lab.pretrain import ensure_base
-    name = "tiny-gpt2" if (preset_path("tiny-gpt2") / "config.json").exists() else "smoke-gpt2"
-    return ensure_base(name)
+    from lab.channels import Config
+    return Config.preset("tiny" if (preset_path("tiny-gpt2") / "config.json").exists() else "smoke").load_base()
 
 
 def _time(fn, reps):
@@ -217,7 +216,6 @@ def main(batch: int = 8, seq: int = 64, reps: int = 150, base=None, sweep: bool 
     base = base or _base()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, len(base.tokenizer) - 10, (batch, seq), generator=g)
-    cfg = Config.preset("tiny", base=base.name)
     models = {m: build(Config.preset("tiny", base=base.name, mode=m), base) for m in ("additive", "xattn")}
     for m in models.values():
         with torch.no_grad():

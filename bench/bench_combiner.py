@@ -19,10 +19,11 @@ import torch
 
 from lab import LabError
 from lab.bases import load_base
-from lab.pretrain import ensure_base
 from lab.combiner import bpb as B
-from lab.combiner.combiner import Combiner
+from lab.combiner.model import Combiner
+from lab.combiner.thinking import think
 from lab.corpus import heldout_text
+from lab.pretrain import ensure_base
 
 
 def _timed(fn, repeat: int = 2):
@@ -90,7 +91,6 @@ def _chunk_base(base, ids, chunk):
 
 
 def _chunk_think(base, ids, nb, chunk, k, cached):
-    from lab.combiner.thinking import think
     n = (len(ids) - 1) // chunk
     x = torch.from_numpy(ids[: n * chunk]).view(n, chunk)
     for s in range(0, n, 32):

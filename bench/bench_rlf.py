@@ -33,7 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.pretrain import ensure_base
+from lab.rlf import Config
+from lab.rlf.data import heldout_set
+from lab.rlf.evaluate import base_cot
+from lab.rlf.explore import Explorer, background, latency
+from lab.rlf.infer import outcomes, solve
+from lab.rlf.train import default_out_dir, load, train
+from lab.stats import proportion
 
 TARGET_SECONDS, TARGET_ACC, TARGET_P95_MS = 600.0, 0.99, 150.0
 
@@ -44,19 +50,12 @@ def first_at_target(history: list[dict]) -> dict | None:
 
 
 def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None) -> dict:
-    from lab.rlf import Config
-    from lab.rlf.data import heldout_set
-    from lab.rlf.evaluation import base_cot, outcomes, solve
-    from lab.rlf.explore import Explorer, latency
-    from lab.rlf.training import default_out_dir, load, train
-    from lab.stats import proportion
-
     if artifact is not None:  # a run trained with other settings (`lab train rlf ... --out DIR`)
         model = load(Path(artifact))
         cfg, base = model.config, model.base
     else:
         cfg = Config.preset(preset)
-        base = ensure_base(cfg.base)
+        base = cfg.load_base()
     out: dict = {"preset": cfg.preset_name, "base": cfg.base, "core": cfg.core, "steps": cfg.steps,
                  "batch": cfg.batch_size, "d_core": cfg.d_core or base.d_model, "lr": cfg.lr,
                  "curriculum_threshold": cfg.curriculum_threshold, "hop_sampling": cfg.hop_sampling}
@@ -77,8 +76,8 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
     hit = first_at_target(hist)
     out["first_val_99_s"] = round(hit["seconds"], 1) if hit else None
     out["first_val_99_step"] = hit["step"] if hit else None
-    # the progress bar's held-out evaluations are part of that wall time; histories from before the trainer
-    # recorded them have no eval_seconds
+    # the progress bar's held-out evaluations are part of that wall time (a history without eval_seconds
+    # does not say how much)
     out["first_val_99_eval_s"] = round(hit["eval_seconds"], 1) if hit and "eval_seconds" in hit else None
     out["curve"] = [(r["step"], round(r["seconds"], 1), round(r["val_acc"], 3)) for r in hist]
     out["hops_opened_at"] = model.artifact.manifest["metrics"].get("curriculum_opened_at")
@@ -100,7 +99,7 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
     out["rlf_ms_per_problem"] = round(1000 * rlf_s / len(probs), 2)
     out["cot_ms_per_problem"] = round(1000 * cot_s / len(sub), 2)
 
-    ex = Explorer(model, [p for h in hops for p in heldout_set(h, cfg.test_n)[:20]])
+    ex = Explorer(model, background(cfg))
     lat = latency(ex, heldout_set(3, cfg.test_n)[0].prompt, n=40, cap=cfg.infer_cap)
     out["app_p95_ms"] = round(lat["p95_ms"], 1)
     out["app_median_ms"] = round(lat["median_ms"], 1)
@@ -130,11 +129,8 @@ def main(reuse: bool = False, preset: str = "tiny", artifact: str | None = None)
 
 def to_target(seeds=(0, 1, 2), preset: str = "tiny") -> dict:
     """Seconds to the first validation >= 99% for each seed, each run from scratch and stopped there."""
-    from lab.rlf import Config
-    from lab.rlf.training import train
-
     runs = {}
-    base = ensure_base(Config.preset(preset).base)
+    base = Config.preset(preset).load_base()
     for seed in seeds:
         cfg = Config.preset(preset, seed=seed)
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,14 +154,10 @@ def to_target(seeds=(0, 1, 2), preset: str = "tiny") -> dict:
 
 def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
     """1-hop validation accuracy over training for each loop start (base_blocks), one run each."""
-    from lab.bases import load_base
-    from lab.rlf import Config
-    from lab.rlf.training import train
-
     curves = {}
-    base = load_base(Config.preset("tiny").base)
+    base = Config.preset("tiny").load_base()
     for bb in starts:
-        # the settings the sweep was measured with (lab/rlf/config.py), not the later preset's
+        # the settings the sweep is measured with (d_core 256, lr 1e-3, no curriculum), not the tiny preset's
         cfg = Config.preset("tiny").with_(base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps,
                                           eval_every=50, ckpt_every=steps, d_core=256, lr=1e-3,
                                           curriculum_threshold=0.0, hop_sampling="newest")

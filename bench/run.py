@@ -1,8 +1,9 @@
 """One command, one run: every bench's measured ratios printed side by side.
 
-    python bench/run.py                 # all benches; reproduce wall time from the last report
-    python bench/run.py --reproduce     # also time `lab reproduce --preset tiny` from a fresh LAB_HOME
-    python bench/run.py foundation rlf  # only some benches
+    python bench/run.py                        # all benches; reproduce wall time from the last report
+    python bench/run.py --reproduce            # also time `lab reproduce --preset quick` from a fresh LAB_HOME
+    python bench/run.py --reproduce --write-docs   # ... and write docs/benchmarks.md from this one run
+    python bench/run.py foundation rlf         # only some benches
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("foundation", "rlf", "channels", "innerlink", "combiner")
+BENCHES = ("foundation", "threads", "rlf", "channels", "innerlink", "combiner")
 
 
 def _load(name: str):
@@ -32,7 +34,7 @@ def _load(name: str):
     return mod
 
 
-def time_reproduce(preset: str = "tiny") -> dict:
+def time_reproduce(preset: str = "quick") -> dict:
     """Wall time of `lab reproduce` from an empty LAB_HOME (bases, artifacts and all)."""
     home = tempfile.mkdtemp(prefix="lab-reproduce-bench-")
     t = time.perf_counter()
@@ -54,7 +56,9 @@ def last_reproduce() -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("benches", nargs="*", default=list(BENCHES))
-    ap.add_argument("--reproduce", action="store_true", help="time lab reproduce --preset tiny from scratch")
+    ap.add_argument("--reproduce", action="store_true", help="time `lab reproduce` from an empty LAB_HOME")
+    ap.add_argument("--preset", default="quick", help="the preset --reproduce times (default: quick, the main job)")
+    ap.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md from this run")
     args = ap.parse_args(argv)
     results = {}
     for name in args.benches:
@@ -69,13 +73,35 @@ def main(argv=None) -> dict:
             traceback.print_exc()
             results[name] = {"status": f"failed: {type(e).__name__}: {e}"}
         results[name]["bench_seconds"] = time.perf_counter() - t
-    results["reproduce"] = time_reproduce() if args.reproduce else last_reproduce()
+    results["reproduce"] = time_reproduce(args.preset) if args.reproduce else last_reproduce()
     print("\n=== Latent Lab bench (one run, side by side) ===")
     for name, rows in results.items():
         print(f"\n[{name}]")
         for k, v in rows.items():
             print(f"  {k:44} {v:.3f}" if isinstance(v, float) else f"  {k:44} {v}")
+    if args.write_docs:
+        path = write_docs(results, " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]))
+        print(f"\nwrote {path}")
     return results
+
+
+def write_docs(results: dict, command: str) -> Path:
+    """docs/benchmarks.md from one run's results: machine, date and versions in the header, one table a bench."""
+    from lab.store import atomic_write_text, environment, environment_text
+
+    lines = ["# Benchmarks", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d')}, one run, every bench side by side "
+             f"on the same machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+             f"{environment_text(environment())}.", "",
+             "Each `bench/bench_<name>.py` runs alone too and says in its docstring what it measures.", ""]
+    for name, rows in results.items():
+        lines += [f"## {name}", "", "| measure | value |", "|---|---|"]
+        for k, v in rows.items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append("")
+    path = HERE.parent / "docs" / "benchmarks.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
 
 
 if __name__ == "__main__":

@@ -10,17 +10,22 @@ stream goes through `Base.blocks`, `Base.final_norm`, `Base.embed` and `Base.une
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
+from packaging import version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, Mamba2Config
 
-from lab import LabError, models_dir
+from lab import DOWNLOADS_ENV, LabError, downloads_allowed, models_dir
 from lab.store import read_json
 
 # Which attribute paths hold the parts of each supported family, and how its
@@ -29,8 +34,9 @@ from lab.store import read_json
 ARCHITECTURES = {
     "gpt2": dict(blocks="transformer.h", final_norm="transformer.ln_f", embed="transformer.wte",
                  max_len="n_positions", hidden_layout="inputs"),
-    "mamba2": dict(blocks="backbone.layers", final_norm="backbone.norm_f", embed="backbone.embeddings",
-                   max_len=None, hidden_layout="outputs"),
+    # transformers' Mamba2 lists block outputs before 5.25 and, like the other families, block inputs from 5.25 on
+    "mamba2": dict(blocks="backbone.layers", final_norm="backbone.norm_f", embed="backbone.embeddings", max_len=None,
+                   hidden_layout="inputs" if version.parse(transformers.__version__) >= version.parse("5.25") else "outputs"),
     "llama": dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                   max_len="max_position_embeddings", hidden_layout="inputs"),
     "qwen2": dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
@@ -77,6 +83,8 @@ PRESETS: dict[str, BasePreset] = {p.name: p for p in [
                n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
     BasePreset("smoke-mamba2", "mamba2", d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=40,
                n_train_docs=4000, note="seconds of training; for tests and CI notebooks"),
+    BasePreset("quick-gpt2", "gpt2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32, steps=400,
+               n_train_docs=20_000, note="the main job's base (about a minute and a half)"),
     BasePreset("tiny-gpt2", "gpt2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32, steps=1200,
                note="the CPU experiment base (minutes)"),
     BasePreset("tiny-mamba2", "mamba2", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32,
@@ -121,12 +129,28 @@ class Base:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight: an artifact trained on this base names it."""
-        h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        for n, t in sorted(self.model.state_dict().items()):
-            h.update(n.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of the architecture fields of the config (`architecture_config`) and every weight: an artifact
+        trained on this base names it. Never of a path or a name: the same weights loaded as a preset, by a
+        relative path, through a symlink or from a moved LAB_HOME have the same fingerprint."""
+        return _fingerprint(architecture_config(self.model.config), self.model)
+
+    def legacy_fingerprints(self) -> frozenset[str]:
+        """The fingerprint an artifact made before `fingerprint` left out paths and names records for this base as
+        loaded now (the config as `to_dict()` gives it, its `_name_or_path` included), under the names it may have
+        had: `lab.store.base_matches` recognises such an artifact instead of retraining it."""
+        if "_legacy_fingerprints" not in self.__dict__:
+            config = self.model.config.to_dict()
+            names = {config.get("_name_or_path")}
+            if self.path is not None:
+                names |= {str(self.path), str(Path(self.path).resolve())}
+            self.__dict__["_legacy_fingerprints"] = frozenset(
+                _fingerprint({**config, "_name_or_path": n} if n is not None else config, self.model)
+                for n in names)
+        return self.__dict__["_legacy_fingerprints"]
+
+    def has_fingerprint(self, fingerprint: str) -> bool:
+        """Whether a recorded fingerprint is this base's, under the current or the legacy scheme."""
+        return fingerprint == self.fingerprint or fingerprint in self.legacy_fingerprints()
 
     def check_length(self, n_tokens: int) -> None:
         if self.max_len is not None and n_tokens > self.max_len:
@@ -160,6 +184,10 @@ class Base:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 30, greedy: bool = True, seed: int = 0) -> str:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise LabError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise LabError(f"seed must be a whole number >= 0, got {seed!r}")
         ids, mask = self.encode(prompt)
         self.check_length(ids.shape[1] + max_new_tokens)
         torch.manual_seed(seed)
@@ -167,6 +195,27 @@ class Base:
                                   do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# config keys that name where or how a model was loaded or run, not what it computes: left out of the fingerprint
+NON_ARCHITECTURE_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
+    "use_cache", "output_hidden_states", "output_attentions", "return_dict", "torchscript", "use_return_dict",
+    "architectures", "tokenizer_class", "task_specific_params", "problem_type", "finetuning_task",
+    "id2label", "label2id", "chunk_size_feed_forward", "tf_legacy_loss", "pruned_heads"})
+
+
+def architecture_config(config) -> dict:
+    """A model config's fields that define what it computes (`NON_ARCHITECTURE_KEYS` and private keys left out)."""
+    return {k: v for k, v in config.to_dict().items() if k not in NON_ARCHITECTURE_KEYS and not k.startswith("_")}
+
+
+def _fingerprint(config: dict, model: torch.nn.Module) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for n, t in sorted(model.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -198,10 +247,66 @@ def default_device() -> torch.device:
     return device
 
 
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+MAX_NAME = 1000
+
+
+def suggest(name: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_name(key) -> str:
+    if not isinstance(key, (str, Path)):
+        raise LabError(f"a base is a preset name, a folder or a hub id (a string), got {type(key).__name__}")
+    key = str(key)
+    if not key.strip():
+        raise LabError(f"a base name must not be empty. Presets: {', '.join(PRESETS)}")
+    if len(key) > MAX_NAME:
+        raise LabError(f"a base name or path of {len(key)} characters is too long (at most {MAX_NAME}): {key[:60]!r}...")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LabError(f"base name {key[:80]!r} holds characters that are not valid text (lone surrogates)") from None
+    if "\x00" in key:
+        raise LabError(f"base name {key[:80]!r} holds a NUL character")
+    return key
+
+
+def _unknown(key: str, why: str = "") -> LabError:
+    hint = suggest(key, PRESETS)
+    return LabError(f"unknown base {key!r}{hint}: not a preset ({', '.join(PRESETS)}), not a model folder"
+                    f"{why}. Hub ids (owner/name) load from the local Hugging Face cache, or are downloaded when "
+                    f"downloads are allowed (set {DOWNLOADS_ENV}=1).")
+
+
+def read_meta(path: Path) -> tuple[dict, str | None]:
+    """A base folder's lab_base.json and None, or ({}, why) when it is unreadable or not a JSON object
+    (({}, None) when there is none)."""
+    meta_path = Path(path) / LAB_META
+    if not meta_path.exists():
+        return {}, None
+    try:
+        meta = read_json(meta_path)
+    except (LabError, OSError) as e:
+        return {}, f"skipping the metadata of {path}: {e}"
+    if not isinstance(meta, dict):
+        return {}, f"skipping the metadata of {path}: {meta_path} is not a JSON object"
+    return meta, None
+
+
 def load_base(name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Base:
-    """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub name, on `device`
-    (default: `default_device()`). A preset not on disk is an error; `lab.pretrain.ensure_base` trains it."""
-    key = str(name_or_path)
+    """A frozen, eval-mode Base from a preset name, a local HF model directory, or a hub id, on `device`
+    (default: `default_device()`). A preset not on disk is an error; `lab.pretrain.ensure_base` trains it.
+
+    Offline by default: a hub id loads from the local Hugging Face cache only, unless downloads are allowed
+    (`lab.downloads_allowed()`, env LAB_ALLOW_DOWNLOADS=1). A name close to a preset fails at once with the
+    preset suggested. The tokenizer and the weights are checked against the config: missing tokenizer files,
+    special tokens that do not match, or weights missing from / unexpected for the config are errors."""
+    key = _check_name(name_or_path)
+    hub = False
     if key in PRESETS:
         path = preset_path(key)
         if not (path / "config.json").exists():
@@ -210,44 +315,77 @@ def load_base(name_or_path: str | Path, device: str | torch.device | None = None
     else:
         try:
             path = Path(key).expanduser()
+            exists = path.exists()
         except RuntimeError:  # "~user" for a user that does not exist
             raise LabError(f"no such base path {key!r}: cannot expand the home directory in it") from None
+        except (OSError, ValueError) as e:  # e.g. a path component longer than the file system allows
+            raise LabError(f"no such base path {key[:80]!r}: {e}") from None
         name = key
-        if path.exists():
+        if exists:
             if not path.is_dir() or not (path / "config.json").exists():
                 raise LabError(f"{path} is not a Hugging Face model directory (no config.json). "
                                f"Expected a preset ({', '.join(PRESETS)}), a model directory, or a hub name.")
             name = path.name
         elif key.startswith((".", "/", "~")) or key.count("/") > 1:
             raise LabError(f"no such base path {key!r}. Expected a preset ({', '.join(PRESETS)}), "
-                           f"a model directory, or a hub name like 'gpt2'.")
+                           f"a model directory, or a hub id like 'owner/name'.")
+        elif not HUB_ID.match(key) or suggest(key, PRESETS):
+            raise _unknown(key)  # a typo of a preset, or not a hub id at all: never ask the hub
         else:
-            path = key  # a hub name: transformers resolves it (fails offline with its own message)
+            path, hub = key, True  # a hub id: the local cache, or the hub when downloads are allowed
+    offline = not (hub and downloads_allowed())
+    src = str(path)
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(src, local_files_only=offline)
     except (OSError, ValueError) as e:
-        raise LabError(f"unknown base {key!r}: not a preset ({', '.join(PRESETS)}), not a local model directory, "
-                       f"and not loadable from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if hub:
+            raise _unknown(key, f", and not in the local Hugging Face cache"
+                                f"{'' if offline else ' nor on the hub'} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise LabError(f"could not read the config of base {key!r}: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
     arch = config.model_type
     if arch not in ARCHITECTURES:
         raise LabError(f"{key!r} is a {arch!r} model; supported families are {SUPPORTED_FAMILIES}")
+    if not hub and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise LabError(f"{path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}): copy the "
+                       f"tokenizer the model was trained with into it")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
     except (OSError, ValueError, TypeError) as e:
-        raise LabError(f"could not load a tokenizer for {key!r}: {str(e).splitlines()[0]}") from None
+        raise LabError(f"could not load a tokenizer for {key!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, local_files_only=offline,
+                                                           output_loading_info=True)
     except Exception as e:  # safetensors/transformers raise many types for a corrupt file
         raise LabError(f"could not load the weights of {key!r} (corrupt or truncated file?): "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        said = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{', ...' if len(v) > 4 else ''}"
+                         for k, v in problems.items() if v)
+        raise LabError(f"the weights of {key!r} do not match its config.json ({said}): the config was edited or "
+                       f"belongs to another model; restore it")
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise LabError(f"the tokenizer of {key!r} has {len(tokenizer)} tokens but the model's embedding has only "
                        f"{vocab} rows: tokenizer and model do not match")
+    meta, why = read_meta(path) if not hub else ({}, None)
+    if why:
+        warnings.warn(why, stacklevel=2)
+    if not hub and (Path(path) / LAB_META).exists():
+        # the lab's own bases: the tokenizer is the one they were trained with, special tokens and all
+        if len(tokenizer) != vocab:
+            raise LabError(f"the tokenizer of {key!r} has {len(tokenizer)} tokens, its model {vocab}: the tokenizer "
+                           f"files in {path} are not the ones it was trained with")
+        for tok_name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            want, have = getattr(config, tok_name, None), getattr(tokenizer, tok_name, None)
+            if want is not None and have is not None and want != have:
+                raise LabError(f"the tokenizer in {path} does not match its model: {tok_name} is {have}, the model "
+                               f"was trained with {want}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device or default_device())
-    meta = read_json(Path(path) / LAB_META) if isinstance(path, Path) and (path / LAB_META).exists() else {}
     return Base(name=name, model=_freeze(model), tokenizer=tokenizer, arch=arch,
                 path=path if isinstance(path, Path) else None, meta=meta)
 
@@ -255,17 +393,26 @@ def load_base(name_or_path: str | Path, device: str | torch.device | None = None
 def list_bases() -> list[dict]:
     """Presets and what is on disk, with their held-out loss: its 95% CI over `heldout_windows` windows, and
     `vs_unigram` (loss minus the training unigram's on the same windows, CI and a paired p, its test recorded;
-    None for a base trained before it was recorded: `heldout_comparison` computes it)."""
+    None for a base trained before it was recorded: `heldout_comparison` computes it). A preset whose
+    lab_base.json is unreadable is listed with a warning (`warning` in its row), never breaks the listing."""
     rows = []
     for name, p in PRESETS.items():
-        meta_path = preset_path(name) / LAB_META
-        meta = read_json(meta_path) if meta_path.exists() else {}
+        folder = preset_path(name)
+        meta, why = read_meta(folder)
+        if why:
+            warnings.warn(why, stacklevel=2)
+        on_disk = bool(meta) or (why is not None and (folder / "config.json").exists())
         rows.append({"name": name, "arch": p.arch, "d_model": p.d_model, "layers": p.n_layers,
-                     "on_disk": bool(meta), "heldout_loss": meta.get("heldout_loss"),
+                     "on_disk": on_disk, "heldout_loss": _number(meta.get("heldout_loss")),
                      "heldout_loss_ci95": meta.get("heldout_loss_ci95"), "heldout_windows": meta.get("heldout_windows"),
-                     "unigram_loss": meta.get("unigram_loss"), "vs_unigram": meta.get("vs_unigram"),
-                     "seconds": meta.get("seconds"), "note": p.note})
+                     "unigram_loss": _number(meta.get("unigram_loss")), "vs_unigram": meta.get("vs_unigram"),
+                     "seconds": meta.get("seconds"), "note": p.note,
+                     "warning": why})
     return rows
+
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def preset_base_name(preset: str, arch: str = "gpt2") -> str:

@@ -11,6 +11,10 @@ from pathlib import Path
 import typer
 
 from lab import LabError
+from lab.bases import list_bases
+from lab.pretrain import loss_text, vs_unigram_text
+from lab.pretrain import pretrain as _pretrain
+from lab.reproduce import reproduce as _reproduce
 
 app = typer.Typer(help="Latent Lab: train, probe and demo latent-state mechanisms.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -31,7 +35,6 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
              steps: int = typer.Option(None, help="override the preset's step count"),
              seed: int = typer.Option(None, help="override the preset's seed")):
     """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""
-    from lab.pretrain import pretrain as _pretrain
     m = _pretrain(name, steps=steps, seed=seed)
     if not m:  # a non-main process under `accelerate launch`: the main one reports
         return
@@ -44,8 +47,6 @@ def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mam
 @app.command()
 def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Presets and what is on disk, with their held-out loss."""
-    from lab.bases import list_bases
-    from lab.pretrain import loss_text, vs_unigram_text
     rows = list_bases()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -63,6 +64,8 @@ def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
             headless: bool = typer.Option(True, help="do not open a browser")):
     """Start the Streamlit dashboard bound to 127.0.0.1."""
+    if not 1 <= port <= 65535:
+        raise LabError(f"--port must be a TCP port in 1..65535, got {port}")
     home = Path(__file__).resolve().parents[1] / "app" / "Home.py"
     if not home.exists():
         raise LabError(f"the app is not next to this package (looked for {home}); install the lab with `pip install -e .`")
@@ -78,7 +81,6 @@ def reproduce(preset: str = typer.Option("tiny", help="smoke (seconds, for CI) o
               run: str = typer.Option(None, help="run name under results/ (default: preset and time)"),
               seed: int = typer.Option(0, help="seed for every experiment")):
     """Train whatever is missing and run all four experiments; writes results/<run>/report.md."""
-    from lab.reproduce import reproduce as _reproduce
     out = _reproduce(preset=preset, run=run, seed=seed)
     typer.echo(f"report: {out / 'report.md'}")
 

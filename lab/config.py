@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from lab import LabError
 from lab.pretrain import ensure_base
+from lab.trainer import MAX_LR
 
 PRESET_NAMES = ("smoke", "quick", "tiny", "paper")  # the order presets are listed in
 
@@ -86,6 +87,8 @@ class ExperimentConfig:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     # (preset, base) -> values picked for that base under that preset (explicit overrides still win)
     PER_BASE: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {}
+    # preset -> what its numbers cannot say that the full experiment's can (the report carries it as a note)
+    PRESET_NOTES: ClassVar[dict[str, str]] = {}
 
     preset_name: str = "custom"      # the preset this config came from (names its artifacts)
     base: str = "tiny-gpt2"          # the frozen base: a lab preset, a local HF directory or a hub id
@@ -97,10 +100,11 @@ class ExperimentConfig:
             if isinstance(getattr(self, f.name), list):
                 setattr(self, f.name, tuple(getattr(self, f.name)))
         check_field_types(self)
-        if self.seed < 0:
-            raise LabError(f"{self.label()}: seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise LabError(f"{self.label()}: seed must be a whole number in [0, 2**32), got {self.seed}")
         if not self.base.strip() or len(self.base) > 1000:
             raise LabError(f"{self.label()}: base must be a base preset, a folder or a hub id, got {self.base[:80]!r}")
+        self.check_training_fields()
         self.check()
 
     # --- what a subclass overrides ---
@@ -166,6 +170,26 @@ class ExperimentConfig:
         """The base this config runs on, by the one policy every pipeline uses: a lab preset that is not on
         disk yet is pretrained first (progress bar, resumable); any other name or folder loads as it is."""
         return ensure_base(self.base, **load_kw)
+
+    def check_training_fields(self) -> None:
+        """What a training step needs of the fields every mechanism names alike, checked for any config that has
+        them: steps and batch sizes >= 1 (0 is an error, never "the preset's default"), learning rates (`lr`,
+        `*_lr`) finite in (0, MAX_LR], `grad_clip` >= 0 (0: no clipping; a negative one flips the gradient),
+        warm-up and evaluation/checkpoint intervals >= 0."""
+        names = self.field_names()
+        for k in sorted(names):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if k in ("steps", "batch_size"):
+                if v < 1:
+                    raise LabError(f"{self.label()}: {k} must be >= 1, got {v!r}")
+            elif k == "lr" or k.endswith("_lr"):
+                if not (math.isfinite(v) and 0 < v <= MAX_LR):
+                    raise LabError(f"{self.label()}: {k} must be a learning rate in (0, {MAX_LR:g}], got {v!r}")
+            elif k in ("grad_clip", "warmup", "eval_every", "ckpt_every"):
+                if not (math.isfinite(v) and v >= 0):
+                    raise LabError(f"{self.label()}: {k} must be >= 0, got {v!r}")
 
     # --- small checks the mechanisms share, each naming the field ---
     def require_positive(self, *names: str) -> None:

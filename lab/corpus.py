@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from lab import LabError, data_dir
-from lab.store import atomic_write_bytes
+from lab import LabError, data_dir, models_dir
+from lab.store import atomic_dir, atomic_write_bytes
 
 # --- special tokens (documented in README) ---------------------------------------------------
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -282,11 +284,6 @@ def heldout_text(n_docs: int = 400, seed: int = 1234) -> str:
 
 def train_tokenizer(out_dir: Path, spec: CorpusSpec = CorpusSpec(), vocab_size: int = 2048):
     """Train a byte-level BPE on the training split and save it as a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lab.store import atomic_dir
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -308,13 +305,11 @@ def train_tokenizer(out_dir: Path, spec: CorpusSpec = CorpusSpec(), vocab_size: 
 
 
 def tokenizer_dir() -> Path:
-    from lab import models_dir
     return models_dir() / "tokenizer"
 
 
 def load_tokenizer(path: Path | None = None):
     """The lab tokenizer (trained once, on first use)."""
-    from transformers import PreTrainedTokenizerFast
     path = Path(path) if path else tokenizer_dir()
     if not (path / "tokenizer.json").exists():
         if path != tokenizer_dir():

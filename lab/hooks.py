@@ -262,6 +262,12 @@ def _check_values(base, name: str, value: torch.Tensor, hidden: torch.Tensor, po
                        f"{tuple(target)} (B, T{'' if positions is None else '[positions]'}, d={base.d_model})")
 
 
+def _check_finite(name: str, value) -> None:
+    """A tensor given to a hook must hold numbers: NaN or inf would silently turn every later state into NaN."""
+    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise LabError(f"{name} holds NaN or inf values; expected finite numbers")
+
+
 def _positions(positions, T: int):
     if positions is None:
         return None
@@ -275,8 +281,9 @@ def _positions(positions, T: int):
 @contextlib.contextmanager
 def patch(base, layer: int, values: torch.Tensor, positions: Sequence[int] | int | None = None,
           site: str = "resid_post") -> Iterator[None]:
-    """Replace the stream at `layer`/`site` (at `positions`, or everywhere) with `values`."""
+    """Replace the stream at `layer`/`site` (at `positions`, or everywhere) with `values` (finite numbers)."""
     layer, site = _check_layer(base, layer), _check_site(site)
+    _check_finite("patch values", values)
 
     def fn(h):
         pos = _positions(positions, h.shape[1])
@@ -335,6 +342,7 @@ def add_to_layers(base, deltas: Mapping[int, torch.Tensor | Callable[[torch.Tens
     for layer, delta in deltas.items():
         if not callable(delta) and not torch.is_tensor(delta):
             raise LabError(f"delta must be a tensor or a callable, got {type(delta).__name__}")
+        _check_finite(f"the delta for layer {layer}", delta)
         checked[_check_layer(base, layer)] = delta
 
     def make(delta):
@@ -383,6 +391,7 @@ def forward(base, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Te
             raise LabError(f"inputs_embeds must be (B, T, {base.d_model}), got {tuple(inputs_embeds.shape)}")
         if inputs_embeds.dtype != base.dtype:
             raise LabError(f"inputs_embeds has dtype {inputs_embeds.dtype}, the base expects {base.dtype}")
+        _check_finite("inputs_embeds", inputs_embeds)
         base.check_length(inputs_embeds.shape[1])
         return base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
     base.check_length(input_ids.shape[1])

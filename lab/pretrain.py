@@ -17,10 +17,10 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from lab import LabError
-from lab.bases import LAB_META, PRESETS, Base, BasePreset, default_device, load_base, preset_path
+from lab.bases import LAB_META, PRESETS, Base, BasePreset, default_device, load_base, preset_path, suggest
 from lab.corpus import corpus_tokens, load_tokenizer, token_windows
 from lab.stats import bootstrap_ci, mean_with_ci, paired_delta
-from lab.store import atomic_dir, environment, write_json
+from lab.store import atomic_dir, check_replaceable, environment, write_json
 from lab.trainer import TrainSpec, fit
 
 
@@ -84,7 +84,7 @@ def heldout_comparison(name: str, n_windows: int = 128) -> dict:
     """A preset base's held-out loss with a bootstrap CI over windows, and paired against the training
     unigram on the same tokens (the floor a language model must beat): {"loss": Measure, "vs_unigram": Measure}."""
     if name not in PRESETS:
-        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
+        raise LabError(f"unknown preset {name!r}{suggest(name, PRESETS)}; presets are: {', '.join(PRESETS)}")
     p = PRESETS[name]
     base = load_base(name)
     tokenizer = load_tokenizer()
@@ -103,8 +103,16 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
              out_dir: Path | None = None) -> dict:
     """Pretrain a preset base on the lab corpus; resumable from its checkpoint. Returns its metrics."""
     if name not in PRESETS:
-        raise LabError(f"unknown preset {name!r}; presets are: {', '.join(PRESETS)}")
+        raise LabError(f"unknown preset {name!r}{suggest(name, PRESETS)}; presets are: {', '.join(PRESETS)}")
     p = PRESETS[name]
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise LabError(f"steps must be a whole number >= 1 (leave it out for the preset's {p.steps}), got {steps!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+        raise LabError(f"seed must be a whole number in [0, 2**32) (leave it out for the preset's {p.seed}), got {seed!r}")
+    steps = p.steps if steps is None else steps
+    out_dir = Path(out_dir) if out_dir else preset_path(name)
+    # only a lab base may be replaced: a user's folder (or a file) at the output path is refused before training
+    check_replaceable(out_dir, kind="base")
     state = PartialState()  # under `accelerate launch`: one process builds shared files, one saves
     with state.main_process_first():
         tokenizer = load_tokenizer()
@@ -112,9 +120,8 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
     vocab = len(tokenizer)
     torch.manual_seed(p.seed if seed is None else seed)
     model = AutoModelForCausalLM.from_config(p.hf_config(vocab, tokenizer))
-    spec = TrainSpec(steps=steps or p.steps, lr=p.lr, warmup=min(100, (steps or p.steps) // 10),
-                     seed=p.seed if seed is None else seed, ckpt_every=max(50, (steps or p.steps) // 10),
-                     eval_every=max(20, (steps or p.steps) // 5))
+    spec = TrainSpec(steps=steps, lr=p.lr, warmup=min(100, steps // 10), seed=p.seed if seed is None else seed,
+                     ckpt_every=max(50, steps // 10), eval_every=max(20, steps // 5))
 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         rng = np.random.default_rng([spec.seed, step, rank])
@@ -129,7 +136,6 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
     def eval_fn(m):
         return {"heldout_loss": heldout_loss(m, held, p.seq_len, n_windows=32)}
 
-    out_dir = Path(out_dir) if out_dir else preset_path(name)
     ckpt = out_dir.with_name(f".{out_dir.name}.ckpt")
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn, desc=f"pretrain {name}", device=default_device(),
                  stop_after=stop_after)
@@ -152,7 +158,7 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
         "train_tokens": int(len(train)), "history": result.history,
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="base") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / LAB_META, metrics)
@@ -160,6 +166,18 @@ def pretrain(name: str, steps: int | None = None, seed: int | None = None, stop_
     return metrics
 
 
+def _safe_text(fn):
+    """A row's text, or "-" when its metadata is malformed (a hand-edited lab_base.json never breaks a listing)."""
+    def text(row: dict) -> str:
+        try:
+            return fn(row)
+        except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+            return "- (unreadable metadata)"
+    text.__doc__, text.__name__ = fn.__doc__, fn.__name__
+    return text
+
+
+@_safe_text
 def loss_text(row: dict) -> str:
     """A `list_bases` row's held-out loss as the lab shows it: value [95% CI] and n, or "-"."""
     if row.get("heldout_loss") is None:
@@ -169,6 +187,7 @@ def loss_text(row: dict) -> str:
             + (f" (n = {n} windows)" if n else ""))
 
 
+@_safe_text
 def vs_unigram_text(row: dict) -> str:
     """A `list_bases` row's paired comparison with the unigram: delta [95% CI], p, or what is known."""
     vs = row.get("vs_unigram")

@@ -4,12 +4,14 @@ figure each headline number answers. Saved as report.json + report.md + figures 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from lab import LabError
+from lab.figures import export
 from lab.stats import Measure
 from lab.store import atomic_write_text, environment, environment_text, write_json
 
@@ -58,6 +60,16 @@ class Report:
             "figures": sorted(self.figures),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """A report as `to_dict` saved it: its numbers, tables and notes (figures by name only, for links)."""
+        fields_ = set(Measure.__dataclass_fields__)
+        measures = [Measure(**{k: v for k, v in m.items() if k in fields_}) for m in d.get("measures", [])]
+        published = {m["name"]: Published(**m["published"]) for m in d.get("measures", []) if m.get("published")}
+        return cls(name=d["name"], measures=measures, figures=dict.fromkeys(d.get("figures", [])),
+                   tables=d.get("tables", {}), published=published, provenance=d.get("provenance", {}),
+                   notes=d.get("notes", []), environment=d.get("environment", {}))
+
     def to_markdown(self, figure_dir: str | None = None, with_environment: bool = True) -> str:
         lines = [f"## {self.name}", ""]
         if self.provenance:
@@ -66,11 +78,13 @@ class Report:
             lines += [f"Environment: {environment_text(self.environment)}", ""]
         lines += ["| measure | value | n | 95% CI | control | p (test) | published |", "|---|---|---|---|---|---|---|"]
         for m in self.measures:
-            ci = f"[{m.ci_low:.3g}, {m.ci_high:.3g}]" if m.ci_low is not None else "-"
-            ctrl = f"{m.control}: {m.control_value:.3g}" if m.control and m.control_value is not None else (m.control or "-")
+            ci = f"[{_num(m.ci_low, '.3g')}, {_num(m.ci_high, '.3g')}]" if m.ci_low is not None else "-"
+            ctrl = (f"{m.control}: {_num(m.control_value, '.3g')}" if m.control and m.control_value is not None
+                    else (m.control or "-"))
             p = "-" if m.p_value is None else f"{p_text(m.p_value)} ({m.test})"
             pub = self.published.get(m.name)
-            lines.append(f"| {m.name} | {m.value:.4g} | {m.n} | {ci} | {ctrl} | {p} | "
+            value = _num(m.value, ".4g") if _finite(m.value) else f"n/a ({not_a_number_reason(m)})"
+            lines.append(f"| {m.name} | {value} | {m.n} | {ci} | {ctrl} | {p} | "
                          f"{f'{pub.value} ({pub.claim})' if pub else '-'} |")
         for tname, rows in self.tables.items():
             if not rows:
@@ -86,7 +100,6 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str | Path, formats=("png", "svg", "pdf", "html")) -> Path:
-        from lab.figures import export
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for key, fig in self.figures.items():
@@ -98,12 +111,32 @@ class Report:
 
 def p_text(p: float) -> str:
     """A p-value for a table; an exact test's p below the float range prints as such, not as 0."""
+    if not _finite(p):
+        return "n/a (no test statistic)"
     return "< 1e-300" if p == 0 else f"{p:.3g}"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(v, fmt: str) -> str:
+    """A number for a table; a NaN or inf prints as "n/a", never as "nan" (the value's cell says why)."""
+    return format(v, fmt) if _finite(v) else "n/a"
+
+
+def not_a_number_reason(m: Measure) -> str:
+    """Why a measure's value is not a finite number: its own `extra["why"]`, else what the lab can tell."""
+    if m.extra.get("why"):
+        return str(m.extra["why"])
+    if not m.n:
+        return "n = 0: nothing was measured"
+    return "not a finite number: the model's outputs or the scores held NaN/inf (a diverged training?)"
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.4g}" if math.isfinite(v) else "n/a (not a finite number)"
     if isinstance(v, (list, dict)):
         return json.dumps(v)
     return "-" if v is None else str(v)

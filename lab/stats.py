@@ -7,7 +7,6 @@ compared with and the paired test's p-value. Built on scipy and statsmodels, not
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 

@@ -24,6 +24,16 @@ from tqdm.auto import tqdm
 from lab import LabError
 from lab.store import atomic_dir, load_safetensors, read_json, write_json
 
+MAX_LR = 10.0  # above this no optimiser step of the lab's is meaningful: a typo (1e308), not a setting
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 
 @dataclass
 class TrainSpec:
@@ -32,17 +42,36 @@ class TrainSpec:
     warmup: int = 50            # linear warm-up steps, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max gradient norm (> 0); 0 or None: no clipping
     seed: int = 0
     ckpt_every: int = 200       # steps between resumable checkpoints (0: only at the end)
     config_hash: str = ""       # the experiment config's hash: a checkpoint of another config is never resumed
     eval_every: int = 200       # steps between held-out evaluations (0: only at the end)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise LabError(f"steps must be >= 1, got {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise LabError(f"lr must be > 0, got {self.lr}")
+        """Every value a training step needs, checked here, naming the field: not a traceback mid-training."""
+        if not _is_int(self.steps) or self.steps < 1:
+            raise LabError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if not _is_num(self.lr) or not 0 < self.lr <= MAX_LR:
+            raise LabError(f"lr must be a finite number in (0, {MAX_LR:g}], got {self.lr!r}")
+        if not _is_int(self.warmup) or self.warmup < 0:
+            raise LabError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
+        if not _is_num(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise LabError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            raise LabError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and (not _is_num(self.grad_clip) or self.grad_clip < 0):
+            raise LabError(f"grad_clip must be a finite number > 0 (the largest gradient norm), or 0 / None for no "
+                           f"clipping, got {self.grad_clip!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise LabError(f"seed must be a whole number in [0, 2**32), got {self.seed!r}")
+        for k in ("ckpt_every", "eval_every"):
+            if not _is_int(getattr(self, k)) or getattr(self, k) < 0:
+                raise LabError(f"{k} must be a whole number >= 0, got {getattr(self, k)!r}")
+
+
+class Diverged(LabError):
+    """Training produced a non-finite loss or parameter: nothing was saved from it."""
 
 
 @dataclass
@@ -52,6 +81,7 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int = 0
     stopped_early: bool = False  # stop_when ended the run before spec.steps
+    running_loss: float | None = None  # the training loss's running average (checkpointed: a resumed curve is exact)
 
     @property
     def last(self) -> dict:
@@ -101,7 +131,8 @@ def fit(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # one device for the base, the trainable module and the batches; accelerate picks the GPU of this process
     accelerator = Accelerator(cpu=device.type == "cpu")
-    params = list(_trainable(model).values())
+    named = _trainable(model)
+    params, param_names = list(named.values()), list(named)
     if not params:
         raise LabError("the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
@@ -118,7 +149,7 @@ def fit(
     t0 = time.perf_counter() - result.seconds
     bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps,
                disable=not accelerator.is_main_process, dynamic_ncols=True)
-    running = None
+    running = result.running_loss
     # time inside eval_fn, cumulative, so a time-to-accuracy can be read with and without the measuring itself
     eval_total = result.history[-1].get("eval_seconds", 0.0) if result.history else 0.0
     model.train()
@@ -126,13 +157,18 @@ def fit(
         batch = batch_fn(step, accelerator.process_index, accelerator.num_processes)
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss = loss_fn(model, batch)
+        lv = loss.detach().float().item()
+        if not math.isfinite(lv):
+            raise _diverged(desc, step + 1, f"the training loss is {lv}", spec, ckpt_dir)
         accelerator.backward(loss)
         if spec.grad_clip:
             accelerator.clip_grad_norm_(params, spec.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        lv = loss.detach().float().item()
+        bad = _non_finite(params, param_names)
+        if bad:
+            raise _diverged(desc, step + 1, f"parameter {bad} holds NaN or inf after the update", spec, ckpt_dir)
         running = lv if running is None else 0.95 * running + 0.05 * lv
         done = step + 1
         post = {"loss": f"{running:.3f}"}
@@ -149,6 +185,7 @@ def fit(
             post.update({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()})
             result.stopped_early = bool(stop_when is not None and not is_last and stop_when(metrics))
         bar.set_postfix(post)
+        result.running_loss = running
         result.seconds = time.perf_counter() - t0
         if ckpt_dir is not None and accelerator.is_main_process and (
                 is_last or (spec.ckpt_every and done % spec.ckpt_every == 0) or done == stop_after
@@ -162,6 +199,21 @@ def fit(
     return result
 
 
+def _non_finite(params, names) -> str | None:
+    """The name of the first parameter with a NaN or inf, or None (one check for all of them)."""
+    with torch.no_grad():
+        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return None
+        return next(n for n, p in zip(names, params) if not bool(torch.isfinite(p).all()))
+
+
+def _diverged(desc: str, step: int, what: str, spec: TrainSpec, ckpt_dir) -> Diverged:
+    kept = (f" The last checkpoint (finite weights, in {ckpt_dir}) is kept; delete it to start over with another "
+            f"learning rate." if ckpt_dir is not None and (Path(ckpt_dir) / "trainer.json").exists() else "")
+    return Diverged(f"{desc}: training diverged at step {step}: {what}. Nothing was saved. Try a lower learning "
+                    f"rate than lr={spec.lr:g} (or a smaller grad_clip).{kept}")
+
+
 def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResult, spec: TrainSpec, train_state=None):
     with atomic_dir(ckpt_dir) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
@@ -169,7 +221,7 @@ def _save_checkpoint(ckpt_dir: Path, model, opt, sched, step, result: TrainResul
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         write_json(tmp / "trainer.json", {"step": step, "spec": asdict(spec), "seconds": result.seconds,
-                                          "history": result.history,
+                                          "history": result.history, "running_loss": result.running_loss,
                                           "state": train_state.state_dict() if train_state is not None else None})
 
 
@@ -200,4 +252,5 @@ def _load_checkpoint(ckpt_dir: Path, model, opt, sched, result: TrainResult, spe
         train_state.load_state_dict(meta["state"])
     result.history = meta["history"]
     result.seconds = meta["seconds"]
+    result.running_loss = meta.get("running_loss")
     return int(meta["step"])

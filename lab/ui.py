@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-
 import streamlit as st
 
 from lab import LabError, models_dir
+from lab.bases import list_bases, load_base
 from lab.figures import to_bytes
+from lab.store import broken_artifacts, manifest_base_name, manifests
 from lab.store import find_artifacts as artifacts  # noqa: F401  (the pages' artifact pickers)
-from lab.store import manifest_base_name, manifests
 
 
 @st.cache_resource(show_spinner="loading base…")
 def cached_base(name: str):
-    from lab.bases import load_base
     return load_base(name)
 
 
 def bases_on_disk() -> list[str]:
-    from lab.bases import list_bases
     return [r["name"] for r in list_bases() if r["on_disk"]]
 
 
@@ -33,9 +31,16 @@ def base_picker(key: str = "base", prefer: tuple[str, ...] = ("tiny-gpt2", "smok
 
 
 def artifact_rows() -> list[dict]:
-    """One row per artifact on disk (any kind): folder, kind, base, config hash (the home page's table)."""
-    return [{"artifact": folder.relative_to(models_dir()).as_posix(), "kind": m.get("kind"),
-             "base": manifest_base_name(m), "config hash": m.get("config_hash")} for folder, m in manifests()]
+    """One row per artifact on disk (any kind): folder, kind, base, config hash (the home page's table). Crash
+    leftovers are never listed (and are cleaned up); a folder whose manifest is unreadable is listed as broken
+    (kind "broken", the reason in "problem"), and no picker offers it."""
+    root = models_dir()
+    rows = [{"artifact": folder.relative_to(root).as_posix(), "kind": m.get("kind"),
+             "base": manifest_base_name(m), "config hash": m.get("config_hash"), "problem": ""}
+            for folder, m in manifests(root)]
+    rows += [{"artifact": folder.relative_to(root).as_posix(), "kind": "broken", "base": None, "config hash": None,
+              "problem": why} for folder, why in broken_artifacts(root)]
+    return sorted(rows, key=lambda r: r["artifact"])
 
 
 def stop_if_none(arts, what: str, mech: str, base_name: str) -> None:

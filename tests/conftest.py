@@ -82,8 +82,7 @@ def any_base(request, lab_home, tmp_path_factory):
 @pytest.fixture(scope="session")
 def rlf_smoke(smoke_gpt2, lab_home):
     """A smoke RLF model (transformer core) trained once per session into LAB_HOME."""
-    from lab.rlf import Config
-    from lab.rlf.training import load, train_or_load
+    from lab.rlf import Config, load, train_or_load
     cfg = Config.preset("smoke")
     return load(train_or_load(cfg, smoke_gpt2).artifact.path, smoke_gpt2)
 

@@ -14,10 +14,20 @@ from hypothesis import strategies as st
 
 from lab import LabError
 from lab.channels import ChannelInjector, ChannelState, Config, TextEncoder, build, inject
-from lab.channels.data import (CAPABILITIES, CHANNEL_TEXTS, SELECTION, STATE_TEXTS, TEMPLATES, entities, entity_words,
-                               heldout_items, pool, sample_items, train_batch_items)
-from lab.channels.encoders import (ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states,
-                                   encode_time)
+from lab.channels.data import (
+    CAPABILITIES,
+    CHANNEL_TEXTS,
+    SELECTION,
+    STATE_TEXTS,
+    TEMPLATES,
+    entities,
+    entity_words,
+    heldout_items,
+    pool,
+    sample_items,
+    train_batch_items,
+)
+from lab.channels.encoders import ETHICS_CATEGORIES, channel_widths, encode_affect, encode_ethics, encode_states, encode_time
 from lab.channels.injection import check_channel_values, concat_channel_values
 
 PROMPTS = ["On Monday at dawn, Mara felt", "User: Can you help me with the market?\nAssistant: I would go"]
@@ -180,7 +190,7 @@ def test_bad_channel_values_are_lab_errors(smoke_gpt2):
     (lambda: ChannelState.from_dict("walnut"), "mapping"),
     (lambda: heldout_items("telepathy"), "unknown capability"),
     (lambda: pool("objects", "test"), "split"),
-    (lambda: Config.preset("huge"), "unknown preset"),
+    (lambda: Config.preset("huge"), "unknown channels preset .huge."),
     (lambda: Config(mode="concat"), "mode"),
     (lambda: Config(capabilities=("memory", "telepathy")), "capabilities"),
     (lambda: Config(steps=0), "steps"),
@@ -364,7 +374,7 @@ def test_training_batches_are_deterministic_and_mixed():
 # --- metrics -----------------------------------------------------------------------------------------
 
 def test_judge_free_scorers():
-    from lab.channels.eval import dominant, lexicon_score
+    from lab.channels.evaluate import dominant, lexicon_score
     keys = [["walnut"], ["copper"], ["maple"]]
     assert dominant("the walnut and the walnut, then copper", keys, 0)
     assert not dominant("the walnut and copper", keys, 0)          # a tie is not dominance
@@ -383,17 +393,20 @@ def test_judge_free_scorers():
 
 @pytest.fixture(scope="module")
 def smoke_artifacts(smoke_gpt2, tmp_path_factory):
-    from lab.channels import train_all
+    from lab.channels import train_controls, train_or_load
     cfg = Config.preset("smoke", steps=12, eval_every=4, n_heldout=6, native_steps=4, native_docs=500)
-    return cfg, train_all(cfg, smoke_gpt2, force=True)
+    model = train_or_load(cfg, smoke_gpt2, force=True)
+    controls = train_controls(cfg, smoke_gpt2, force=True)
+    return cfg, {"adapter": model.artifact, "text": controls.text, "native": controls.native}
 
 
 def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts):
-    from lab.channels import load_model
+    from lab.channels import load
     cfg, arts = smoke_artifacts
     art = arts["adapter"]
     assert (art.path / "weights.safetensors").exists() and art.kind == "channels-adapter"
-    m = load_model(art.path, smoke_gpt2)
+    m = load(art.path, smoke_gpt2)
+    assert m.config == Config.from_dict(art.config) and m.artifact.path == art.path
     assert m.injector.alpha.abs().max() > 0                         # the gates opened
     hist = art.manifest["metrics"]["alpha_history"]
     assert [h["step"] for h in hist] == [4, 8, 12]
@@ -406,7 +419,7 @@ def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts)
     mt = text.manifest["metrics"]
     assert abs(mt["n_params"] - mt["channel_arm_params"]) <= mt["n_params"] / mt["lora_rank"] / 2
     assert mt["channel_arm_params"] == m.adapter.n_params() and mt["lr"] == cfg.text_lr
-    tm = load_model(text.path, smoke_gpt2)
+    tm = load(text.path, smoke_gpt2)
     assert any(p.abs().max() > 0 for k, p in tm.adapter.state_dict().items() if "lora_B" in k)  # it trained
     # ... once per training seed (smoke: 2), each seed its own initialisation, in its own directories
     from lab.channels.train import load_native, native_run_dirs
@@ -474,16 +487,16 @@ def test_train_resume_is_exact(smoke_gpt2, tmp_path, arm):
 
 
 def test_artifact_on_another_base_is_refused(smoke_artifacts, smoke_mamba2):
-    from lab.channels import evaluate
+    from lab.channels import evaluate, load
     _, arts = smoke_artifacts
     with pytest.raises(LabError, match="trained on base"):
-        evaluate(arts["adapter"].path, smoke_mamba2)
+        evaluate(load(arts["adapter"].path, smoke_mamba2))
 
 
 def test_register_outcomes_count_prompt_pairs_not_poles():
     """The two poles of a register prompt share it and its candidates: one unit, right when both poles are."""
     from lab.channels.data import heldout_items
-    from lab.channels.eval import per_unit, unit_chance
+    from lab.channels.evaluate import per_unit, unit_chance
     items = heldout_items("affect", 5, seed=0)
     assert len(items) == 10 and len({it.pair for it in items}) == 5
     pairs = [it.pair for it in items]
@@ -500,9 +513,9 @@ def test_register_outcomes_count_prompt_pairs_not_poles():
 
 
 def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
-    from lab.channels import evaluate, write_lexicons
+    from lab.channels import evaluate, load, write_lexicons
     cfg, arts = smoke_artifacts
-    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=arts["text"], native_runs=arts["native"],
+    rep = evaluate(load(arts["adapter"], smoke_gpt2), text_artifact=arts["text"], native_runs=arts["native"],
                    log=lambda s: None)
     for cap in CAPABILITIES:
         for kind in ("LL preferred", "generation", "conflict", "channel arm vs text arm"):
@@ -557,12 +570,13 @@ def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifa
 def test_evaluate_skips_a_text_arm_of_an_older_format(smoke_gpt2, smoke_artifacts):
     """A text arm trained before the LoRA (format 3: a bias adapter) is skipped with a note, not a crash."""
     import copy
-    from lab.channels import evaluate
+
+    from lab.channels import evaluate, load
     cfg, arts = smoke_artifacts
     old = copy.copy(arts["text"])
     old.config = {**arts["text"].config, "format": 3}
     said = []
-    rep = evaluate(arts["adapter"], smoke_gpt2, text_artifact=old, attribution=False, log=said.append)
+    rep = evaluate(load(arts["adapter"], smoke_gpt2), text_artifact=old, attribution=False, log=said.append)
     assert any("format 3" in n and "skipped" in n for n in rep.notes) and any("format 3" in s for s in said)
     assert not any("text arm" in m.name for m in rep.measures)
 
@@ -575,10 +589,10 @@ def test_mamba2_adapter_trains(smoke_mamba2, tmp_path):
 
 
 def test_logprob_shift_and_attribution(smoke_gpt2, smoke_artifacts):
-    from lab.channels import load_model
+    from lab.channels import load
     from lab.channels.probes import channel_attribution, logprob_shift
     _, arts = smoke_artifacts
-    m = load_model(arts["adapter"], smoke_gpt2)
+    m = load(arts["adapter"], smoke_gpt2)
     rows = logprob_shift(m, "Mara felt", {"affect": (1.0, 0.0)}, ["joyful", "gloomy"])
     assert len(rows) == 2 and all(abs(r["shift"] - (r["logp_channels"] - r["logp_zeroed"])) < 1e-5 for r in rows)
     zero = logprob_shift(m, "Mara felt", {}, ["joyful"])
@@ -595,14 +609,16 @@ def test_logprob_shift_and_attribution(smoke_gpt2, smoke_artifacts):
 
 def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
     from typer.testing import CliRunner
+
     from lab.cli import app
     r = CliRunner().invoke(app, ["train", "channels", "--preset", "smoke", "--steps", "3", "--no-text-arm", "--force"])
     assert r.exit_code == 0, r.output
     assert "adapter:" in r.output
     # the native track, once per training seed (smoke: 2), each model's directory printed
     assert sum(line.startswith("native channels: ") for line in r.output.splitlines()) == 2, r.output
-    r = CliRunner().invoke(app, ["evaluate", "channels", "--preset", "smoke", "--no-attribution",
-                                 "--out", str(lab_home / "results" / "ch-cli")])
+    # the same config options find what `lab train` trained (nothing is retrained)
+    r = CliRunner().invoke(app, ["evaluate", "channels", "--preset", "smoke", "--steps", "3", "--no-text-arm",
+                                 "--no-attribution", "--out", str(lab_home / "results" / "ch-cli")])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (lab_home / "results" / "ch-cli" / "report.md").exists()
     report = (lab_home / "results" / "ch-cli" / "report.md").read_text()
@@ -611,6 +627,7 @@ def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
 
 def test_app_page(lab_home, smoke_artifacts):
     from pathlib import Path
+
     from streamlit.testing.v1 import AppTest
     page = Path(__file__).resolve().parents[1] / "app" / "pages" / "2_Proprioceptive_Channels.py"
     at = AppTest.from_file(str(page), default_timeout=90)
@@ -630,10 +647,10 @@ def test_app_page(lab_home, smoke_artifacts):
 
 
 def test_xattn_variant_trains_and_depends_on_the_query(smoke_gpt2, tmp_path):
-    from lab.channels import load_model, train
+    from lab.channels import load, train
     cfg = Config.preset("smoke", mode="xattn", steps=3, eval_every=3, batch_size=4)
     art = train(cfg, smoke_gpt2, out_dir=tmp_path / "x", force=True)
-    m = load_model(art.path, smoke_gpt2)
+    m = load(art.path, smoke_gpt2)
     assert m.injector.mode == "xattn" and m.injector.alpha.abs().max() > 0
     # unlike the additive form (a query-independent bias), the added vector differs across positions
     h = torch.randn(1, 5, smoke_gpt2.d_model)
@@ -660,8 +677,8 @@ def test_identity_init_reads_text_channels_in_the_base_space(smoke_gpt2):
 
 
 def test_attribution_items_carry_all_six_live_channels():
-    from lab.channels import _attribution_items
-    its = _attribution_items(Config.preset("smoke"))
+    from lab.channels.evaluate import attribution_items
+    its = attribution_items(Config.preset("smoke"))
     assert {i.capability for i in its} == set(CAPABILITIES)
     assert all(set(i.state) == {"memory", "affect", "time", "ethics", "identity", "continuity"} for i in its)
     # the item's own channel keeps its state (the label still refers to it)
@@ -676,7 +693,7 @@ def test_half_precision_base_trains_and_scores_with_float32_gates(family, mode, 
     reach the stream in its dtype (Mamba2 keeps its residual in float32 even then), closed gates are still
     bit-identical to the base, and training, scoring, generation and attribution run."""
     from lab.bases import load_base
-    from lab.channels import load_model, train
+    from lab.channels import load, train
     from lab.channels.probes import channel_attribution
     fixture = smoke_gpt2 if family == "smoke-gpt2" else smoke_mamba2
     b = load_base(fixture.path, dtype=torch.bfloat16)
@@ -690,7 +707,7 @@ def test_half_precision_base_trains_and_scores_with_float32_gates(family, mode, 
         assert torch.equal(b.model(input_ids=ids, attention_mask=mask).logits, ref)  # alpha = 0
     cfg = Config.preset("smoke", base=family, mode=mode, steps=3, eval_every=3, batch_size=4)
     art = train(cfg, b, out_dir=tmp_path / "half", force=True)
-    m = load_model(art.path, b)
+    m = load(art.path, b)
     assert m.injector.alpha.dtype == torch.float32 and m.injector.alpha.abs().max() > 0
     with torch.no_grad(), inject(b, m.injector, x, batch=2):
         out = b.model(input_ids=ids, attention_mask=mask).logits
@@ -712,7 +729,8 @@ def test_half_precision_base_trains_and_scores_with_float32_gates(family, mode, 
 def test_tiny_preset_learning_rates_are_per_base_and_overridable():
     gpt2, mamba = Config.preset("tiny"), Config.preset("tiny", base="tiny-mamba2")
     assert (gpt2.lr, gpt2.text_lr) == (0.12, 1e-3)
-    assert (mamba.lr, mamba.text_lr) == (6e-2, 1e-4) == tuple(Config.TUNED_LRS[("tiny", "tiny-mamba2")].values())
+    tuned = Config.PER_BASE[("tiny", "tiny-mamba2")]
+    assert (mamba.lr, mamba.text_lr) == (6e-2, 1e-4) == (tuned["lr"], tuned["text_lr"])
     assert Config.preset("tiny", base="tiny-mamba2", lr=0.5, text_lr=2e-3).lr == 0.5  # an explicit choice wins
     assert Config.preset("smoke", base="tiny-mamba2").lr == Config.preset("smoke").lr  # tuned for the tiny preset only
     assert Config.preset("tiny", base="tiny-mamba2").to_dict()["lr"] == 6e-2  # so it keys the artifact
@@ -728,12 +746,32 @@ def test_native_seeds_are_validated_and_do_not_retrain_the_adapter_arms():
     for arm in ("channel", "text"):
         assert a.training_dict(arm) == b.training_dict(arm)
         assert Config.training_view(b.to_dict(), arm) == a.training_dict(arm)
-    # nor does what `lab reproduce` switches off for tiny-mamba2 (its text arm and native track)
+    # nor does what a base joining another's report switches off (tiny-mamba2 in the tiny report: its text arm and
+    # native track)
     m = Config.preset("tiny", base="tiny-mamba2")
-    assert Config.preset("tiny", base="tiny-mamba2", train_text_arm=False, native=False).training_dict("channel") == \
-        m.training_dict("channel")
+    joined = Config.preset("tiny").on_base("tiny-mamba2")
+    assert Config.preset("tiny").extra_bases == ("tiny-mamba2",) and m.extra_bases == ()
+    assert (joined.train_text_arm, joined.native, joined.lr, joined.text_lr) == (False, False, m.lr, m.text_lr)
+    assert joined.training_dict("channel") == m.training_dict("channel")
+    assert "extra_bases" not in m.to_dict() and m.to_dict()["format"] == Config.FORMAT
     assert Config.preset("tiny", steps=5).training_dict("channel") != a.training_dict("channel")  # its own knobs do
     # one directory per seed and model, two levels under the models directory (where the dashboard lists artifacts)
     from lab.channels.train import native_run_dirs
     runs = native_run_dirs(Config.preset("tiny", seed=4), root="/m")
     assert [run["channels"].as_posix() for run in runs] == [f"/m/channels-native-tiny-seed{s}/channels" for s in (4, 5, 6)]
+
+
+def test_run_is_the_whole_pipeline_and_joins_extra_bases(smoke_gpt2, smoke_mamba2):
+    """`run` trains what is missing and evaluates; a base in `extra_bases` that is on disk joins the report with
+    its adapter track (its own per-base config, no text arm, no native track), every name marked by its base."""
+    from lab.channels import run
+    cfg = Config.preset("smoke", steps=3, eval_every=3, batch_size=4, n_heldout=4, gen_tokens=2, native=False,
+                        train_text_arm=False, extra_bases=("smoke-mamba2",))
+    rep = run(cfg, smoke_gpt2, progress=False, attribution=False)
+    mine = [m.name for m in rep.measures if not m.name.startswith("[")]
+    joined = [m.name for m in rep.measures if m.name.startswith("[smoke-mamba2] ")]
+    assert mine and [n.split("] ", 1)[1] for n in joined] == mine
+    assert not any("text arm" in n or n.startswith("native") for n in mine)  # the config trains neither control
+    assert {"alpha_heatmap", "alpha_heatmap_smoke_mamba2"} <= set(rep.figures)
+    assert "[smoke-mamba2] alpha (final, layer x channel)" in rep.tables and "[smoke-mamba2] lexicons" not in rep.tables
+    assert "channels-smoke-smoke-mamba2" in rep.provenance["smoke-mamba2 artifact"]

@@ -11,9 +11,9 @@ import torch
 
 from lab import LabError
 from lab.combiner import bpb as B
-from lab.combiner.combiner import Combiner, combined_logits
 from lab.combiner.features import as_tensors, collect_features, load_features, split
 from lab.combiner.fit import _ridge_solve, ce_nats, fit_ce, fit_ridge
+from lab.combiner.model import Combiner, combined_logits
 from lab.combiner.thinking import think, think_every_position
 
 PROMPTS = ["On Monday at dawn, Mara the baker felt", "K = walnut. R = K. What is R? Answer"]
@@ -302,26 +302,52 @@ def test_bad_evaluation_input(smoke_gpt2):
         Config.preset("smoke", window=8, stride=16)
     with pytest.raises(LabError, match="unknown combiner preset"):
         Config.preset("huge")
+    with pytest.raises(LabError, match="separator"):
+        Config.preset("smoke", separator="tab")
+    with pytest.raises(LabError, match="k_max"):
+        Config.preset("smoke", k_max=5)
+
+
+def test_config_presets_artifact_path_and_saved_form():
+    """The artifact records the config without preset_name (which only names its folder), so its hash is the
+    same for every preset with the same values; the folder is models/combiner-<preset>-<base>."""
+    from lab import models_dir
+    from lab.combiner import Config
+    cfg = Config.preset("smoke", seed=3)
+    assert (cfg.preset_name, cfg.base, cfg.seed, cfg.n_features, cfg.ridge_lambdas) == ("smoke", "smoke-gpt2", 3, 1024, (1e-2, 1e-1))
+    assert cfg.artifact_path() == models_dir() / "combiner-smoke-smoke-gpt2"
+    assert "preset_name" not in cfg.saved() and set(cfg.saved()) | {"preset_name"} == set(cfg.to_dict())
+    assert Config.from_dict(cfg.saved()).with_(preset_name="smoke") == cfg
+    assert Config.preset("tiny") == Config(preset_name="tiny")
+    assert Config.preset("paper").base == "Qwen/Qwen2.5-0.5B"
 
 
 # --- the experiment end to end -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_run(smoke_gpt2, tmp_path_factory):
+def small_run(smoke_gpt2):
+    """A small fit saved where the app finds it (models/combiner-test-smoke-gpt2)."""
     from lab.combiner import Config, train
     cfg = Config.preset("smoke", n_features=384, k_max=2, ce_steps=12, ce_batch=128, eval_docs=120,
-                        check_tokens=40, ridge_lambdas=(1e-1,))
-    art = train(cfg, smoke_gpt2, out_dir=tmp_path_factory.mktemp("comb") / "combiner-test", progress=False)
+                        check_tokens=40, ridge_lambdas=(1e-1,)).with_(preset_name="test")
+    art = train(cfg, smoke_gpt2, progress=False)
+    assert art.path == cfg.artifact_path()
     return cfg, art
 
 
 def test_train_and_evaluate_report(smoke_gpt2, small_run, tmp_path):
-    from lab.combiner import combiners, evaluate, load
+    from lab.combiner import FittedCombiners, evaluate, load, train_or_load
     cfg, art = small_run
-    assert set(combiners(art, smoke_gpt2)) == {(f, k) for f in ("ce", "ridge") for k in (1, 2)}
-    again = load(art.path, smoke_gpt2)  # verified against the base fingerprint
-    assert set(again.tensors) == set(art.tensors)
-    rep = evaluate(art, smoke_gpt2, progress=False)
+    model = load(art.path, smoke_gpt2)  # verified against the base fingerprint
+    assert isinstance(model, FittedCombiners) and model.artifact.path == art.path
+    assert set(model.combiners) == {(f, k) for f in ("ce", "ridge") for k in (1, 2)}
+    assert set(model.artifact.tensors) == set(art.tensors)
+    assert torch.count_nonzero(model.control.M) == 0 and model[("ce", 1)].M.abs().sum() > 0
+    assert [r["k"] for r in model.fit_table()] == ["k1", "k2"]
+    # train_or_load finds the same artifact for the same config (nothing retrained) and carries the config
+    again = train_or_load(cfg, smoke_gpt2)
+    assert again.config == cfg and again.artifact.manifest["weights_sha256"] == art.manifest["weights_sha256"]
+    rep = evaluate(model, progress=False)
     ident = rep.measure("delta bpb, identity combiner (chunked)")
     assert ident.value == 0.0 and ident.extra["bit_exact"] and ident.extra["max_abs_token_delta_nats"] == 0.0
     assert "0 (bit-exact)" in rep.published[ident.name].value
@@ -342,7 +368,7 @@ def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
     both fits and the bits-per-byte evaluation (chunked, identity, sliding window) run and give finite numbers,
     and the zero-init combiner is still the base bit for bit."""
     from lab.bases import load_base
-    from lab.combiner import Config, combiners, control_combiner, evaluate, train
+    from lab.combiner import Config, evaluate, load, train
     from lab.corpus import heldout_text
     b16 = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
     assert b16.dtype == torch.bfloat16
@@ -375,9 +401,10 @@ def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
     cfg = Config.preset("smoke", n_features=128, k_max=1, ce_steps=3, ce_batch=64, eval_docs=40, check_tokens=20,
                         ridge_lambdas=(1e-1,))
     art = train(cfg, b16, out_dir=tmp_path / "combiner-bf16", progress=False)
-    loaded = {**combiners(art, b16), "control": control_combiner(art, b16)}
+    model = load(art, b16)
+    loaded = {**model.combiners, "control": model.control}
     assert all(p.dtype == torch.float32 for c in loaded.values() for p in c.parameters())
-    rep = evaluate(art, b16, progress=False)
+    rep = evaluate(model, progress=False)
     ident = rep.measure("delta bpb, identity combiner (chunked)")
     assert ident.value == 0.0 and ident.extra["bit_exact"]
     assert all(np.isfinite(m.value) for m in rep.measures)
@@ -419,10 +446,8 @@ def test_an_artifact_missing_a_fit_record_is_a_clear_error(smoke_gpt2, small_run
         load(old, smoke_gpt2)
 
 
-def test_app_page(smoke_gpt2, small_run, monkeypatch):
+def test_app_page(smoke_gpt2, small_run):
     from streamlit.testing.v1 import AppTest
-    cfg, art = small_run
-    monkeypatch.setenv("LAB_COMBINER_ARTIFACT", str(art.path))
     page = Path(__file__).resolve().parents[1] / "app" / "pages" / "4_Thinking_Combiner.py"
     at = AppTest.from_file(str(page), default_timeout=120)
     at.run()
@@ -439,12 +464,14 @@ def test_app_page(smoke_gpt2, small_run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_reproduce_section_smoke(smoke_gpt2, tmp_path):
-    from lab.combiner import artifact_dir, reproduce_section
-    rep = reproduce_section("smoke", 0, tmp_path / "out")
-    assert (tmp_path / "out" / "report.md").exists() and (artifact_dir("smoke", "smoke-gpt2") / "manifest.json").exists()
+def test_run_smoke(smoke_gpt2, tmp_path):
+    from lab.combiner import Config, run
+    cfg = Config.preset("smoke")
+    rep = run(cfg, progress=False)
+    assert (cfg.artifact_path() / "manifest.json").exists()
+    assert (rep.save(tmp_path / "out", formats=()) / "report.md").exists()
     assert rep.measure("delta bpb, identity combiner (chunked)").value == 0.0
     assert {"identity delta (zero-init combiner)", "fitted delta before quantization (k=1, cross-entropy fit)"} <= \
         {p.claim for p in rep.published.values()}
-    again = reproduce_section("smoke", 0, tmp_path / "out2")  # reuses the artifact: same numbers
+    again = run(cfg, smoke_gpt2, progress=False)  # reuses the artifact: same numbers
     assert again.measure("delta bpb, ce combiner k=1 (chunked)").value == rep.measure("delta bpb, ce combiner k=1 (chunked)").value

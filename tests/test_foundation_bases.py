@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lab import LabError
-from lab.bases import PRESETS, list_bases, load_base, pretrain
+from lab.bases import PRESETS, list_bases, load_base
+from lab.pretrain import pretrain
 
 
 def test_smoke_base_beats_unigram(smoke_gpt2):
@@ -21,9 +22,8 @@ def test_smoke_base_beats_unigram(smoke_gpt2):
 def test_heldout_comparison_has_a_ci_and_pairs_the_unigram_on_the_same_tokens(smoke_gpt2):
     import numpy as np
 
-    from lab.corpus import corpus_tokens
+    from lab.corpus import corpus_tokens, load_tokenizer
     from lab.pretrain import heldout_comparison, heldout_loss, unigram_window_losses
-    from lab.corpus import load_tokenizer
 
     p = PRESETS["smoke-gpt2"]
     r = heldout_comparison("smoke-gpt2", n_windows=40)
@@ -198,8 +198,7 @@ def test_generate_is_the_greedy_argmax_continuation(smoke_gpt2):
 
 def test_corpus_token_cache_never_wraps_a_large_vocabulary(tmp_path, monkeypatch):
     """The token cache is uint16 for the lab's vocabulary; a tokenizer past 65,536 ids gets int32, same ids."""
-    from lab.corpus import corpus_tokens
-    from lab.corpus import load_tokenizer
+    from lab.corpus import corpus_tokens, load_tokenizer
 
     monkeypatch.setenv("LAB_HOME", str(tmp_path))
     small = load_tokenizer()

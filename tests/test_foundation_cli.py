@@ -23,7 +23,7 @@ def test_bases_lists_presets(smoke_gpt2):
     assert rows["smoke-gpt2"]["on_disk"]
     r = CliRunner().invoke(app, ["bases"])
     assert "smoke-gpt2" in r.output and "lab pretrain" in r.output  # the command for what is missing
-    line = next(l for l in r.output.splitlines() if l.startswith("smoke-gpt2 "))
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("smoke-gpt2 "))
     ho = rows["smoke-gpt2"]
     assert f"{ho['heldout_loss']:.3f} [{ho['heldout_loss_ci95'][0]:.3f}" in line and "p = " in line
 
@@ -62,12 +62,14 @@ def test_ui_lists_artifacts_from_their_manifests(tmp_path, monkeypatch):
     assert artifacts("innerlink", "smoke-gpt2") == {"innerlink-a-smoke-gpt2": models / "innerlink-a-smoke-gpt2",
                                                     "innerlink-b-smoke-gpt2": models / "innerlink-b-smoke-gpt2"}
     assert artifacts("channels-adapter", "smoke-gpt2") == {"channels-a-smoke-gpt2": models / "channels-a-smoke-gpt2" / "adapter"}
-    # the home page's table: every readable artifact once, the broken manifest skipped, a base given as a string kept as None
+    # the home page's table: every artifact once, the unreadable manifest as "broken" (no picker offers it), a base
+    # given as a string kept as None
     (models / "innerlink-oddbase").mkdir()
     write_json(models / "innerlink-oddbase" / "manifest.json", {"kind": "innerlink", "base": "gpt2"})
     rows = {r["artifact"]: (r["kind"], r["base"]) for r in artifact_rows()}
     assert rows["channels-a-smoke-gpt2/adapter"] == ("channels-adapter", "smoke-gpt2")
-    assert rows["innerlink-oddbase"] == ("innerlink", None) and "innerlink-broken" not in rows and len(rows) == 7
+    assert rows["innerlink-oddbase"] == ("innerlink", None) and rows["innerlink-broken"] == ("broken", None)
+    assert len(rows) == 8
 
 
 def test_ui_stops_with_the_training_command_when_nothing_is_trained():
@@ -75,6 +77,7 @@ def test_ui_stops_with_the_training_command_when_nothing_is_trained():
 
     def page():
         import streamlit as st
+
         from lab.ui import stop_if_none
         stop_if_none({}, "inner link", "innerlink", "tiny-mamba2")
         st.markdown("not reached")

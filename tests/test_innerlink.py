@@ -11,9 +11,8 @@ import torch
 
 from lab import LabError
 from lab.corpus import PERSONAS
-from lab.innerlink import InnerLink, param_count
+from lab.innerlink import Config, InnerLink, param_count
 from lab.innerlink import handoff as H
-from lab.innerlink.training import Config
 
 
 def small_config(**kw) -> Config:
@@ -23,10 +22,10 @@ def small_config(**kw) -> Config:
 
 @pytest.fixture(scope="module")
 def trained(smoke_gpt2, lab_home):
-    from lab.innerlink.training import artifact_dir, load, train
+    from lab.innerlink.train import artifact_dir, load, train
     cfg = small_config()
     art = train(cfg, smoke_gpt2, out_dir=artifact_dir("test", smoke_gpt2))
-    link, _, _ = load(art.path, smoke_gpt2)
+    link = load(art.path, smoke_gpt2)
     return cfg, art, link
 
 
@@ -89,6 +88,7 @@ def test_cache_is_keyed_by_its_token_cut(trained, smoke_gpt2):
     """A cache cut at another max_tokens holds other rows: it is another cache, and a directory whose
     record disagrees with what was asked for is refused, not silently reused."""
     import shutil
+
     from lab.innerlink.cache import cache_path, get_cache
     cfg = trained[0]
     short = get_cache(smoke_gpt2, "heldout", 3, cfg.cache_seed, max_tokens=8)
@@ -106,7 +106,8 @@ def test_cache_is_keyed_by_its_token_cut(trained, smoke_gpt2):
 
 def test_control_tokens_are_never_the_target():
     import numpy as np
-    from lab.innerlink.training import other_tokens
+
+    from lab.innerlink.evaluate import other_tokens
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 500)  # few distinct tokens: a plain permutation would clash on about a third of rows
     other = other_tokens(y, y, rng)
@@ -127,8 +128,9 @@ def test_cache_from_another_base_is_laberror(trained, smoke_gpt2, smoke_mamba2):
 
 
 def test_artifact_saved_through_store_and_tied_to_base(trained, smoke_gpt2, smoke_mamba2):
-    from lab.innerlink.training import load
+    from lab.innerlink.train import load
     cfg, art, link = trained
+    assert link.config == Config.from_dict(art.config) and link.artifact.path == art.path
     assert (art.path / "weights.safetensors").exists() and art.manifest["kind"] == "innerlink"
     assert art.manifest["base"]["fingerprint"] == smoke_gpt2.fingerprint
     assert art.manifest["metrics"]["n_params"] == param_count(smoke_gpt2.d_model)
@@ -137,7 +139,8 @@ def test_artifact_saved_through_store_and_tied_to_base(trained, smoke_gpt2, smok
 
 
 def test_training_improves_heldout_cosine_and_beats_controls(trained, smoke_gpt2):
-    from lab.innerlink.training import caches, cosine_measures, heldout_cosines
+    from lab.innerlink.cache import caches
+    from lab.innerlink.evaluate import cosine_measures, heldout_cosines
     cfg, art, link = trained
     hist = art.manifest["metrics"]["history"]
     assert hist[-1]["heldout_cos"] > 0.5
@@ -148,7 +151,7 @@ def test_training_improves_heldout_cosine_and_beats_controls(trained, smoke_gpt2
     assert main.value > ctrl.value and gain.ci_low > 0 and gain.p_value < 0.05
     assert main.extra["n_tokens"] == len(held)
     # the figure draws each control at its own mean with its own CI (not the paired difference's CI)
-    from lab.innerlink.experiment import cosine_figure
+    from lab.innerlink.evaluate import cosine_figure
     bars = cosine_figure(ms).data[0]
     for i, m in ((2, ms[3]), (3, ms[4])):
         lo, hi = m.extra["control_ci"]
@@ -157,7 +160,7 @@ def test_training_improves_heldout_cosine_and_beats_controls(trained, smoke_gpt2
 
 
 def test_training_resumes_exactly(smoke_gpt2, tmp_path):
-    from lab.innerlink.training import train
+    from lab.innerlink.train import train
     cfg = small_config(steps=6, seed=3)
     full = train(cfg, smoke_gpt2, out_dir=tmp_path / "full")
     assert train(cfg, smoke_gpt2, out_dir=tmp_path / "part", stop_after=3) is None
@@ -169,7 +172,8 @@ def test_training_resumes_exactly(smoke_gpt2, tmp_path):
 
 def test_latent_rollout_feeds_latents_as_input_embeddings(trained, smoke_gpt2):
     from lab.hooks import forward
-    from lab.innerlink.training import latent_rollout, rollout_eval
+    from lab.innerlink.evaluate import rollout_eval
+    from lab.innerlink.model import latent_rollout
     cfg, _, link = trained
     ids = torch.tensor([smoke_gpt2.tokenizer.encode("K = walnut. What is K?", add_special_tokens=False)])
     lat, raw = latent_rollout(smoke_gpt2, link, smoke_gpt2.embed(ids), 3)
@@ -324,7 +328,7 @@ def test_benchmark_reports_every_arm_with_n_ci_and_mcnemar(smoke_gpt2, trained):
 def test_recon_objective_trains_the_map_and_is_saved(smoke_gpt2, trained, tmp_path):
     from lab.innerlink import reconstruct as RC
     cfg, _, link = trained
-    cfg = cfg.replace(recon_steps=8, recon_batch=4, handoff_steps=2, recon_lr=3e-3)
+    cfg = cfg.with_(recon_steps=8, recon_batch=4, handoff_steps=2, recon_lr=3e-3)
     items = H.make_items(5, "val", 9)
     # gradients reach the map through frozen B and A's rollout, and only the map
     rmap = InnerLink(smoke_gpt2.d_model)
@@ -338,7 +342,8 @@ def test_recon_objective_trains_the_map_and_is_saved(smoke_gpt2, trained, tmp_pa
     m = art.manifest["metrics"]
     assert art.manifest["kind"] == "innerlink-recon" and len(m["history"]) >= 1
     assert m["history"][-1]["val_recon_cos"] > m["val_recon_cos_inner_link"]  # the objective it optimises
-    r, _ = RC.load_recon(tmp_path / "recon", smoke_gpt2)
+    r = RC.load_recon(tmp_path / "recon", smoke_gpt2)
+    assert r.artifact.path == tmp_path / "recon" and r.config == cfg
     assert RC.recon_cosines(smoke_gpt2, r, items, 2).shape == (5,)
 
 
@@ -348,31 +353,32 @@ def test_recon_for_finds_the_map_made_for_this_link_by_config_not_by_folder_name
 
     from lab import models_dir
     from lab.innerlink import reconstruct as RC
-    from lab.innerlink.experiment import LINK_FIELDS, recon_for
+    from lab.innerlink.config import LINK_FIELDS
+    from lab.innerlink.reconstruct import recon_for
     from lab.store import read_json, write_json
     cfg, art, link = trained
-    RC.train_recon(cfg.replace(recon_steps=2, recon_batch=4, handoff_steps=2), smoke_gpt2, link,
+    RC.train_recon(cfg.with_(recon_steps=2, recon_batch=4, handoff_steps=2), smoke_gpt2, link,
                    H.make_items(8, "test", 0), out_dir=tmp_path / "recon")
     want = read_json(art.path / "config.json")
-    # a map from another link (a link field differs), under the name the old folder-name rule would have picked
+    # a map from another link (a link field differs), under the name a folder-name rule would pick
     other = models_dir() / art.path.name.replace("innerlink-", "innerlink-recon-", 1)
     shutil.rmtree(other, ignore_errors=True)
     shutil.copytree(tmp_path / "recon", other)
     write_json(other / "config.json", {**read_json(other / "config.json"), "seed": want["seed"] + 1})
-    found = recon_for(art.path, smoke_gpt2)
+    found = recon_for(link, smoke_gpt2)
     assert found != other
     mine = models_dir() / "innerlink-recon-mine-smoke-gpt2"
     shutil.copytree(tmp_path / "recon", mine)
-    found = recon_for(art.path, smoke_gpt2)
+    found = recon_for(link, smoke_gpt2)
     assert found is not None and found != other
     assert all(read_json(found / "config.json").get(f) == want.get(f) for f in LINK_FIELDS)
     write_json(mine / "config.json", want)  # one with exactly the link's config is preferred
-    assert recon_for(art.path, smoke_gpt2) == mine
-    # the base re-pretrained under the same name: no map made on the old one is offered
+    assert recon_for(link, smoke_gpt2) == mine
+    # the base re-pretrained under the same name: no map made on the previous weights is offered
     import copy
     retrained = copy.copy(smoke_gpt2)
     retrained.__dict__["fingerprint"] = "f" * 64
-    assert recon_for(art.path, retrained) is None
+    assert recon_for(link, retrained) is None
     shutil.rmtree(other)
     shutil.rmtree(mine)
 
@@ -385,13 +391,16 @@ def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
     and the reconstruction objective run end to end, with latents in the base's dtype."""
     from lab.bases import load_base
     from lab.innerlink import reconstruct as RC
-    from lab.innerlink.training import caches, cosine_measures, heldout_cosines, latent_rollout, load, rollout_eval, train
+    from lab.innerlink.cache import caches
+    from lab.innerlink.evaluate import cosine_measures, heldout_cosines, rollout_eval
+    from lab.innerlink.model import latent_rollout
+    from lab.innerlink.train import load, train
     b16 = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
     assert b16.dtype == torch.bfloat16
     d = b16.d_model
     cfg = small_config(train_docs=40, heldout_docs=12, steps=4, batch_size=32, eval_rows=64, rollout_prompts=4)
     art = train(cfg, b16, out_dir=tmp_path / "link")
-    link, _, _ = load(art.path, b16)
+    link = load(art.path, b16)
     assert all(p.dtype == torch.float32 for p in link.parameters())
     assert np.isfinite(art.manifest["metrics"]["history"][-1]["heldout_cos"])
     # the adapter computes in float32 and hands back the dtype it was given
@@ -431,9 +440,12 @@ def test_half_precision_base_end_to_end(smoke_gpt2, tmp_path):
 # --- evaluate, CLI, app -----------------------------------------------------------------------------
 
 def test_evaluate_report_answers_published_figures(trained, smoke_gpt2):
-    from lab.innerlink import evaluate
+    from lab.innerlink import evaluate, load
     cfg, art, link = trained
-    rep = evaluate(art.path, smoke_gpt2, recon=link, n_items=12)
+    small = load(art.path, smoke_gpt2)
+    small.config = small.config.with_(handoff_items=12)  # the sizes come from the link's config
+    rep = evaluate(small, smoke_gpt2, recon=link)
+    assert rep.measure("hand-off exact match: inner-link latent").n == 12
     assert rep.published["inner-link mean cos(R_in(h_t), Emb(y_t+1))"].value == "0.74"
     assert rep.published["control cos(R_in(h_t), Emb(random other token))"].value == "≈0.005"
     assert rep.published["hand-off exact match: inner-link latent"].value == "0 of 18"
@@ -445,14 +457,22 @@ def test_cli_train_and_evaluate(lab_home, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from lab.cli import app
-    from lab.innerlink import training as T
-    orig = T.Config.preset
-    monkeypatch.setattr(T.Config, "preset", classmethod(lambda cls, name, **kw: orig.__func__(
+    from lab.innerlink.config import Config as C
+    orig = C.preset
+    monkeypatch.setattr(C, "preset", classmethod(lambda cls, name, **kw: orig.__func__(
         cls, name, **{**dict(train_docs=60, heldout_docs=20, steps=4, batch_size=32, rollout_prompts=8,
-                          handoff_items=200, recon_steps=2, recon_batch=2), **kw})))
+                          handoff_items=200, recon_steps=2, recon_batch=2),
+                      **{k: v for k, v in kw.items() if v is not None}})))
+    from lab import models_dir
     r = CliRunner().invoke(app, ["train", "innerlink", "--preset", "smoke"])
     assert r.exit_code == 0, r.output
     assert "2d²+6d" in r.output and "reconstruction map" in r.output
+    # training again reuses both the link and the reconstruction map made for this config
+    made = {d: (models_dir() / d / "manifest.json").stat().st_mtime_ns
+            for d in ("innerlink-smoke-smoke-gpt2", "innerlink-recon-smoke-smoke-gpt2")}
+    r = CliRunner().invoke(app, ["train", "innerlink", "--preset", "smoke"])
+    assert r.exit_code == 0, r.output
+    assert made == {d: (models_dir() / d / "manifest.json").stat().st_mtime_ns for d in made}
     r = CliRunner().invoke(app, ["evaluate", "innerlink", "--preset", "smoke", "--items", "10", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "hand-off exact match: inner-link latent" in r.output and "pointer-chain hand-off" in r.output and (tmp_path / "report.md").exists()

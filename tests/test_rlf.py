@@ -12,7 +12,6 @@ import torch
 
 from lab import LabError
 
-
 # --- data ------------------------------------------------------------------------------------------
 
 def test_problems_need_dereferencing():
@@ -73,8 +72,7 @@ def test_targets_are_path_then_halt(smoke_gpt2):
 
 
 def test_heldout_sets_saved_deterministic_and_disjoint_from_training(lab_home):
-    from lab.rlf.data import (TEST_HOPS, excluded_prompts, generate_heldout_set, heldout_path, heldout_set,
-                              train_batch)
+    from lab.rlf.data import TEST_HOPS, excluded_prompts, generate_heldout_set, heldout_path, heldout_set, train_batch
     sets = {h: heldout_set(h, 500) for h in TEST_HOPS}
     for h, s in sets.items():
         assert len(s) == 500 and len({p.prompt for p in s}) == 500 and all(p.hops == h for p in s)
@@ -172,9 +170,9 @@ def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, co
 
 def test_baseline_switches(smoke_gpt2):
     from lab.rlf import Config
-    from lab.rlf.model import build
-    from lab.rlf.training import supervision
     from lab.rlf.data import make_problem
+    from lab.rlf.model import build
+    from lab.rlf.train import supervision
     m = build(Config.preset("smoke", lifeline=False), smoke_gpt2)
     assert "gate" not in {n for n, p in m.named_parameters()} and torch.count_nonzero(m.gate) == 0
     cfg = Config.preset("smoke", supervision="answer_only")
@@ -190,7 +188,7 @@ def test_baseline_switches(smoke_gpt2):
 
 def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
     from lab.rlf import Config
-    from lab.rlf.training import train
+    from lab.rlf.train import train
     cfg = Config.preset("smoke", steps=6, eval_every=3, ckpt_every=3, val_n_per_hop=2)
     full = train(cfg, smoke_gpt2, tmp_path / "full")
     part = train(cfg, smoke_gpt2, tmp_path / "resumed", stop_after=3)
@@ -214,7 +212,7 @@ def test_training_can_stop_at_a_validation_target_and_resume(smoke_gpt2, tmp_pat
     """stop_at_val (time-to-accuracy benches) ends the run at the first validation at or above it, keeps a
     resumable checkpoint and its history; a run that never reaches it trains to the end."""
     from lab.rlf import Config
-    from lab.rlf.training import train
+    from lab.rlf.train import train
     cfg = Config.preset("smoke", steps=6, eval_every=2, ckpt_every=6, val_n_per_hop=2)
     early = train(cfg, smoke_gpt2, tmp_path / "early", stop_at_val=0.0)   # any validation meets 0.0
     assert early.manifest["stopped_at"] == 2 and [h["step"] for h in early.manifest["history"]] == [2]
@@ -232,10 +230,10 @@ def test_half_precision_base_trains_and_explains(smoke_gpt2, tmp_path):
     from lab.bases import load_base
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
-    from lab.rlf.evaluation import explain, solve
+    from lab.rlf.infer import explain, solve
     from lab.rlf.model import encode_prompts
     from lab.rlf.probes import attribute, collect_latents
-    from lab.rlf.training import load, supervision, train
+    from lab.rlf.train import load, supervision, train
     base = load_base(smoke_gpt2.path, device=smoke_gpt2.device, dtype=torch.bfloat16)
     assert base.dtype == torch.bfloat16
     cfg = Config.preset("smoke", steps=3, eval_every=3, ckpt_every=3, val_n_per_hop=2)
@@ -274,7 +272,7 @@ def test_half_precision_base_trains_and_explains(smoke_gpt2, tmp_path):
 def test_adaptive_curriculum_opens_the_next_hop_only_when_the_newest_is_learned():
     from lab.rlf import Config
     from lab.rlf.data import train_batch
-    from lab.rlf.training import HopCurriculum
+    from lab.rlf.train import HopCurriculum
     cfg = Config.preset("smoke", max_train_hops=3, curriculum_steps=3000, curriculum_threshold=0.75,
                         curriculum_window=8)
     cur = HopCurriculum(cfg)
@@ -322,7 +320,7 @@ def test_adaptive_curriculum_opens_the_next_hop_only_when_the_newest_is_learned(
 def test_training_with_an_adaptive_curriculum_resumes_exactly(smoke_gpt2, tmp_path, monkeypatch):
     from lab.rlf import Config
     from lab.rlf.model import RLF
-    from lab.rlf.training import train
+    from lab.rlf.train import train
     # a smoke model answers nothing right in 8 steps: report every training answer right, so hop counts
     # open at once (steps 1 and 2), and the resumed half (from step 5) must take its cap from the checkpoint
     loss = RLF.loss
@@ -347,7 +345,7 @@ def test_baselines_and_controls_must_be_trained_like_the_method(rlf_smoke, smoke
     switch: evaluate and the gate null refuse it, naming each differing field."""
     from lab.rlf import Config
     from lab.rlf.config import VARIANT_FIELDS
-    from lab.rlf.evaluation import evaluate
+    from lab.rlf.evaluate import evaluate
     from lab.rlf.model import build
     from lab.rlf.probes import gate_partition
     other_recipe = build(Config.preset("smoke", lifeline=False, lr=5e-3), smoke_gpt2)
@@ -362,7 +360,7 @@ def test_baselines_and_controls_must_be_trained_like_the_method(rlf_smoke, smoke
 
 
 def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke, tmp_path):
-    from lab.rlf.evaluation import ABLATIONS, evaluate
+    from lab.rlf.evaluate import ABLATIONS, evaluate
     rep = evaluate(rlf_smoke, baselines={"same model (sanity)": rlf_smoke}, n=8, max_hops=4, progress=False)
     names = [m.name for m in rep.measures]
     for h in range(1, 5):
@@ -382,8 +380,10 @@ def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke,
 
 def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
     import numpy as np
+
     from lab.rlf.data import Problem
-    from lab.rlf.evaluation import ERROR_KINDS, Trace, first_error_table, first_errors
+    from lab.rlf.evaluate import ERROR_KINDS, first_error_table, first_errors
+    from lab.rlf.infer import Trace
     w = rlf_smoke.vocab.word_id
     halt = rlf_smoke.vocab.halt_id
     p = Problem("SX = P. P = D. RJ = D. D = willow. ZD = cobalt. K = M. M = Q. Q = amber. What is SX?\nAnswer:",
@@ -412,8 +412,8 @@ def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
 
 
 def test_lifeline_interventions_change_the_loop(rlf_smoke):
-    from lab.rlf.model import Lifeline, encode_prompts
     from lab.rlf.data import heldout_set
+    from lab.rlf.model import Lifeline, encode_prompts
     probs = heldout_set(2, 500)[:6]
     ids, mask = encode_prompts(rlf_smoke.base, [p.prompt for p in probs])
     with torch.no_grad():
@@ -441,8 +441,17 @@ def test_probes_on_smoke(rlf_smoke, smoke_gpt2, request):
     from lab.rlf import Config
     from lab.rlf.data import heldout_set
     from lab.rlf.model import build
-    from lab.rlf.probes import (attribution_heatmap, attribution_test, gate_ablation, gate_partition,
-                                partition_ablations, spread, state_probe, trajectories, trajectory_figure)
+    from lab.rlf.probes import (
+        attribution_heatmap,
+        attribution_test,
+        gate_ablation,
+        gate_partition,
+        partition_ablations,
+        spread,
+        state_probe,
+        trajectories,
+        trajectory_figure,
+    )
     probs = [p for h in (1, 2, 3) for p in heldout_set(h, 500)[:10]]
     tr = trajectories(rlf_smoke, probs, "pca")
     assert tr["xy_on"].shape == (sum(p.hops + 1 for p in probs), 2) and tr["xy_off"].shape == tr["xy_on"].shape
@@ -494,8 +503,8 @@ def test_umap_trajectory_supported(rlf_smoke):
 # --- bad input -------------------------------------------------------------------------------------
 
 def test_bad_input_is_a_clear_error(rlf_smoke, smoke_mamba2, tmp_path):
-    from lab.rlf.evaluation import explain, solve
-    from lab.rlf.training import load
+    from lab.rlf.infer import explain, solve
+    from lab.rlf.train import load
     good = "K = walnut. R = K. What is R?\nAnswer:"
     with pytest.raises(LabError, match="answer marker"):
         explain(rlf_smoke, "K = walnut. What is K?", 4)
@@ -504,7 +513,7 @@ def test_bad_input_is_a_clear_error(rlf_smoke, smoke_mamba2, tmp_path):
     with pytest.raises(LabError, match="'R' is not defined"):
         explain(rlf_smoke, "K = walnut. What is R?\nAnswer:", 4)
     with pytest.raises(LabError, match="context"):
-        explain(rlf_smoke, " ".join(f"K = walnut." for _ in range(400)) + " What is K?\nAnswer:", 4)
+        explain(rlf_smoke, " ".join("K = walnut." for _ in range(400)) + " What is K?\nAnswer:", 4)
     for cap in (0, -3):
         with pytest.raises(LabError, match="loop cap"):
             explain(rlf_smoke, good, cap)
@@ -558,16 +567,40 @@ def test_cli_train_and_evaluate_smoke(smoke_gpt2, lab_home, tmp_path):
     r = CliRunner().invoke(app, ["train", "rlf", "--preset", "smoke", "--steps", "4", "--out", str(tmp_path / "art")])
     assert r.exit_code == 0, r.output
     assert "validation final-answer acc" in r.output
-    r = CliRunner().invoke(app, ["evaluate", "rlf", str(tmp_path / "art"), "--n", "6", "--no-probes",
+    # the whole pipeline (method, baselines, null controls, evaluation, probes), on its own seed so it trains
+    # into folders of its own
+    r = CliRunner().invoke(app, ["evaluate", "rlf", "--preset", "smoke", "--seed", "7", "--steps", "4", "--test-n", "6",
                                  "--out", str(tmp_path / "rep"), "--formats", "html"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.md").exists()
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    names = {m["name"] for m in rep["measures"]}
+    assert "in-dist final-answer acc, baseline no lifeline" in names and "RAM fraction (published rule: gate > 1.01)" in names
+    assert len(rep["provenance"]["null_runs"]) == 2
+
+
+def test_train_or_load_reuses_an_artifact_whatever_the_pipeline_sizes(rlf_smoke, smoke_gpt2):
+    """The sizes `run` reads after training (control runs, probe problems) are not part of a run: an artifact
+    trained under other sizes, or saved before they existed, is the same run, and its config.json lacks them."""
+    from lab.rlf import Config, train_or_load
+    from lab.rlf.config import PIPELINE_FIELDS
+    from lab.store import read_json
+    path = rlf_smoke.artifact.path
+    stamp = read_json(path / "manifest.json")["metrics"]["trained_at"]
+    assert not set(PIPELINE_FIELDS) & set(read_json(path / "config.json"))
+    cfg = Config.preset("smoke", probe_n=5, probe_attr_n=0, probe_umap=True, null_runs=0)
+    m = train_or_load(cfg, smoke_gpt2)
+    assert m.artifact.path == path and read_json(path / "manifest.json")["metrics"]["trained_at"] == stamp
+    assert m.config == cfg  # the caller's sizes, on the same trained run
+    assert Config.preset("smoke").null_controls() == [Config.preset("smoke", shuffle_supervision=True, seed=s)
+                                                      for s in (1, 2)]
+    assert set(Config.preset("smoke").baselines()) == {"no lifeline", "no loop-RoPE", "answer-only supervision"}
 
 
 def test_task_version_is_recorded_and_old_versions_are_not_retrained():
     from lab.rlf import Config
     from lab.rlf.data import TASK_VERSION
-    from lab.rlf.training import train
+    from lab.rlf.train import train
     cfg = Config.preset("smoke")
     assert cfg.task_version == TASK_VERSION and Config.from_dict(cfg.to_dict()).task_version == TASK_VERSION
     old = {k: v for k, v in cfg.to_dict().items() if k != "task_version"}  # saved before the field existed

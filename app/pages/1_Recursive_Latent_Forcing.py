@@ -6,7 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from lab import LabError
-from lab.ui import base_picker, cached_base, export_buttons, show_error, stop_if_none
+from lab.rlf import load
+from lab.rlf.explore import Explorer, examples
+from lab.ui import artifacts, base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Recursive Latent Forcing", layout="wide")
 st.title("Recursive Latent Forcing")
@@ -14,35 +16,18 @@ st.caption("A frozen base encodes the prompt once; a small core loops over the r
            "prompt through the lifeline gate, and emits one dereference per loop, then HALT.")
 
 
-@st.cache_resource(show_spinner="loading the RLF model…")
-def cached_model(path: str, base_name: str):
-    from lab.rlf.training import load
-    return load(path, cached_base(base_name))
-
-
-@st.cache_resource(show_spinner="fitting the trajectory map…")
-def cached_explorer(path: str, base_name: str):
-    from lab.rlf.data import heldout_set
-    from lab.rlf.explore import Explorer
-    model = cached_model(path, base_name)
-    background = [p for h in range(1, model.config.max_train_hops + 1) for p in heldout_set(h, 500)[:20]]
-    return Explorer(model, background)
+@st.cache_resource(show_spinner="loading the RLF model and fitting the trajectory map…")
+def cached_explorer(path: str, base_name: str) -> Explorer:
+    return Explorer(load(path, cached_base(base_name)))
 
 
 @st.cache_data
-def examples(max_hops: int) -> dict[str, str]:
-    from lab.rlf.data import heldout_set
-    out = {}
-    for h in range(1, max_hops + 1):
-        for i, p in enumerate(heldout_set(h, 500)[:3]):
-            out[f"{h} hops, #{i}: What is {p.query}? ({' -> '.join(p.path)})"] = p.prompt
-    return out
+def cached_examples(path: str, base_name: str) -> dict[str, str]:
+    return examples(cached_explorer(path, base_name).model.config)
 
 
 base_name = base_picker(key="rlf-base")
-from lab.rlf.training import artifacts_for  # noqa: E402
-
-arts = artifacts_for(base_name)
+arts = artifacts("rlf", base_name)
 stop_if_none(arts, "RLF model", "rlf", base_name)
 art_name = st.selectbox("RLF model", list(arts), key="rlf-artifact")
 try:
@@ -54,7 +39,7 @@ model = explorer.model
 
 left, right = st.columns([2, 1])
 with left:
-    ex = examples(12)
+    ex = cached_examples(str(arts[art_name]), base_name)
     choice = st.selectbox("Held-out problem", ["(type your own)"] + list(ex), index=2, key="rlf-example")
     prompt = st.text_area("Problem (must end with 'Answer:')", value=ex.get(choice, "K = walnut. R = K. D = R. "
                           "What is D?\nAnswer:"), height=110, key=f"rlf-prompt-{choice}")

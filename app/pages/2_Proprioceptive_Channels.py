@@ -8,7 +8,13 @@ import pandas as pd
 import streamlit as st
 
 from lab import LabError
-from lab.ui import artifacts, base_picker, cached_base, export_buttons, show_error, stop_if_none
+from lab.channels import load
+from lab.channels.encoders import ETHICS_CATEGORIES, ETHICS_POSTURES, ChannelState
+from lab.channels.probes import alpha_heatmap, alpha_trajectory, logprob_shift, shift_figure
+from lab.channels.train import KIND_ADAPTER
+from lab.corpus import PERSONAS, TOPICS, WEEKDAYS
+from lab.store import find_artifacts
+from lab.ui import base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Proprioceptive channels", layout="wide")
 st.title("Proprioceptive channels: state in the channel, content in the prompt")
@@ -21,17 +27,12 @@ st.markdown(
 
 @st.cache_resource(show_spinner="loading the channel adapter…")
 def cached_model(base_name: str, path: str):
-    from lab.channels import load_model
-    return load_model(path, cached_base(base_name))
+    return load(path, cached_base(base_name))
 
 
 try:
-    from lab.corpus import PERSONAS, TOPICS, WEEKDAYS
-    from lab.channels.encoders import ETHICS_CATEGORIES, ETHICS_POSTURES, ChannelState
-
     base_name = base_picker(key="ch-base")
-    from lab.channels.train import KIND_ADAPTER
-    arts = artifacts(KIND_ADAPTER, base_name)
+    arts = find_artifacts(KIND_ADAPTER, base_name)
     stop_if_none(arts, "channel adapter", "channels", base_name)
     artifact = st.selectbox("Adapter", list(arts), key="ch-art")
     model = cached_model(base_name, str(arts[artifact]))
@@ -79,7 +80,6 @@ try:
         continuity=f"We were just talking about {thread}." if on_continuity else None,
     )
 
-    from lab.channels.probes import alpha_heatmap, logprob_shift, shift_figure
     on = model.channels([state])
     off = model.channels([state], zero=True)
     left, right = st.columns(2)
@@ -99,14 +99,8 @@ try:
     hm = alpha_heatmap(model.injector.alpha, model.injector.names)
     st.plotly_chart(hm, key="ch-alpha")
     export_buttons(hm, "channels_alpha", key="ch-alpha-exp")
-    hist = None
-    try:
-        from lab.store import read_json
-        hist = read_json(arts[artifact] / "manifest.json")["metrics"].get("alpha_history")
-    except LabError:
-        pass
+    hist = model.artifact.manifest.get("metrics", {}).get("alpha_history")
     if hist:
-        from lab.channels.probes import alpha_trajectory
         tr = alpha_trajectory(hist, model.injector.names)
         with st.expander("Gate opening over training"):
             st.plotly_chart(tr, key="ch-traj")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import streamlit as st
 
 from lab import LabError
+from lab.combiner import load
+from lab.combiner.bpb import bpb
+from lab.combiner.config import KIND
+from lab.combiner.evaluate import PUBLISHED_FITTED_DELTA, PUBLISHED_IDENTITY_DELTA
+from lab.combiner.explore import delta_at, gains_figure, knob_features, per_token_gains, scale_sweep, scale_sweep_figure
+from lab.corpus import documents
+from lab.store import find_artifacts
 from lab.ui import base_picker, cached_base, export_buttons, show_error, stop_if_none
 
 st.set_page_config(page_title="Thinking combiner", layout="wide")
@@ -19,37 +23,21 @@ st.caption("h' = (1 + α)·h + M·T_k + β on the final-normed state h; T_k = k 
 
 @st.cache_resource(show_spinner="loading combiners…")
 def load_combiners(path: str, base_name: str):
-    from lab.combiner import Config, combiners, control_combiner, load
-    base = cached_base(base_name)
-    art = load(Path(path), base)
-    return art, Config.from_dict(art.config), combiners(art, base), control_combiner(art, base)
+    return load(path, cached_base(base_name))
 
 
 @st.cache_resource(show_spinner="thinking over the held-out text…")
 def held_out_features(path: str, base_name: str, n_docs: int):
-    from dataclasses import replace
-    from lab.combiner import eval_features
-    from lab.combiner.bpb import score_chunks
-    _, cfg, _, _ = load_combiners(path, base_name)
-    base = cached_base(base_name)
-    _, _, feats = eval_features(replace(cfg, eval_docs=n_docs), base)
-    return feats, score_chunks(base, feats)
+    return knob_features(load_combiners(path, base_name).config, cached_base(base_name), n_docs)
 
 
 try:
-    from lab.combiner.experiment import (PUBLISHED_FITTED_DELTA, PUBLISHED_IDENTITY_DELTA, delta_at, find_artifacts,
-                                         gains_figure, per_token_gains, scale_sweep, scale_sweep_figure)
-    from lab.combiner.bpb import bpb
-
-    env_art = os.environ.get("LAB_COMBINER_ARTIFACT")
     base_name = base_picker(key="comb-base", prefer=("tiny-gpt2", "smoke-gpt2"))
-    found = [str(p) for p in find_artifacts(base_name)]
-    if env_art and env_art not in found:
-        found.insert(0, env_art)
+    found = {name: str(p) for name, p in find_artifacts(KIND, base_name).items()}
     stop_if_none(found, "combiner", "combiner", base_name)
-    path = st.selectbox("Trained combiner", found, key="comb-artifact")
-    art, cfg, combs, ctrl = load_combiners(path, base_name)
-    base = cached_base(base_name)
+    path = found[st.selectbox("Trained combiner", list(found), key="comb-artifact")]
+    model = load_combiners(path, base_name)
+    cfg, base = model.config, model.base
 
     c1, c2, c3 = st.columns(3)
     fit = c1.radio("Fit", ["ce", "ridge"], horizontal=True, key="comb-fit",
@@ -57,7 +45,7 @@ try:
     k = c2.selectbox("Latent steps k", list(range(1, cfg.k_max + 1)), key="comb-k")
     doc_options = sorted({min(cfg.eval_docs, n) for n in (100, 300, 1000, 3000)})  # distinct: a slider step must change n
     n_docs = c3.select_slider("Held-out documents", doc_options, value=min(cfg.eval_docs, 300), key="comb-docs")
-    comb = combs[(fit, k)]
+    comb = model[(fit, k)]
     fitted_alpha = float(comb.alpha)
     s1, s2 = st.columns(2)
     # the range always holds the fitted value (a ridge fit's line-searched step can put it beyond +-0.5)
@@ -67,14 +55,14 @@ try:
 
     feats, base_nats = held_out_features(path, base_name, n_docs)
     m, nats = delta_at(base, feats, comb, k, alpha, m_scale, cfg.seed, base_nats)
-    m_ctrl, _ = delta_at(base, feats, ctrl, 1, None, 1.0, cfg.seed, base_nats)
+    m_ctrl, _ = delta_at(base, feats, model.control, 1, None, 1.0, cfg.seed, base_nats)
     a, b_, c, d = st.columns(4)
     a.metric("base bpb (chunked)", f"{bpb(base_nats, feats.nbytes):.4f}", help=f"n = {len(feats)} scored positions")
     b_.metric("combiner bpb", f"{bpb(nats, feats.nbytes):.4f}")
-    c.metric("Δ bpb vs base", f"{m.value:+.4f}", f"95% CI [{m.ci_low:+.4f}, {m.ci_high:+.4f}]", delta_color="off",
+    c.metric("Δ bpb vs base [95% CI]", m.value_text(4, signed=True),
              help=f"{m.ci_method} (n = {m.n}); {m.test} p = {m.p_value:.3g}")
-    d.metric("Δ bpb, no-thought control", f"{m_ctrl.value:+.4f}", f"95% CI [{m_ctrl.ci_low:+.4f}, {m_ctrl.ci_high:+.4f}]",
-             delta_color="off", help="α and β fitted with M = 0: what recalibration alone buys")
+    d.metric("Δ bpb, no-thought control [95% CI]", m_ctrl.value_text(4, signed=True),
+             help="α and β fitted with M = 0: what recalibration alone buys")
     st.caption(f"n = {m.n} chunked positions (chunk {cfg.chunk_len} tokens, {n_docs} held-out documents, separator {cfg.separator!r}); "
                f"{m.test} p = {m.p_value:.3g}. Published: identity Δ {PUBLISHED_IDENTITY_DELTA}, "
                f"fitted Δ {PUBLISHED_FITTED_DELTA}.")
@@ -85,7 +73,6 @@ try:
     export_buttons(fig, "combiner_delta_vs_mscale", key="comb-exp-sweep")
 
     st.subheader("Per-token gains on a sample text")
-    from lab.corpus import documents
     sample = st.text_area("Sample text", documents("heldout", 1, seed=99)[0], key="comb-text", height=100)
     rows = per_token_gains(base, comb, sample, k, cfg.feed, alpha, m_scale)
     fig2 = gains_figure(rows, f"Gain per token (bits; positive = combiner better), {fit} k={k}")

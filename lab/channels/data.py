@@ -32,6 +32,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from lab import LabError
+from lab.channels.encoders import ETHICS_CATEGORIES
 from lab.corpus import CAUTIOUS, NEGATIVE, PERMISSIVE, PERSONAS, POSITIVE, TIMES, TOPICS, VALUE_WORDS, WEEKDAYS
 
 SELECTION = ("memory", "continuity", "identity")
@@ -226,7 +227,6 @@ def _register_state(cap: str, pole: int, split: str, rng: random.Random) -> dict
     if split == "heldout":
         return {"ethics": main}
     softer = "careful" if pole > 0 else "relaxed"
-    from lab.channels.encoders import ETHICS_CATEGORIES
     return {"ethics": {c: (softer if rng.random() < 0.25 else main) for c in ETHICS_CATEGORIES}}
 
 

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lab import LabError
+from lab import LabError, hooks
 from lab.corpus import WEEKDAYS
 
 ETHICS_CATEGORIES = ("physical_safety", "privacy", "honesty", "legality", "health", "finance")
@@ -174,7 +174,7 @@ class TextEncoder:
     @staticmethod
     def _load_sentence_transformer(name: str, device):
         try:
-            from sentence_transformers import SentenceTransformer
+            from sentence_transformers import SentenceTransformer  # noqa: PLC0415  (optional, heavy)
         except ImportError:
             raise LabError(f"text encoder 'st:{name}' needs the sentence-transformers package, which is not installed "
                            f"(pip install sentence-transformers, then place the model in the HF cache; "
@@ -188,7 +188,6 @@ class TextEncoder:
 
     @torch.no_grad()
     def _embed_base(self, texts: list[str]) -> torch.Tensor:
-        from lab import hooks
         b = self.base
         ids, mask = b.encode(texts)
         m = mask.unsqueeze(-1).float()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab import LabError
+from lab import LabError, hooks
 
 CHANNELS = ("memory", "affect", "time", "ethics", "identity", "continuity")
 MODES = ("additive", "xattn")
@@ -270,7 +270,7 @@ class ChannelInjector(nn.Module):
 
     def alpha_table(self) -> list[dict]:
         a = self.alpha.detach().cpu()
-        return [{"layer": l, **{n: float(a[l, c]) for c, n in enumerate(self.names)}} for l in range(self.n_layers)]
+        return [{"layer": i, **{n: float(a[i, c]) for c, n in enumerate(self.names)}} for i in range(self.n_layers)]
 
 
 @contextlib.contextmanager
@@ -286,8 +286,6 @@ def inject(base, injector: ChannelInjector, channels: Mapping[str, torch.Tensor]
     if injector.d_model != base.d_model or injector.n_layers != base.n_layers:
         raise LabError(f"injector built for d_model={injector.d_model}, {injector.n_layers} layers, but base "
                        f"{base.name!r} has d_model={base.d_model}, {base.n_layers} layers")
-    from lab import hooks
-
     device = injector.alpha.device
     if device != base.device:
         raise LabError(f"the injector is on {device} but base {base.name!r} is on {base.device}; move it with .to()")

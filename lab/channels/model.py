@@ -1,174 +1,45 @@
-"""Config, and `ChannelModel`: a base + a `ChannelInjector` + the channel encoders, with the three things
+"""`ChannelModel`: a base + a `ChannelInjector` + the channel encoders, with the three things
 every experiment needs from it: the training loss, continuation log-likelihoods, and greedy generation,
 each with the channels on, zeroed, or replaced by text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
+import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lab import LabError
-from lab.channels.data import CAPABILITIES, Item
+from lab.channels.config import ARMS, Config
+from lab.channels.data import Item
 from lab.channels.encoders import ChannelState, TextEncoder, channel_widths, encode_states
-from lab.channels.injection import MODES, ChannelInjector, inject
-from lab.configcheck import check_field_types
-
-ARMS = ("channel", "text")
+from lab.channels.injection import ChannelInjector, inject
 
 
-@dataclass
-class Config:
-    """Everything that defines a channels experiment (saved as config.json beside each artifact)."""
-    base: str = "tiny-gpt2"          # the frozen base of the adapter track (a preset, HF dir or hub name)
-    mode: str = "additive"           # "additive" (gated projection) or "xattn" (multi-token cross-attention)
-    site: str = "resid_pre"          # where the channels enter each block
-    n_tokens: int = 4                # xattn: key/value tokens per channel
-    n_heads: int = 4                 # xattn: attention heads
-    text_encoder: str = "base"       # "base" (mean-pooled hidden state) or "st:<sentence-transformers model>"
-    text_layer: int | str = "embed"  # base encoder: "embed" (centred input embeddings), or an int resid_pre (encoders.py)
-    proj_lr_ratio: float = 0.1       # projections learn at this fraction of the gates' rate (reparametrised)
-    text_init: str = "identity"      # text channels' projection at init: "identity" (base encoder, additive) or "random"
-    capabilities: tuple = CAPABILITIES
-    # adapter training
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float = 1e-2
-    warmup: int = 50
-    seed: int = 0
-    eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
-    train_text_arm: bool = True      # also train the equally-trained text arm (channel-vs-text experiment)
-    # the text arm's LoRA lr (same steps, batches and schedule as the injector): session 15 trained it on tiny-gpt2 at 5e-4,
-    # 1e-3 and 2e-3 for the full 1,200 steps; mean validation loss of the last four evaluations 1.884 / 1.792 / 1.860 on the
-    # 36 validation items of train.py (held-out pools, seed + 99: the test set's pools, so the choice, like the
-    # injector's in the tiny preset, saw held-out wording)
-    text_lr: float = 1e-3
-    # evaluation
-    n_heldout: int = 240             # held-out items per selection capability / prompt pairs per register one
-    gen_tokens: int = 8              # greedy tokens per generation
-    n_attribution: int = 24          # held-out items per capability for captum attributions
-    # native track: a small GPT-2 trained from scratch with channels from layer 1, vs 2 channel-less baselines
-    native: bool = True
-    native_d: int = 128
-    native_layers: int = 4
-    native_heads: int = 4
-    native_steps: int = 800
-    native_seq: int = 96             # corpus window length
-    native_batch: int = 16           # corpus windows per step (plus as many channel items)
-    native_lr: float = 2e-3
-    native_docs: int = 20_000        # lab-corpus training documents
-    # independent training runs of the three native models (seeds seed, seed+1, ...): whether training with channels
-    # helps is a question about training runs, so the report's test of it is across these, not across windows
-    native_seeds: int = 1
-    preset_name: str = "custom"
-
-    def __post_init__(self):
-        check_field_types(self)
-        if self.text_init not in ("identity", "random"):
-            raise LabError(f"text_init must be 'identity' or 'random', got {self.text_init!r}")
-        if self.mode not in MODES:
-            raise LabError(f"mode must be one of {MODES}, got {self.mode!r}")
-        bad = [c for c in self.capabilities if c not in CAPABILITIES]
-        if bad or not self.capabilities:
-            raise LabError(f"unknown capabilities {bad}; expected a non-empty subset of {CAPABILITIES}")
-        self.capabilities = tuple(self.capabilities)
-        for k in ("steps", "batch_size", "n_heldout", "gen_tokens", "native_steps", "native_d", "native_layers",
-                  "native_batch", "native_seq", "native_seeds"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LabError(f"{k} must be a positive int, got {v!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "Config":
-        presets = {
-            # seconds: tests and CI notebooks, on smoke-gpt2
-            "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, eval_every=10, n_heldout=12, gen_tokens=4,
-                          n_attribution=3, native_d=32, native_layers=2, native_steps=12, native_seq=32,
-                          native_batch=8, native_docs=1000, native_seeds=2),
-            # the CPU experiment: minutes on tiny-gpt2. Both arms' learning rates are picked the same way (session 15,
-            # full 1,200-step runs, mean validation loss of the last four evaluations): the injector's gates at
-            # 3e-3 / 1e-2 / 3e-2 / 6e-2 / 0.12 / 0.25: 3.071 / 2.734 / 2.341 / 2.118 / 2.013 / 2.185
-            # (tiny-mamba2 picks its own, TUNED_LRS; both redone by `python bench/bench_channels.py --lr-sweep`)
-            # three native training seeds: session 16's one native run gave the zeroed model 0.004 nats *worse* than a
-            # baseline, session 11's (older code) put it between the two; one run cannot tell such a gap from seed noise
-            "tiny": dict(base="tiny-gpt2", lr=0.12, native_seeds=3),
-            # a GPU and a real HF base with a real sentence encoder (as published: BGE-M3)
-            "paper": dict(base="gpt2", text_encoder="st:BAAI/bge-m3", steps=20_000, batch_size=64, lr=1e-3,
-                          n_heldout=500, gen_tokens=24, native_d=768, native_layers=12, native_heads=12,
-                          native_steps=50_000, native_seq=512, native_batch=32, native_docs=2_000_000),
-        }
-        if name not in presets:
-            raise LabError(f"unknown preset {name!r}; expected one of {list(presets)}")
-        known = {f.name for f in fields(cls)}
-        bad = [k for k in overrides if k not in known]
-        if bad:
-            raise LabError(f"unknown config field(s) {bad}")
-        base = overrides.get("base", presets[name].get("base"))
-        tuned = cls.TUNED_LRS.get((name, base), {})  # a base's own learning rates; explicit overrides still win
-        return cls(**{**presets[name], **tuned, **overrides, "preset_name": name})
-
-    # Learning rates picked per (preset, base), both arms the same way as the tiny preset's (full 1,200-step runs, mean
-    # validation loss of the last four evaluations; session 16, `python bench/bench_channels.py --lr-sweep`, one run at a time).
-    # tiny-mamba2: the gates at 1e-2 / 3e-2 / 6e-2 / 0.12: 2.812 / 2.704 / 2.642 / 2.832; the text arm's LoRA at
-    # 3e-5 / 1e-4 / 3e-4 / 1e-3: 2.692 / 2.602 / 2.792 / 2.870. At tiny-gpt2's rates both arms' validation loss rose
-    # after step 200 on this base. The same caveat as above: the validation items come from the held-out pools.
-    TUNED_LRS = {("tiny", "tiny-mamba2"): dict(lr=6e-2, text_lr=1e-4)}
-
-    FORMAT = 4  # bump when an arm's adapter layout or the encoder changes: stale artifacts are then retrained
-
-    # the other arm's training knobs: changing the text arm's lr must not retrain the injector, nor the reverse.
-    # (Evaluation settings stay in: `evaluate` reads them from the artifact's config.)
-    _OTHER_ARM = {"channel": ("text_lr",), "text": ("lr", "proj_lr_ratio", "text_init")}
-
-    def training_dict(self, arm: str) -> dict:
-        """`to_dict` without the other arm's or the native track's training knobs: what decides whether an artifact on disk is this
-        arm's, and what keys its checkpoints."""
-        return self.training_view(self.to_dict(), arm)
-
-    @classmethod
-    def training_view(cls, saved: dict, arm: str) -> dict:
-        """The same restriction of a saved config dict (its format kept, so a stale layout still differs)."""
-        if arm not in ARMS:
-            raise LabError(f"arm must be one of {ARMS}, got {arm!r}")
-        drop = set(cls._OTHER_ARM[arm])
-        # the native track's knobs and whether a text arm is trained at all shape neither arm's training: adding native
-        # seeds, or `lab reproduce` (no text arm, no native track on tiny-mamba2), must not retrain an adapter
-        drop |= {f.name for f in fields(cls) if f.name.startswith("native")} | {"train_text_arm"}
-        return {k: v for k, v in saved.items() if k not in drop}
-
-    # what the native track's three models do not depend on: the adapter arms' training and evaluation knobs, and how
-    # many native seeds there are (a property of the track, not of one run)
-    _NOT_NATIVE = ("steps", "batch_size", "lr", "warmup", "eval_every", "train_text_arm", "text_lr", "n_heldout",
-                   "gen_tokens", "n_attribution", "native", "native_seeds")
-
-    @classmethod
-    def native_view(cls, saved: dict) -> dict:
-        """A saved config dict without `_NOT_NATIVE`: what decides whether a native model on disk is this run's
-        (another adapter lr or step count must not retrain three seeds of three models)."""
-        return {k: v for k, v in saved.items() if k not in cls._NOT_NATIVE}
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["capabilities"] = list(self.capabilities)
-        d["format"] = self.FORMAT
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "capabilities" else v) for k, v in d.items() if k in known})
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run with n intra-op threads: tiny models gain nothing from more, and on a shared 2-core box
+    thread oversubscription made a smoke step ~40x slower."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _pack(tokenizer, prompts: Sequence[str], conts: Sequence[str], pad_id: int):
     """Right-padded ids (N, T), attention mask, and a (N, T) mask of positions whose NEXT token is a
     continuation token (so logits[:, t] is scored against ids[:, t+1])."""
-    rows, tmask, plen = [], [], []
+    rows, plen = [], []
     for p, c in zip(prompts, conts):
         pi = tokenizer.encode(p, add_special_tokens=False)
         ci = tokenizer.encode(c, add_special_tokens=False)
@@ -192,8 +63,6 @@ def lora_sites(model: nn.Module) -> tuple[list[str], int, bool]:
     the output head and a Mamba block's out_proj. Returns (module names, LoRA parameters per unit of rank = the
     sum of in + out features, and whether the maps store their weight transposed as Conv1D does: peft's
     `fan_in_fan_out`)."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Mamba's fused CUDA kernels read out_proj's weight directly, past any LoRA wrapper (peft refuses it there)
     mamba = "mamba" in str(getattr(getattr(model, "config", None), "model_type", ""))
@@ -219,16 +88,13 @@ class TextArmLoRA(nn.Module):
     """The text arm's trainable part: LoRA (peft) on every linear map of a private copy of the base, of the
     rank that gives it as many trainable parameters as the channel arm's injector (`ChannelInjector.param_count`).
     Why LoRA: the text arm must be an equally trained *and equally sized* model whose trainable part can change
-    how the base reads its prompt; a per-layer bias (what this arm had until session 15) cannot read the state
-    at all. LoRA's B starts at zero, so at init the copy computes exactly what the base does.
+    how the base reads its prompt (a per-layer bias cannot read the state at all). LoRA's B starts at zero, so at init the copy computes exactly what the base does.
 
     The copy, not the base: peft edits the modules it wraps, and the base is shared (with the channel arm,
     and across the dashboard's sessions). Only the LoRA weights are this module's parameters (and saved)."""
 
     def __init__(self, base, target_params: int, seed: int = 0):
         super().__init__()
-        import peft
-
         lm = copy.deepcopy(base.model)
         for p in lm.parameters():
             p.requires_grad_(False)
@@ -268,6 +134,7 @@ class ChannelModel(nn.Module):
         if arm not in ARMS:
             raise LabError(f"arm must be one of {ARMS}, got {arm!r}")
         self.config, self.arm = config, arm
+        self.artifact = None  # the trained weights' artifact, once `train.load` has loaded them
         self.__dict__["base"] = base  # not a submodule: the base is frozen and not saved with the adapter
         self.text_encoder = text_encoder or TextEncoder(base, config.text_encoder, config.text_layer)
         widths = channel_widths(self.text_encoder.dim)

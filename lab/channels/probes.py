@@ -11,6 +11,7 @@ import torch
 
 from lab import LabError
 from lab.channels.encoders import ChannelState
+from lab.channels.injection import inject
 from lab.figures import style
 
 
@@ -33,9 +34,9 @@ def alpha_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
     A = np.abs(np.asarray([h["alpha"] for h in history], dtype=float))  # (S, L, C)
     rows, z = [], []
     for c, n in enumerate(names):
-        for l in range(A.shape[1]):
-            rows.append(f"{n} / L{l}")
-            z.append(A[:, l, c])
+        for layer in range(A.shape[1]):
+            rows.append(f"{n} / L{layer}")
+            z.append(A[:, layer, c])
     fig = go.Figure(go.Heatmap(z=np.asarray(z), x=steps, y=rows, colorscale="Viridis", colorbar=dict(title="|alpha|")))
     fig.update_layout(xaxis_title="training step", yaxis_title="channel / layer", yaxis_autorange="reversed",
                       height=max(350, 16 * len(rows)))
@@ -51,7 +52,7 @@ def channel_attribution(model, items, n_steps: int = 16) -> list[dict]:
     along the path), which does not grow with the channel's width or depend on its basis, as summing |IG| per
     dimension did (wide text channels dominated); the signed sums add up to log p(channels) - log p(zeroed),
     up to the n_steps integration error."""
-    from captum.attr import IntegratedGradients
+    from captum.attr import IntegratedGradients  # noqa: PLC0415  (heavy; only the attribution needs it)
 
     b, inj = model.base, model.injector
     names, widths = inj.names, [inj.widths[n] for n in inj.names]
@@ -66,7 +67,6 @@ def channel_attribution(model, items, n_steps: int = 16) -> list[dict]:
 
         def f(xs, ids=ids, tgt=tgt):
             parts = dict(zip(names, torch.split(xs, widths, -1)))
-            from lab.channels.injection import inject
             with inject(b, inj, parts, batch=xs.shape[0], site=model.config.site):
                 logits = b.model(input_ids=ids.expand(xs.shape[0], -1)).logits[:, -1].float()
             return logits.log_softmax(-1)[:, tgt]

@@ -1,22 +1,31 @@
 """Training: the adapter track (frozen base, only the injection trains), its equally-trained text arm,
 and the native track (a small model pretrained with channels from layer 1 against two channel-less
 baselines that bracket its parameter count, same data and steps). All on `lab.trainer.fit`.
+
+    model = train_or_load(config, base)          # the channel arm's adapter, trained if missing
+    controls = train_controls(config, base)      # the text arm and the native track, as the config asks
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from lab import LabError, models_dir
+from lab.bases import Base
+from lab.channels.config import Config
 from lab.channels.data import heldout_items, train_batch_items
 from lab.channels.encoders import TextEncoder
-from lab.channels.model import ChannelModel, Config, build
+from lab.channels.injection import inject
+from lab.channels.model import ChannelModel, _pack, build, threads
+from lab.corpus import corpus_tokens, load_tokenizer, token_windows
 from lab.store import Artifact, atomic_write_text, load_artifact, made_on, read_json, run_hash, save_artifact
 from lab.trainer import TrainSpec, fit
 
@@ -26,6 +35,7 @@ KIND_NATIVE = "channels-native"
 
 
 def artifact_root(config: Config, base_name: str) -> Path:
+    """Where this preset's adapter and text arm on `base_name` live: models/channels-<preset>-<base>."""
     return models_dir() / f"channels-{config.preset_name}-{Path(str(base_name)).name.replace('/', '_')}"
 
 
@@ -93,8 +103,9 @@ def train(config: Config, base, out_dir: Path | None = None, arm: str = "channel
     return art
 
 
-def load_model(artifact: Artifact | Path, base, text_encoder: TextEncoder | None = None) -> ChannelModel:
-    """A ChannelModel with trained weights from an adapter or text-arm artifact (checked against `base`)."""
+def load(artifact: Artifact | Path | str, base, text_encoder: TextEncoder | None = None) -> ChannelModel:
+    """A ChannelModel with trained weights from an adapter or text-arm artifact (checked against `base`); its
+    `.config` is the artifact's and `.artifact` the artifact itself."""
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(Path(artifact), None, base)
     if artifact.kind not in (KIND_ADAPTER, KIND_TEXT):
@@ -106,13 +117,36 @@ def load_model(artifact: Artifact | Path, base, text_encoder: TextEncoder | None
     except RuntimeError as e:
         raise LabError(f"{artifact.path} does not fit this {model.arm} arm's adapter ({str(e).splitlines()[0]})") from None
     model.eval()
+    model.artifact = artifact
     return model
+
+
+def train_or_load(config: Config, base, *, force: bool = False) -> ChannelModel:
+    """The channel arm's adapter for `config` on `base`: trained if it is not on disk (or `force`), then loaded."""
+    with threads(1):
+        return load(train(config, base, force=force), base)
+
+
+@dataclass
+class Controls:
+    """The adapter's comparison arms on disk: the equally-trained text arm (None when the config trains none)
+    and the native track (one {model: artifact dir} per training seed; None when the config has none)."""
+    text: Artifact | None = None
+    native: list[dict[str, Path]] | None = None
+
+
+def train_controls(config: Config, base, *, force: bool = False) -> Controls:
+    """The text arm (if `config.train_text_arm`) and the native track (if `config.native`), each trained if it
+    is not on disk (or `force`)."""
+    with threads(1):
+        text = train(config, base, arm="text", force=force) if config.train_text_arm else None
+        native = train_native(config, base, force=force) if config.native else None
+    return Controls(text, native)
 
 
 # --- native track --------------------------------------------------------------------------------
 
 def _gpt2(vocab: int, tok, d: int, layers: int, heads: int, seq: int, seed: int):
-    from transformers import AutoModelForCausalLM, GPT2Config
     cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq),
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -127,7 +161,6 @@ def _n_params(m) -> int:
 def bracket_dims(target: int, vocab: int, tok, layers: int, heads: int, seq: int) -> tuple[int, int]:
     """Widths of the two channel-less baselines: the largest with fewer parameters than `target`
     and the smallest with more (multiples of `heads`)."""
-    from transformers import GPT2Config
     def count(d):
         c = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=max(256, 2 * seq),
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -148,7 +181,6 @@ class NativeModel(torch.nn.Module):
 
     def __init__(self, lm, tokenizer, config: Config, text_encoder: TextEncoder | None, with_channels: bool):
         super().__init__()
-        from lab.bases import Base
         self.lm = lm
         self.__dict__["base"] = Base(name="native", model=lm, tokenizer=tokenizer, arch="gpt2")
         self.cm = None
@@ -159,10 +191,8 @@ class NativeModel(torch.nn.Module):
     def item_loss(self, items, zero: bool = False) -> torch.Tensor:
         """LM loss on whole item texts (prompt + target): the native model learns them as text."""
         b = self.base
-        from lab.channels.model import _pack
         ids, att, _ = _pack(b.tokenizer, [it.prompt for it in items], [it.target for it in items], b.tokenizer.pad_token_id)
         ids, att = ids.to(b.device), att.to(b.device)
-        from lab.channels.injection import inject
         ch = self.cm.channels([it.state for it in items], zero=zero) if self.cm is not None else None
         with inject(b, self.cm.injector if self.cm else None, ch, batch=ids.shape[0]):
             logits = b.model(input_ids=ids, attention_mask=att).logits
@@ -191,24 +221,6 @@ def native_run_dirs(config: Config, root: Path | None = None) -> list[dict[str, 
             for s in native_seeds(config)]
 
 
-def native_runs_on_disk(config: Config, text_base, log=print) -> list[dict[str, Path]] | None:
-    """Every seed's native models, if all are trained and their text channels were embedded by `text_base`; else None,
-    saying why (the report's across-seed test needs every seed)."""
-    runs = native_run_dirs(config)
-    missing = [str(p) for run in runs for p in run.values() if not (p / "manifest.json").exists()]
-    if missing:
-        log(f"native track left out of the report: {len(missing)} of {3 * len(runs)} models not trained "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); `lab train channels` trains them")
-        return None
-    other = [str(run["channels"]) for run in runs
-             if read_json(run["channels"] / "config.json").get("text_base_fingerprint") != text_base.fingerprint]
-    if other:
-        log(f"native track left out of the report: {', '.join(other)} embedded its text channels with another base "
-            f"than {text_base.name!r}; `lab train channels --force` retrains it")
-        return None
-    return runs
-
-
 def train_native(config: Config, text_base, out_root: Path | None = None, force: bool = False) -> list[dict[str, Path]]:
     """Pretrain three small GPT-2s on the same data and steps: "channels" (channels from layer 1),
     "baseline-small" and "baseline-large" (no channels, bracketing the channel model's parameter count); once per
@@ -216,11 +228,6 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     The text channels use `text_base`'s mean-pooled embeddings (a fixed encoder, as the published work
     used a fixed sentence encoder). Returns one {model: artifact dir} per seed (`native_run_dirs`; `out_root` is
     the directory that holds the channels-native-<preset>-seed<s> directories, the models directory by default)."""
-    from dataclasses import replace
-
-    from lab.corpus import corpus_tokens
-    from lab.corpus import load_tokenizer
-
     tok = load_tokenizer()
     vocab = len(tok)
     te = TextEncoder(text_base, config.text_encoder, config.text_layer)
@@ -232,23 +239,31 @@ def train_native(config: Config, text_base, out_root: Path | None = None, force:
     plan = {"channels": (config.native_d, True), "baseline-small": (lo, False), "baseline-large": (hi, False)}
     runs = native_run_dirs(config, out_root)
     for seed, run in zip(native_seeds(config), runs):
-        run_config = replace(config, seed=seed)
+        run_config = config.with_(seed=seed)
         for name, (d, with_ch) in plan.items():
             path = run[name]
             cfg = {**run_config.to_dict(), "native_name": name,
                    "native_width": d, "with_channels": with_ch, "text_base": text_base.name,
                    "text_base_fingerprint": text_base.fingerprint}
-            if (path / "manifest.json").exists() and not force and \
-                    Config.native_view(load_artifact(path, KIND_NATIVE).config) == Config.native_view(cfg):
+            if (path / "manifest.json").exists() and not force and _same_native_run(load_artifact(path, KIND_NATIVE).config,
+                                                                                  cfg, text_base):
                 continue
             _train_native_model(run_config, path, cfg, name, d, with_ch, te, train_stream, tok, text_base.device)
     return runs
 
 
+def _same_native_run(saved: dict, cfg: dict, text_base) -> bool:
+    """Whether a saved native model is this run's: the same native settings, its text channels embedded by this base
+    (by fingerprint, under either scheme, so a base moved or re-fingerprinted does not retrain it)."""
+    fp = "text_base_fingerprint"
+    same_settings = Config.native_view({k: v for k, v in saved.items() if k != fp}) == \
+        Config.native_view({k: v for k, v in cfg.items() if k != fp})
+    return same_settings and (saved.get(fp) is None or text_base.has_fingerprint(saved[fp]))
+
+
 def _train_native_model(config: Config, path: Path, cfg: dict, name: str, d: int, with_ch: bool, te, train_stream,
                         tok, device) -> None:
     """One native model of one seed (config.seed): trained, then saved to `path` (checkpoints beside it: resumable)."""
-    from lab.corpus import token_windows
     model = NativeModel(_gpt2(len(tok), tok, d, config.native_layers, config.native_heads, config.native_seq,
                               config.seed), tok, config, te if with_ch else None, with_ch)
     model.requires_grad_(True)
@@ -279,10 +294,11 @@ def _train_native_model(config: Config, path: Path, cfg: dict, name: str, d: int
 
 
 def load_native(path: Path, text_base) -> NativeModel:
-    from lab.corpus import load_tokenizer
+    """A trained native model (its `.config` the model's own settings, `.meta` its training metrics); its text
+    channels, if any, are embedded by `text_base`, which must be the base it was trained with."""
     art = load_artifact(Path(path), KIND_NATIVE)
     cfg = art.config
-    if cfg.get("text_base_fingerprint") not in (None, text_base.fingerprint):
+    if cfg.get("text_base_fingerprint") is not None and not text_base.has_fingerprint(cfg["text_base_fingerprint"]):
         raise LabError(f"{path} was trained with text channels embedded by base {cfg.get('text_base')!r}, "
                        f"but the text encoder given is {text_base.name!r}")
     config = Config.from_dict(cfg)

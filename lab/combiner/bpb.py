@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lab import LabError
+from lab.combiner.fit import ce_nats
+from lab.combiner.thinking import think
+from lab.corpus import documents, heldout_text
 from lab.hooks import forward
 from lab.stats import Measure, ratio_of_sums_ci, sign_flip_p, sum_by_unit
 
@@ -51,10 +54,9 @@ def heldout_eval_text(n_docs: int, separator: str = "eos", tokenizer=None, seed:
 
     separator="text": exactly `lab.corpus.heldout_text` (documents joined by a blank line).
     separator="eos": the same documents joined by the tokenizer's EOS token, the way the base saw document
-    boundaries in pretraining (`lab.bases.corpus_tokens`). The lab bases never saw a blank line between
+    boundaries in pretraining (`lab.corpus.corpus_tokens`). The lab bases never saw a blank line between
     documents, so with "text" the first token of every document costs ~15 nats and those boundary tokens
     dominate a last-position score (a property of the text format, not of the model)."""
-    from lab.corpus import documents, heldout_text
     if separator == "text":
         return heldout_text(n_docs, seed)
     if separator == "eos":
@@ -244,7 +246,6 @@ def chunk_features(base, ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, k:
                    batch: int = 32, progress: bool = False) -> ChunkFeatures:
     """Non-overlapping chunks ids[i*L:(i+1)*L]; the token after each chunk is scored. One base forward
     per chunk gives h; k thinking steps give T_1..T_k (one extra position each)."""
-    from lab.combiner.thinking import think
     if not isinstance(chunk_len, int) or chunk_len < 1:
         raise LabError(f"chunk_len must be a positive int, got {chunk_len!r}")
     n = (len(ids) - 1) // chunk_len
@@ -270,7 +271,6 @@ def chunk_features(base, ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, k:
 @torch.no_grad()
 def score_chunks(base, feats: ChunkFeatures, combiner=None, k: int = 1, **kw) -> np.ndarray:
     """nats per scored position: head(h) for the base (combiner None), head(h') otherwise. (n,)"""
-    from lab.combiner.fit import ce_nats
     if combiner is not None and not 1 <= k <= feats.T.shape[1]:
         raise LabError(f"these chunk features hold T_1..T_{feats.T.shape[1]}; asked for k={k}")
     d = {"h": feats.h, "t": feats.T[:, k - 1], "y": feats.target}

@@ -13,23 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from tqdm.auto import tqdm
 
 from lab import LabError, data_dir
-from lab.store import atomic_dir, config_hash
 from lab.combiner.thinking import check_k, think
+from lab.corpus import corpus_tokens
+from lab.store import atomic_dir, config_hash
 
 FEATURE_VERSION = 1
 
 
 def train_stream(tokenizer, n_docs: int, seed: int = 1234) -> np.ndarray:
     """The training split as one int64 token stream (documents separated by EOS)."""
-    from lab.corpus import corpus_tokens
     return corpus_tokens(tokenizer, "train", n_docs, seed).astype(np.int64)  # cached; dtype fits any vocabulary
 
 
 def _features_schema(d: int, k_max: int, extra: dict | None = None):
-    from datasets import Features, Sequence, Value
     cols = {"h": Sequence(Value("float32"), length=d)}
     cols.update({f"t{j}": Sequence(Value("float32"), length=d) for j in range(1, k_max + 1)})
     cols.update({"target": Value("int64"), **(extra or {})})
@@ -39,7 +39,6 @@ def _features_schema(d: int, k_max: int, extra: dict | None = None):
 def save_features(path: Path, h: np.ndarray, T: np.ndarray, target: np.ndarray, meta: dict,
                   extra: dict[str, np.ndarray] | None = None):
     """Write one feature set atomically: h (n, d), T (n, k, d), target (n,), extra int columns."""
-    from datasets import Dataset, Value
     n, k, d = T.shape
     cols = {"h": h.astype(np.float32), "target": target.astype(np.int64)}
     cols.update({f"t{j + 1}": T[:, j].astype(np.float32) for j in range(k)})
@@ -54,7 +53,6 @@ def save_features(path: Path, h: np.ndarray, T: np.ndarray, target: np.ndarray, 
 
 def load_features(path: Path, d: int | None = None):
     """The dataset at `path` in torch format; checks the feature width against `d` if given."""
-    from datasets import load_from_disk
     path = Path(path)
     if not (path / "arrow").is_dir():
         raise LabError(f"no cached features at {path} (expected an Arrow dataset in {path / 'arrow'})")

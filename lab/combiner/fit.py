@@ -1,7 +1,8 @@
 """Two fits of the combiner on cached features (h, T_k, next token y), head frozen.
 
 1. `fit_ce`: cross-entropy of head(h') by gradient, AdamW, as published (lr 1e-3, batch 512,
-   80 steps, constant learning rate), on `lab.trainer.fit` (seeded, resumable).
+   80 steps, constant learning rate, weight decay 0.01), on `lab.trainer.fit` (seeded, resumable;
+   its AdamW betas are (0.9, 0.95)).
 2. `fit_ridge`: closed form. Target: the negative logit-gradient of the base's cross-entropy at h,
        delta_i = -dCE/dh = w_{y_i} - sum_v p_i(v) w_v      (W the head's rows, p = softmax(head(h_i)))
    i.e. the residual from the base's *expected* unembedding toward the *target token's* unembedding.
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 from lab import LabError
-from lab.combiner.combiner import Combiner
+from lab.combiner.model import Combiner
+from lab.trainer import TrainSpec, fit
 
 
 def _check(base, feats: dict) -> None:
@@ -61,7 +63,6 @@ def fit_ce(base, train: dict, val: dict, steps: int = 80, batch: int = 512, lr: 
     """Fit by cross-entropy through the frozen head (AdamW, constant lr, no warm-up).
     use_thought=False keeps M at 0 and fits only alpha and beta: the no-thought control, which
     separates what the thought adds from a plain recalibration of the head's input."""
-    from lab.trainer import TrainSpec, fit
     _check(base, train)
     _check(base, val)
     n = len(train["y"])
@@ -140,7 +141,8 @@ def _scaled(base, alpha: float, M: torch.Tensor, beta: torch.Tensor, s: float) -
 
 def _line_search(base, alpha, M, beta, val: dict) -> tuple[float, float]:
     """The step s >= 0 minimising the validation CE (convex in s: logits are linear in s)."""
-    f = lambda s: float(ce_nats(base, _scaled(base, alpha, M, beta, s), val).mean())
+    def f(s: float) -> float:
+        return float(ce_nats(base, _scaled(base, alpha, M, beta, s), val).mean())
     hi, f_hi = 1.0, f(1.0)
     while hi < 1e6:
         f2 = f(2 * hi)

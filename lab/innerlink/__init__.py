@@ -3,13 +3,17 @@
     R_in(h) = LN_post(h + W2·GELU(W1·LN_pre(h)))     trained on cached last-layer states with
     L_in = 1 − cos(R_in(h_t), Emb(y_{t+1}))           (graph-free; cache: HF datasets Arrow, memory-mapped)
 
-Modules: adapter (R_in), cache (the Arrow state cache), training (Config, build, train, held-out cosine,
-m-step rollout), handoff (the session A -> B benchmark), reconstruct (the state-reconstruction map),
-experiment (evaluate, reproduce_section), cli.
+Modules: config (Config and its presets), model (R_in, build, the m-step latent rollout), cache (the Arrow
+state cache), train (train, load, train_or_load), handoff (the session A -> B benchmark), reconstruct (the
+state-reconstruction map), evaluate (held-out cosine, rollout, the report, `run`), cli.
 """
 
-from lab.innerlink.adapter import InnerLink, param_count
-from lab.innerlink.experiment import evaluate, reproduce_section
-from lab.innerlink.training import Config, build, load, train
+from lab.innerlink.config import Config
+from lab.innerlink.evaluate import evaluate, run
+from lab.innerlink.handoff import handoff_benchmark
+from lab.innerlink.model import InnerLink, build, param_count
+from lab.innerlink.reconstruct import load_recon, recon_for
+from lab.innerlink.train import load, train, train_or_load
 
-__all__ = ["Config", "InnerLink", "build", "evaluate", "load", "param_count", "reproduce_section", "train"]
+__all__ = ["Config", "InnerLink", "build", "evaluate", "handoff_benchmark", "load", "load_recon", "param_count",
+           "recon_for", "run", "train", "train_or_load"]

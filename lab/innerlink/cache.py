@@ -12,11 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import torch
+from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from lab import LabError
+from lab import LabError, data_dir
+from lab.corpus import documents
+from lab.hooks import capture, forward
 from lab.store import atomic_dir, read_json, write_json
 
 TABLE, META = "states.arrow", "cache.json"
@@ -24,7 +29,6 @@ FORMAT_VERSION = 1
 
 
 def _features(d: int):
-    import datasets
     return datasets.Features({
         "h": datasets.List(datasets.Value("float32"), length=d),  # (d,) last-layer state at t
         "target": datasets.Value("int32"),                          # y_{t+1}
@@ -59,7 +63,6 @@ class StateCache:
 @torch.no_grad()
 def last_layer_states(base, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The final-normed last-layer stream (B, T, d) for token ids."""
-    from lab.hooks import capture, forward
     with capture(base, layers=[], final=True) as cache:
         forward(base, input_ids=ids.to(base.device), attention_mask=None if mask is None else mask.to(base.device))
     return cache["final"]
@@ -68,10 +71,6 @@ def last_layer_states(base, ids: torch.Tensor, mask: torch.Tensor | None = None)
 def build_cache(base, path: Path, split: str = "train", n_docs: int = 2000, seed: int = 1234,
                 max_tokens: int = 128, batch: int = 32) -> StateCache:
     """Run the base over `n_docs` corpus documents of `split` and write every (h_t, y_{t+1}) row."""
-    import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
-
-    from lab.corpus import documents
     if n_docs < 1:
         raise LabError(f"a state cache needs n_docs >= 1, got {n_docs}")
     path = Path(path)
@@ -118,7 +117,6 @@ def build_cache(base, path: Path, split: str = "train", n_docs: int = 2000, seed
 
 def load_cache(path: Path, base=None) -> StateCache:
     """Open a cache memory-mapped; with `base`, check it was made on exactly that base."""
-    import datasets
     path = Path(path)
     if not (path / META).exists() or not (path / TABLE).exists():
         raise LabError(f"no inner-link state cache at {path} (expected {TABLE} and {META}); build one with "
@@ -127,7 +125,7 @@ def load_cache(path: Path, base=None) -> StateCache:
     if meta.get("format") != FORMAT_VERSION:
         raise LabError(f"{path} is a state cache of format {meta.get('format')!r}, expected {FORMAT_VERSION}")
     if base is not None:
-        if meta["fingerprint"] != base.fingerprint:
+        if not base.has_fingerprint(meta["fingerprint"]):
             raise LabError(f"the state cache at {path} was made on base {meta['base']!r} (fingerprint "
                            f"{meta['fingerprint'][:12]}), but the loaded base is {base.name!r} (fingerprint "
                            f"{base.fingerprint[:12]}): its states mean nothing for this base; rebuild the cache")
@@ -145,7 +143,6 @@ def load_cache(path: Path, base=None) -> StateCache:
 def cache_path(base, split: str, n_docs: int, seed: int, max_tokens: int = 128) -> Path:
     """Where the cache of these states lives: named by everything that decides its rows (a cache cut at
     another `max_tokens` holds other rows, so it must not be found under the same name)."""
-    from lab import data_dir
     return (data_dir() / "innerlink"
             / f"states-{base.name}-{base.fingerprint[:10]}-{split}-{n_docs}-{seed}-{max_tokens}tok")
 
@@ -164,3 +161,10 @@ def get_cache(base, split: str, n_docs: int, seed: int = 1234, max_tokens: int =
                        + ", ".join(f"{k}={want!r}" for k, (_, want) in differ.items())
                        + " was asked for; delete it to rebuild")
     return cache
+
+
+def caches(config, base) -> tuple[StateCache, StateCache]:
+    """(train, held-out) state caches a Config names, each built the first time it is asked for."""
+    train = get_cache(base, "train", config.train_docs, config.cache_seed, config.max_tokens)
+    held = get_cache(base, "heldout", config.heldout_docs, config.cache_seed, config.max_tokens)
+    return train, held

@@ -41,6 +41,7 @@ import torch
 
 from lab import LabError
 from lab.corpus import NEGATIVE, PERSONAS, POSITIVE, TIMES, WEEKDAYS, pointer_chain
+from lab.hooks import capture, forward
 from lab.stats import Measure, compare_proportions, proportion
 
 ARMS = ("none", "random", "wrong_session", "inner_link", "raw_states", "text")
@@ -159,7 +160,6 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def final_states(base, seqs: list[torch.Tensor], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The last-layer (final-normed) states (B, T, d) of a ragged batch, via lab.hooks.forward."""
-    from lab.hooks import capture, forward
     x, lens = _pad(seqs)
     with (torch.enable_grad() if grad else torch.no_grad()):
         with capture(base, layers=[], final=True, detach=not grad) as cache:
@@ -385,6 +385,23 @@ def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
     res = HandoffResult(items, answers, correct, latents=a.latents)
     res.measures = handoff_measures(res, prefix, guess_items)
     return res
+
+
+def handoff_benchmark(link, base, config=None, *, task: str | None = None, recon=None,
+                      prefix: str = "hand-off") -> HandoffResult:
+    """The hand-off benchmark a Config names, as the report, the app page and the notebook run it:
+    `config.handoff_items` held-out items of `task` (default `config.handoff_task`) seeded by `config.seed`,
+    A handing over `config.handoff_steps` latents, every control arm, the reconstruction map's arm when
+    `recon` (a map with the inner link's interface) is given, and the commonest-answer guess picked on as
+    many training items (at least 500). `config` defaults to the link's own (`link.config`)."""
+    config = config if config is not None else link.config
+    if config is None:
+        raise LabError("the hand-off benchmark needs a Config: pass one, or a link loaded with lab.innerlink.load")
+    task = task or config.handoff_task
+    items = items_for(config, task=task)
+    return run_benchmark(base, link, items, config.handoff_steps, seed=config.seed,
+                         extra_maps={} if recon is None else {"recon": recon}, prefix=prefix,
+                         guess_items=guess_items_for(config, len(items), task=task))
 
 
 def commonest_answer(items: list[Item]) -> str:

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from lab import LabError, models_dir
-from lab.innerlink.adapter import InnerLink
+from lab.innerlink.config import LINK_FIELDS, Config
 from lab.innerlink.handoff import Item, encode_items, final_states, items_for, ragged_rollout
-from lab.store import Artifact, load_artifact, run_hash, save_artifact
+from lab.innerlink.model import InnerLink
+from lab.store import Artifact, find_artifacts, load_artifact, made_on, read_json, run_hash, save_artifact
+from lab.trainer import TrainSpec, fit
 
 KIND = "innerlink-recon"
 VAL_ITEMS = 48
@@ -67,7 +69,6 @@ def recon_loss(base, rmap: InnerLink, items: list[Item], steps: int, per_item: b
 def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: Path | None = None,
                 stop_after: int | None = None) -> Artifact | None:
     """Fit R_rec (initialised from the trained R_in) with L_rec; resumable through lab.trainer.fit."""
-    from lab.trainer import TrainSpec, fit
     exclude = {it.a_prompt for it in test_items}
     val = items_for(config, VAL_ITEMS, "val", exclude=exclude)
     exclude |= {it.a_prompt for it in val}
@@ -105,12 +106,35 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
     return art
 
 
-def load_recon(path_or_artifact, base) -> tuple[InnerLink, Artifact]:
+def load_recon(path_or_artifact, base) -> InnerLink:
+    """The reconstruction map saved at a path (or an Artifact), carrying its `.config` and `.artifact`;
+    checks kind, hash and base fingerprint."""
     art = path_or_artifact if isinstance(path_or_artifact, Artifact) else load_artifact(Path(path_or_artifact), KIND, base)
     m = InnerLink.from_tensors(art.tensors)
     if m.d != base.d_model:
         raise LabError(f"the reconstruction map at {art.path} has width {m.d}, the base has d={base.d_model}")
-    return m.to(base.device).eval(), art
+    m = m.to(base.device).eval()
+    m.config, m.artifact = Config.from_dict(art.config), art
+    return m
+
+
+def recon_for(link: InnerLink, base) -> Path | None:
+    """The reconstruction map on disk made for `link` (a loaded inner link, carrying its `.config`), or None:
+    made on exactly this base, from a config whose link fields equal the link's (the map is trained from
+    that link); one with exactly the link's config first."""
+    if link.config is None:
+        raise LabError("recon_for needs a loaded inner link (lab.innerlink.load), which carries its config")
+    found = []
+    for path in find_artifacts(KIND, base.name).values():
+        if not made_on(path, base):  # made on an earlier base of this name: its states mean nothing here
+            continue
+        try:
+            have = read_json(path / "config.json")
+        except LabError:
+            continue
+        if link.config.matches(have, LINK_FIELDS):
+            found.append((not link.config.matches(have), str(path), path))
+    return min(found)[2] if found else None
 
 
 @torch.no_grad()

@@ -6,52 +6,56 @@ from pathlib import Path
 
 import typer
 
-from lab import LabError
+from lab import LabError, results_dir
+from lab.rlf.config import BASELINES, NULL_CONTROL, Config
+from lab.rlf.evaluate import run
+from lab.rlf.train import train
+
+# --variant: the method, each baseline of the report (BASELINES, spelled with hyphens) or the null control
+VARIANTS = {"full": {}, **{name.lower().replace(" ", "-"): switch for name, switch in BASELINES.items()},
+            "shuffled": NULL_CONTROL}
 
 
-def _config(preset: str, base: str | None, core: str, variant: str, seed: int, steps: int | None,
-            d_core: int | None, lr: float | None, batch_size: int | None, curriculum_steps: int | None,
-            core_layers: int | None = None, curriculum_threshold: float | None = None,
-            hop_sampling: str | None = None):
-    from lab.rlf.config import Config
-    variants = {"full": {}, "no-lifeline": {"lifeline": False}, "no-rope": {"loop_rope": False},
-                "answer-only": {"supervision": "answer_only"}, "shuffled": {"shuffle_supervision": True}}
-    if variant not in variants:
-        raise LabError(f"variant must be one of {', '.join(variants)}, got {variant!r}")
-    cfg = Config.preset(preset, base=base, core=core, seed=seed, **variants[variant])
-    over = {k: v for k, v in dict(steps=steps, d_core=d_core, lr=lr, batch_size=batch_size,
-                                  curriculum_steps=curriculum_steps, core_layers=core_layers,
-                                  curriculum_threshold=curriculum_threshold, hop_sampling=hop_sampling).items()
-            if v is not None}
-    return cfg.with_(**over) if over else cfg
+def _config(preset: str, variant: str = "full", **overrides) -> Config:
+    if variant not in VARIANTS:
+        raise LabError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return Config.preset(preset, **VARIANTS[variant], **overrides)
 
 
 def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    preset_opt = typer.Option("tiny", help="smoke | tiny | paper")
+    base_opt = typer.Option(None, help="base preset / HF directory (default: the preset's base)")
+    core_opt = typer.Option(None, help="transformer | mamba2 (default: the preset's, transformer)")
+    steps_opt = typer.Option(None, help="override the preset's steps")
+    d_core_opt = typer.Option(None, help="override the core width")
+    core_layers_opt = typer.Option(None, help="override the transformer core's depth")
+    curriculum_steps_opt = typer.Option(None, help="steps over which hops 1..5 open (0: off)")
+    curriculum_threshold_opt = typer.Option(
+        None, help="also open the next hop count once training accuracy on the newest reaches this (0: off)")
+    hop_sampling_opt = typer.Option(None, help="newest | error: how batches draw among the open hop counts")
+
     @train_app.command("rlf")
     def train_rlf(
-        base: str = typer.Option(None, help="base preset / HF directory (default: the preset's base)"),
-        core: str = typer.Option("transformer", help="transformer | mamba2"),
-        preset: str = typer.Option("tiny", help="smoke | tiny | paper"),
-        variant: str = typer.Option("full", help="full | no-lifeline | no-rope | answer-only | shuffled (control)"),
+        preset: str = preset_opt,
+        base: str = base_opt,
+        core: str = core_opt,
+        variant: str = typer.Option("full", help=" | ".join(VARIANTS) + " (the last: the null control)"),
         seed: int = typer.Option(0),
-        steps: int = typer.Option(None, help="override the preset's steps"),
-        d_core: int = typer.Option(None, help="override the core width"),
-        core_layers: int = typer.Option(None, help="override the transformer core's depth"),
+        steps: int = steps_opt,
+        d_core: int = d_core_opt,
+        core_layers: int = core_layers_opt,
         lr: float = typer.Option(None),
         batch_size: int = typer.Option(None),
-        curriculum_steps: int = typer.Option(None, help="steps over which hops 1..5 open (0: off)"),
-        curriculum_threshold: float = typer.Option(
-            None, help="also open the next hop count once training accuracy on the newest reaches this (0: off)"),
-        hop_sampling: str = typer.Option(None, help="newest | error: how batches draw among the open hop counts"),
+        curriculum_steps: int = curriculum_steps_opt,
+        curriculum_threshold: float = curriculum_threshold_opt,
+        hop_sampling: str = hop_sampling_opt,
         out: Path = typer.Option(None, help="artifact directory (default models/rlf-<preset>-<base>-<core>...)"),
     ):
         """Train the RLF loop (gate + core; the base stays frozen). Resumes if interrupted."""
-        from lab.pretrain import ensure_base
-        from lab.rlf.training import train
-        cfg = _config(preset, base, core, variant, seed, steps, d_core, lr, batch_size, curriculum_steps, core_layers,
-                      curriculum_threshold, hop_sampling)
-        b = ensure_base(cfg.base)
-        art = train(cfg, b, out)
+        cfg = _config(preset, variant, base=base, core=core, seed=seed, steps=steps, d_core=d_core, lr=lr,
+                      batch_size=batch_size, curriculum_steps=curriculum_steps, core_layers=core_layers,
+                      curriculum_threshold=curriculum_threshold, hop_sampling=hop_sampling)
+        art = train(cfg, cfg.load_base(), out)
         m = art.manifest["metrics"]
         last = m["final_val"]
         typer.echo(f"{art.path}: validation final-answer acc {last.get('val_acc', float('nan')):.3f} "
@@ -60,29 +64,29 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
 
     @evaluate_app.command("rlf")
     def evaluate_rlf(
-        artifact: Path = typer.Argument(..., help="an RLF artifact directory"),
-        baseline: list[Path] = typer.Option(None, help="baseline artifact(s) to compare (repeatable)"),
-        out: Path = typer.Option(None, help="report directory (default results/<artifact name>)"),
-        n: int = typer.Option(None, help="problems per hop count (default: the config's test_n)"),
-        probes: bool = typer.Option(True, help="also run the probes (trajectories, gate, ablation, attribution)"),
-        null: list[Path] = typer.Option(None, help="control-run artifact(s) for the null-calibrated gate rule"),
+        preset: str = preset_opt,
+        base: str = base_opt,
+        core: str = core_opt,
+        seed: int = typer.Option(0),
+        steps: int = steps_opt,
+        d_core: int = d_core_opt,
+        core_layers: int = core_layers_opt,
+        lr: float = typer.Option(None),
+        batch_size: int = typer.Option(None),
+        curriculum_steps: int = curriculum_steps_opt,
+        curriculum_threshold: float = curriculum_threshold_opt,
+        hop_sampling: str = hop_sampling_opt,
+        test_n: int = typer.Option(None, help="override the problems per hop count in the test sets"),
+        out: Path = typer.Option(None, help="report directory (default results/<the method's run name>)"),
         formats: str = typer.Option("png,html", help="figure formats"),
     ):
-        """Evaluate an RLF artifact on the held-out 1-12-hop test sets and write report.md + figures."""
-        from lab import results_dir
-        from lab.rlf.data import heldout_set
-        from lab.rlf.evaluation import evaluate
-        from lab.rlf.probes import probe_report
-        from lab.rlf.training import load
-        model = load(artifact)
-        rep = evaluate(model, baselines={p.name: p for p in (baseline or [])}, n=n)
-        out_dir = Path(out) if out else results_dir() / artifact.name
-        fmts = tuple(f for f in formats.split(",") if f)
-        rep.save(out_dir, formats=fmts)
+        """Train what is missing (method, baselines, null controls), evaluate on the held-out 1-12-hop test
+        sets, probe, and write report.md + figures."""
+        cfg = _config(preset, base=base, core=core, seed=seed, steps=steps, d_core=d_core, core_layers=core_layers,
+                      lr=lr, batch_size=batch_size, curriculum_steps=curriculum_steps, curriculum_threshold=curriculum_threshold,
+                      hop_sampling=hop_sampling, test_n=test_n)
+        rep = run(cfg)
+        out_dir = Path(out) if out else results_dir() / cfg.run_name()
+        rep.save(out_dir, formats=tuple(f for f in formats.split(",") if f))
         typer.echo(rep.to_markdown().split("\n\n**")[0])
-        if probes:
-            probs = [p for h in range(1, model.config.max_train_hops + 1) for p in heldout_set(h, min(60, n or 60))]
-            pr = probe_report(model, probs, [load(p, model.base) for p in (null or [])])
-            pr.save(out_dir / "probes", formats=fmts)
-            typer.echo(pr.to_markdown())
         typer.echo(f"report: {out_dir / 'report.md'}")

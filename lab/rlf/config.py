@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 from lab import LabError
-from lab.configcheck import check_field_types
+from lab.config import ExperimentConfig
 
 CORES = ("transformer", "mamba2")
-# fields that change what is measured or logged, not what is trained
-EVALUATION_FIELDS = ("eval_every", "ckpt_every", "val_n_per_hop", "infer_cap", "test_n", "test_max_hops")
-# what a baseline or control run may change against the method (its switch, and the seed)
-VARIANT_FIELDS = ("lifeline", "loop_rope", "supervision", "shuffle_supervision", "seed")
 SUPERVISION = ("every_loop", "answer_only")
 HOP_SAMPLING = ("newest", "error")
+# sizes of what `run` adds around the trained method (control runs, probes): read only after training, so
+# they never change a run's identity (its config.json, checkpoint hash, or whether an artifact counts as stale)
+PIPELINE_FIELDS = ("baseline_runs", "null_runs", "probe_n", "probe_attr_n", "probe_umap")
+# fields that change what is measured or logged, not what is trained
+EVALUATION_FIELDS = ("eval_every", "ckpt_every", "val_n_per_hop", "infer_cap", "test_n", "test_max_hops",
+                     *PIPELINE_FIELDS)
+# what a baseline or control run may change against the method (its switch, and the seed)
+VARIANT_FIELDS = ("lifeline", "loop_rope", "supervision", "shuffle_supervision", "seed")
+# the baselines every report carries: name -> its switch (same base, core, data, steps and seed as the method)
+BASELINES = {"no lifeline": {"lifeline": False}, "no loop-RoPE": {"loop_rope": False},
+             "answer-only supervision": {"supervision": "answer_only"}}
+# the control runs behind the null-calibrated gate rule: the method's recipe with shuffled supervision
+NULL_CONTROL = {"shuffle_supervision": True}
 
 
 @dataclass
-class Config:
-    preset_name: str = "tiny"       # which named preset this config came from (names the artifact)
-    base: str = "tiny-gpt2"          # a base preset, a local HF directory or a hub name
+class Config(ExperimentConfig):
+    MECHANISM: ClassVar[str] = "rlf"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # seconds: tests and CI notebooks on the smoke base (numbers are meaningless, shapes are real)
+        "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15, ckpt_every=15,
+                      val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3,
+                      probe_n=24, probe_attr_n=6, probe_umap=False),
+        # the CPU experiment: tiny-gpt2, <= 10 min to 99% validation accuracy (sweep: `python bench/bench_rlf.py
+        # --to-target --seeds=0,1,2`). base_blocks=0, a departure from the published setup (the report says so):
+        # a 4-layer base's deep states carry a confident wrong prediction the core must first out-grow
+        # (`python bench/bench_rlf.py --start-sweep`).
+        "tiny": dict(base="tiny-gpt2", d_core=192, n_heads=8, ff_mult=2, lr=2e-3, steps=6000, curriculum_steps=2500,
+                     curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True),
+        # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms): the tiny recipe on the
+        # quick base with a narrower core, 1-3 hops, the no-lifeline baseline and one null-control run
+        "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=900, curriculum_steps=450,
+                      curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,
+                      max_train_hops=3, test_max_hops=6, test_n=200, val_n_per_hop=30, eval_every=150,
+                      ckpt_every=150, baseline_runs=("no lifeline",), null_runs=1, probe_n=50, probe_attr_n=12,
+                      probe_umap=False),
+        # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)
+        "paper": dict(base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4, warmup=100,
+                      eval_every=250, ckpt_every=250, val_n_per_hop=200),
+    }
+
+    PRESET_NOTES: ClassVar[dict[str, str]] = {
+        "quick": "quick preset: 1-3 training hops on the quick base, the no-lifeline baseline and one null-control "
+                 "run; extrapolation is +1 to +3 hops (the tiny preset trains 1-5 hops, three baselines, two null runs)."}
+
+    preset_name: str = "tiny"        # which named preset this config came from (names the artifact)
     # --- the model ---
     core: str = "transformer"        # "transformer" (2-layer causal encoder) or "mamba2" (one Mamba2 block)
     d_core: int = 0                  # core width (0: the base's d_model); wider cores learn faster
@@ -42,7 +79,6 @@ class Config:
     shuffle_supervision: bool = False  # control: targets taken from another problem with the same hop count
     task_version: int = 2            # lab.rlf.data.TASK_VERSION the run was trained on (1: short distractors)
     # --- training ---
-    seed: int = 0
     steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
@@ -62,32 +98,33 @@ class Config:
     infer_cap: int = 16              # loops at inference (runs until HALT or this cap)
     test_n: int = 500                # held-out problems per hop count in the test sets
     test_max_hops: int = 12
+    # --- what `run` adds (PIPELINE_FIELDS) ---
+    baseline_runs: tuple = tuple(BASELINES)  # which BASELINES `run` trains and reports beside the method
+    null_runs: int = 2               # shuffled-supervision control runs for the null-calibrated gate rule
+    probe_n: int = 100               # held-out problems per trained hop count for the probes
+    probe_attr_n: int = 40           # problems (spread over hop counts) for the attribution test (0: off)
+    probe_umap: bool = True          # also project the trajectories with UMAP (its first fit JIT-compiles, ~20 s)
 
-    def __post_init__(self):
-        check_field_types(self)
-        if self.core not in CORES:
-            raise LabError(f"core must be one of {CORES}, got {self.core!r}")
-        if self.answer_space not in ("task", "full"):
-            raise LabError(f"answer_space must be 'task' or 'full', got {self.answer_space!r}")
-        if self.core_init not in ("match", "random"):
-            raise LabError(f"core_init must be 'match' or 'random', got {self.core_init!r}")
-        if self.supervision not in SUPERVISION:
-            raise LabError(f"supervision must be one of {SUPERVISION}, got {self.supervision!r}")
-        if not 1 <= self.max_train_hops <= 12:
-            raise LabError(f"max_train_hops must be in 1..12, got {self.max_train_hops}")
-        if not 1 <= self.test_max_hops <= 12:
-            raise LabError(f"test_max_hops must be in 1..12 (52 names fit 12 hops plus distractors), got {self.test_max_hops}")
-        for k in ("steps", "batch_size", "infer_cap", "test_n", "val_n_per_hop", "core_layers", "n_heads"):
-            if getattr(self, k) < 1:
-                raise LabError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if not 0.0 <= self.curriculum_threshold <= 1.0:
-            raise LabError(f"curriculum_threshold must be in [0, 1] (0: the fixed schedule only), got {self.curriculum_threshold}")
-        if self.hop_sampling not in HOP_SAMPLING:
-            raise LabError(f"hop_sampling must be one of {HOP_SAMPLING}, got {self.hop_sampling!r}")
-        if self.curriculum_window < 1:
-            raise LabError(f"curriculum_window must be >= 1, got {self.curriculum_window}")
-        if self.d_core < 0:
-            raise LabError(f"d_core must be >= 0 (0: the base's width), got {self.d_core}")
+    def check(self) -> None:
+        self.require_one_of("core", CORES)
+        self.require_one_of("answer_space", ("task", "full"))
+        self.require_one_of("core_init", ("match", "random"))
+        self.require_one_of("supervision", SUPERVISION)
+        self.require_one_of("hop_sampling", HOP_SAMPLING)
+        self.require_range("max_train_hops", 1, 12)
+        self.require_range("test_max_hops", 1, 12)  # 52 names fit 12 hops plus distractors
+        self.require_positive("steps", "batch_size", "infer_cap", "test_n", "val_n_per_hop", "core_layers", "n_heads",
+                              "curriculum_window", "probe_n")
+        self.require_range("curriculum_threshold", 0.0, 1.0)  # 0: the fixed schedule only
+        self.require_nonnegative("d_core", "null_runs", "probe_attr_n")  # d_core 0: the base's width
+        for name in self.baseline_runs:
+            if name not in BASELINES:
+                raise LabError(f"{self.label()}: baseline_runs has {name!r}; baselines are {list(BASELINES)}")
+
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        # configs saved before task_version existed were trained on task version 1
+        return {"task_version": 1, **saved}
 
     @property
     def variant(self) -> str:
@@ -111,95 +148,24 @@ class Config:
             name += f"-s{self.seed}"
         return name.replace("/", "_")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def run_dict(self) -> dict:
+        """The config as a trained run records it (config.json, checkpoint hash): every field but PIPELINE_FIELDS."""
+        return {k: v for k, v in self.to_dict().items() if k not in PIPELINE_FIELDS}
 
-    def training_differences(self, other: "Config", allowed: tuple[str, ...] = ()) -> dict[str, tuple]:
+    def baselines(self) -> dict[str, Config]:
+        """{name: config} of the baselines the report carries (`baseline_runs` of BASELINES), trained like the method."""
+        return {name: self.with_(**BASELINES[name]) for name in self.baseline_runs}
+
+    def null_controls(self) -> list[Config]:
+        """The `null_runs` shuffled-supervision control runs (seeds seed+1, seed+2, ...)."""
+        return [self.with_(**NULL_CONTROL, seed=self.seed + 1 + i) for i in range(self.null_runs)]
+
+    def training_differences(self, other: Config, allowed: tuple[str, ...] = ()) -> dict[str, tuple]:
         """{field: (self's value, other's value)} for the fields that shape training and differ, but for
         `allowed` (e.g. a baseline's switch). Evaluation-only fields never count."""
         skip = set(EVALUATION_FIELDS) | set(allowed)
         return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        d = {"task_version": 1, **d}  # configs saved before the field existed were trained on task version 1
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def with_(self, **kw) -> "Config":
-        bad = [k for k in kw if k not in {f.name for f in fields(self)}]
-        if bad:
-            raise LabError(f"unknown RLF config field(s) {bad}")
-        return replace(self, **kw)
-
-    @classmethod
-    def preset(cls, name: str, base: str | None = None, core: str = "transformer", **kw) -> "Config":
-        if name not in PRESETS:
-            raise LabError(f"unknown RLF preset {name!r}; presets are: {', '.join(PRESETS)}")
-        cfg = replace(PRESETS[name], core=core, **kw)
-        if base is not None:
-            cfg = replace(cfg, base=base)
-        return cfg
-
-
-
-PRESETS: dict[str, Config] = {
-    # seconds: tests and CI notebooks on the smoke base (numbers are meaningless, shapes are real)
-    "smoke": Config(preset_name="smoke", base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15,
-                    ckpt_every=15, val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3),
-    # the CPU experiment: tiny-gpt2; target <= 10 min to 99% (bench/bench_rlf.py). The recipe, each lever
-    # measured on task version 2 (`lab train rlf --preset tiny ...`, validation 60 per hop count, alone on
-    # the 2 cores; seconds include the validation passes):
-    # - the first recipe (d_core 256, lr 1e-3, hops opening on a fixed schedule every 500 steps): validation
-    #   0.99 first at step 3,900, 1,444 s. With 3,000 steps the run ended while the third dereference was
-    #   being learned (1-5 pooled 0.63, 1,071 s), hence 6,000; a 3-layer core was slower (2 hops 0.57 at
-    #   step 1,900 vs 0.95).
-    # - lr 2e-3: the same dereferences in the same order, 1,000-1,500 steps earlier (0.99 at step 2,700,
-    #   859 s). lr 3e-3 did not learn 1 hop in 1,100 steps (0.20-0.30).
-    # - adaptive curriculum (curriculum_threshold 0.9: the next hop count opens once 90% of the newest one's
-    #   last 64 training problems are right; the fixed schedule stays as the latest opening): hops 2-5
-    #   opened at steps 392 / 973 / 1,435 / 1,589, but the fifth was learned no faster (0.93 at step 2,200;
-    #   stopped). With error-weighted sampling as well (hop_sampling "error": open hop counts drawn by
-    #   0.1 + their recent training error): opened at 392 / 885 / 1,207 / 1,570, 0.99 at step 2,100, 773 s.
-    # - d_core 192 instead of 256 (a step costs ~20% less, dereferences are learned ~250 steps later):
-    #   0.99 at step 2,400, 662 s; and with the core's q/k convolutions run channels-last (8% off a step,
-    #   lab.rlf.model.CoreBlock): 0.99 at step 2,300, 564 s (532 s without validation passes): the preset.
-    #   Over seeds (`python bench/bench_rlf.py --to-target --seeds=1,2`, each from scratch, alone on the cores):
-    #   seed 1 step 2,500, 687 s (651 without validation); seed 2 step 2,400, 614 s (578). Seeds 0-2: median
-    #   614 s, worst 687 s. Then the loop stopped running the whole frozen base (and its head) on every batch
-    #   only to read its embeddings (lab.hooks.stream_at; the same tensor, so the same trajectories: the
-    #   same steps to 0.99 for every seed): `python bench/bench_rlf.py --to-target --seeds=0,1,2` gives
-    #   508 / 604 / 527 s (483 / 577 / 502 without validation passes), median 527 s, worst 604 s (1.01 of
-    #   the target): under the target at the median and for two seeds of three, 4 s over it for seed 1.
-    # Batch 32 is where learning stops being limited by samples and is limited by steps (`--batch-size N`):
-    # batch 16 had 1 hop at 0.33 at step 500 and 0.58 at step 1,200 (32: 1.00 at 500); batch 64 (3,000
-    # steps, curriculum over 1,250) had 2 hops at 0.42 after 64,000 problems (step 1,000, 503 s) where 32
-    # had 0.97 (step 2,000, 566 s). 6,000 steps stay: the cosine schedule's horizon sets the learning rate
-    # at step ~2,000 (a 3,000-step run of the d_core-256 adaptive recipe reached 0.99 only at step 2,400,
-    # 983 s), and the rest of the run is what the evaluation reads.
-    # The measurements below were made on task version 1 (short distractors; see lab.rlf.data), whose 3+-hop
-    # problems a query-blind rule solved; they compare learning speeds, not the absolute accuracies of version 2.
-    # base_blocks=0: the loop starts from the frozen base's embedding layer (token + position embeddings);
-    # its final norm and tied unembedding still read every loop. Measured on 1-hop problems, lr 1e-3:
-    # `python bench/bench_rlf.py --start-sweep` (600 steps, the trainer's cosine schedule): from the
-    # embeddings 0.43, after 1, 2 or all 4 blocks <= 0.12; with a constant lr the embedding start reached
-    # 1.00 by step 450, the others stayed <= 0.12 for 600-1,000 steps. The deep states of a 4-layer base
-    # carry a confident wrong prediction at ":" (initial loss 11.7 vs 5.7) that the zero-initialised core
-    # must first out-grow. A deviation from the published setup (which reads the whole base); the report
-    # says so. Curriculum: essential (without it, 1-3 hops stayed at 0.00-0.05 for 1,500 steps); each hop
-    # count gets ~500 steps (opening one every 200 steps kept 1-hop at 0.15-0.23 through step 500).
-    # one_hop_count_per_batch + ff_mult 2 halve the step time (1-3 hops, 1,500 steps: 348 s) with the
-    # same curve as mixed batches and ff_mult 4 at equal steps (2-hop 0.85, 3-hop 0.55-0.57 at step 1,500);
-    # lr 2e-3 gave the same curve as 1e-3 (0.81 vs 0.80 at step 1,500); a key convolution that averages only
-    # the tokens before the key (H3's shift, so "P = K" stops matching a query for K) also: 0.78.
-    "tiny": Config(preset_name="tiny", base="tiny-gpt2", d_core=192, n_heads=8, ff_mult=2, lr=2e-3, steps=6000,
-                   curriculum_steps=2500, curriculum_threshold=0.9, hop_sampling="error", base_blocks=0,
-                   one_hop_count_per_batch=True),
-    # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)
-    "paper": Config(preset_name="paper", base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4,
-                    warmup=100, eval_every=250, ckpt_every=250, val_n_per_hop=200),
-}
 
 
 def check_comparable(method: Config, other: Config, role: str) -> None:

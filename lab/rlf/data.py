@@ -22,7 +22,7 @@ are disjoint. In addition, training drops any problem whose prompt text occurs i
 validation set, so no evaluated prompt is ever trained on. That exclusion covers the test sets of test
 seed 0, the one every lab path evaluates on; the problem space is large enough that other test seeds are
 held out in practice too: none of seed 1's 3,000 test prompts (1-6 hops, 500 each) is among the 383,992
-distinct prompts of 6,000 training batches of 64 (seed 0, unfiltered; measured in session 16).
+distinct prompts of 6,000 training batches of 64 (seed 0, unfiltered).
 Test sets are saved as JSONL under
 `data/rlf/` and reloaded (with a check that they regenerate identically from their seed).
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from lab import LabError, data_dir
-from lab.corpus import HALT, VARIABLE_NAMES, VALUE_WORDS, pointer_chain, single_token_id
+from lab.corpus import HALT, VALUE_WORDS, VARIABLE_NAMES, pointer_chain, single_token_id
 from lab.store import atomic_write_text
 
 ANSWER_MARKER = "\nAnswer:"   # logits are read at the ":" that ends the prompt

@@ -1,6 +1,6 @@
 """The interactive view behind the app page and the notebook widgets: one prompt, live knobs.
 
-    ex = Explorer(model, background=heldout problems)       # fits the trajectory PCA once
+    ex = Explorer(model)                  # fits the trajectory PCA once (on held-out problems)
     v = ex.view(prompt, cap=8, lifeline=True, scale=1.0, ram_scale=1.0, alu_scale=1.0)
     v["loops"], v["answer"], v["figures"]["trajectory"], v["figures"]["gate"]
 
@@ -10,22 +10,45 @@ lifeline-off overlay); only the PCA map and the gate partition are fitted once.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import plotly.graph_objects as go
+from sklearn.decomposition import PCA
 
 from lab import LabError
-from lab.rlf.data import Problem
+from lab.figures import LAB_COLORS, template_json
+from lab.rlf.data import Problem, heldout_set
+from lab.rlf.infer import explain
 from lab.rlf.model import RLF, Lifeline
+from lab.rlf.probes import STATES, collect_latents, gate_histogram, gate_partition
+
+
+def background(config, per_hop: int = 20) -> list[Problem]:
+    """The held-out problems the trajectory map is fitted on: the first `per_hop` of each trained hop count's test set."""
+    return [p for h in range(1, config.max_train_hops + 1) for p in heldout_set(h, config.test_n)[:per_hop]]
+
+
+def examples(config, max_hops: int = 12, per_hop: int = 3) -> dict[str, str]:
+    """{label: prompt} of held-out problems with 1..max_hops hops, to pick from."""
+    out = {}
+    for h in range(1, max_hops + 1):
+        for i, p in enumerate(heldout_set(h, config.test_n)[:per_hop]):
+            out[f"{h} hops, #{i}: What is {p.query}? ({' -> '.join(p.path)})"] = p.prompt
+    return out
 
 
 class Explorer:
-    def __init__(self, model: RLF, background: list[Problem], null_models: list[RLF] | None = None, seed: int = 0):
-        from sklearn.decomposition import PCA
-
-        from lab.rlf.probes import collect_latents, gate_histogram, gate_partition
-        if not background:
+    def __init__(self, model: RLF, background_problems: list[Problem] | None = None,
+                 null_models: list[RLF] | None = None, seed: int = 0):
+        """background_problems: what the trajectory map is fitted on (default: `background(model.config)`);
+        null_models: control runs for the null-calibrated RAM / ALU dimensions (default: the published rule)."""
+        if background_problems is None:
+            background_problems = background(model.config)
+        if not background_problems:
             raise LabError("the explorer needs some background problems to fit its trajectory map")
         self.model = model
-        self.background = collect_latents(model, background)
+        self.background = collect_latents(model, background_problems)
         self.pca = PCA(n_components=2, random_state=seed).fit(self.background.X)
         self.bg_xy = self.pca.transform(self.background.X)
         self.partition = gate_partition(model, null_models)
@@ -40,7 +63,6 @@ class Explorer:
 
     def view(self, prompt: str, cap: int = 8, lifeline: bool = True, scale: float = 1.0, ram_scale: float = 1.0,
              alu_scale: float = 1.0, topk: int = 5) -> dict:
-        from lab.rlf.evaluation import explain
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
             raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
         ll = self.lifeline(lifeline, scale, ram_scale, alu_scale)
@@ -59,8 +81,6 @@ class Explorer:
                 "lifeline": ll.to_dict()}
 
     def _background_traces(self) -> list[dict]:
-        from lab.figures import LAB_COLORS
-        from lab.rlf.probes import STATES
         bg, out = self.background, []
         for s, name in enumerate(STATES):
             sel = bg.state == s
@@ -72,9 +92,6 @@ class Explorer:
     def trajectory_figure(self, xy, xy_off, cur, off):
         """Built from plain dicts without plotly's per-property validation: this runs on every app
         interaction, and validated construction alone costs ~50-90 ms."""
-        import plotly.graph_objects as go
-
-        from lab.figures import LAB_COLORS, template_json
         if not hasattr(self, "_bg_traces"):
             self._bg_traces = self._background_traces()
         data = list(self._bg_traces)
@@ -93,7 +110,6 @@ class Explorer:
 
 def latency(explorer: Explorer, prompt: str, n: int = 30, cap: int = 8, seed: int = 0) -> dict:
     """Wall time of `view` over n interactions with random knob settings (the app's live cost)."""
-    import time
     rng = np.random.default_rng(seed)
     times = []
     for i in range(n):

@@ -13,7 +13,7 @@ Choices the write-up leaves open, decided here:
   (`blocks.{L-1}.resid_post`), so `base.logits` (final norm + head) reads every loop exactly as it
   reads the base; at init the core adds zero and the final norm is scale-invariant, so loop 0
   predicts what the base itself predicts after "Answer:". `base_blocks=n` starts after n blocks
-  (0: the embedding layer); the tiny preset uses 0 (see lab.rlf.config for the measured reason).
+  (0: the embedding layer); the tiny preset uses 0 (lab.rlf.config says why).
 - Loop RoPE rotates pairs (x[2i], x[2i+1]) by k * 10000^(-2i/d) and is applied to the running
   state each loop, as described (rotations compose across loops).
 - The core works at its own width `d_core` between an input projection and a zero-initialised
@@ -44,9 +44,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from transformers import Mamba2Config
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Block
 
 from lab import LabError
 from lab.hooks import ActivationCache, stream_at
+from lab.rlf.data import ANSWER_MARKER, Vocab, train_batch
 
 LOOP_SITES = ("resid_pre", "lifeline", "after_lifeline", "after_rope", "core_out", "latent")
 LIFELINE_MODES = ("on", "zero", "noise", "shuffle", "other")
@@ -199,9 +202,6 @@ class Mamba2Core(nn.Module):
 
     def __init__(self, d: int, d_core: int, d_state: int, expand: int, head_dim: int):
         super().__init__()
-        from transformers import Mamba2Config
-        from transformers.models.mamba2.modeling_mamba2 import Mamba2Block
-
         head_dim = min(head_dim, expand * d_core)
         if (expand * d_core) % head_dim:
             raise LabError(f"Mamba2 core: expand*d_core = {expand * d_core} is not divisible by head_dim {head_dim}")
@@ -236,7 +236,6 @@ class RLF(nn.Module):
 
     def __init__(self, config, base):
         super().__init__()
-        from lab.rlf.data import Vocab
         self.config = config
         object.__setattr__(self, "base", base)  # not a submodule: never trained, never checkpointed
         self.vocab = Vocab(base.tokenizer)
@@ -313,7 +312,7 @@ class RLF(nn.Module):
         else:
             layer, site = n, "resid_pre"     # the stream entering block n = the output of n blocks
         # only the first n blocks run: at the tiny preset (n = 0) the loop reads the embeddings, and a
-        # whole base forward with its head was ~10% of a training step (the same tensor either way)
+        # whole base forward with its head would cost ~10% of a training step (the same tensor either way)
         return stream_at(base, layer, site, input_ids=ids if inputs_embeds is None else None,
                          inputs_embeds=inputs_embeds, attention_mask=mask, grad=grad)
 
@@ -427,7 +426,6 @@ class RLF(nn.Module):
 def encode_prompts(base, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (ids, mask) for RLF prompts; each prompt is checked for the answer marker and the
     base's context length (LabError naming the offending prompt)."""
-    from lab.rlf.data import ANSWER_MARKER
     if isinstance(prompts, str):
         prompts = [prompts]
     for p in prompts:
@@ -443,7 +441,6 @@ def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
     name and value embeddings are nearly collinear (mean cosine ~0.85-0.9); whitened, a name's own
     direction dominates, so the content-matching attention of the "match" init finds the assignment
     of the queried name from the first step."""
-    from lab.rlf.data import train_batch
     cfg = model.config
     probs = train_batch(-1, n_prompts, cfg.seed, cfg.max_train_hops)
     ids, mask = encode_prompts(model.base, [p.prompt for p in probs])

@@ -20,10 +20,18 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
+from scipy.stats import binomtest, fisher_exact
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from lab import LabError
+from lab.figures import LAB_COLORS, style
 from lab.hooks import ActivationCache
+from lab.report import Published, Report
 from lab.rlf.config import check_comparable
 from lab.rlf.data import Problem
 from lab.rlf.model import RLF, Lifeline, encode_prompts
@@ -72,7 +80,7 @@ def collect_latents(model: RLF, problems: list[Problem], lifeline: Lifeline | No
 
 def _umap(n_neighbors: int, seed: int):
     os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/lab-numba-cache")
-    import umap
+    import umap  # noqa: PLC0415  (lazy: its import and first fit JIT-compile with numba)
     return umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, min_dist=0.2)
 
 
@@ -86,7 +94,6 @@ def trajectories(model: RLF, problems: list[Problem], method: str = "pca", seed:
     off = collect_latents(model, problems, Lifeline(mode="zero")) if overlay_off else None
     explained = None
     if method == "pca":
-        from sklearn.decomposition import PCA
         proj = PCA(n_components=2, random_state=seed).fit(on.X)
         explained = proj.explained_variance_ratio_
     else:
@@ -100,7 +107,6 @@ def trajectories(model: RLF, problems: list[Problem], method: str = "pca", seed:
 
 def pca_variance_measure(lat: Latents, n_boot: int = 200, seed: int = 0) -> Measure:
     """Share of variance in the first 2 PCs of the latents, with a bootstrap CI over problems."""
-    from sklearn.decomposition import PCA
     def share(X):
         return float(PCA(n_components=2).fit(X).explained_variance_ratio_.sum())
     v = share(lat.X)
@@ -118,9 +124,6 @@ def pca_variance_measure(lat: Latents, n_boot: int = 200, seed: int = 0) -> Meas
 
 def trajectory_figure(traj: dict, colour: str = "loop", title: str | None = None):
     """Scatter of projected latents coloured by loop index or solver state; lifeline-off as open markers."""
-    import plotly.graph_objects as go
-
-    from lab.figures import LAB_COLORS, style
     if colour not in ("loop", "state"):
         raise LabError(f"colour must be 'loop' or 'state', got {colour!r}")
     fig = go.Figure()
@@ -145,10 +148,6 @@ def trajectory_figure(traj: dict, colour: str = "loop", title: str | None = None
 def state_probe(lat: Latents, seed: int = 0, test_frac: float = 0.3) -> dict:
     """Logistic-regression probe of solver state (pointer / value / HALT) from the latent, trained and
     tested on disjoint problems; control: the same probe fitted on shuffled labels."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     probs = np.unique(lat.problem)
     if len(probs) < 4:
         raise LabError(f"the state probe needs at least 4 problems, got {len(probs)}")
@@ -213,7 +212,6 @@ def gate_partition(model: RLF, null_models: list[RLF] | None = None, q: float = 
                 m = proportion(f"{key.upper()} fraction ({label} rule)" + (f": gate {'>' if key == 'ram' else '<'} "
                                f"{hi if key == 'ram' else lo:.4f}" if label == "null-calibrated" else ""), ours)
                 m.control, m.control_value = "same rule on a control run's gates", float(theirs.mean())
-                from scipy.stats import fisher_exact
                 m.p_value = float(fisher_exact([[ours.sum(), (~ours).sum()], [theirs.sum(), (~theirs).sum()]])[1])
                 m.test = "Fisher exact vs control gates"
                 m.extra["in_sample_null"] = len(nulls) == 1
@@ -222,9 +220,6 @@ def gate_partition(model: RLF, null_models: list[RLF] | None = None, q: float = 
 
 
 def gate_histogram(part: dict, title: str = "RLF lifeline gate, coloured by partition"):
-    import plotly.graph_objects as go
-
-    from lab.figures import LAB_COLORS, style
     g = part["gate"]
     rule = part.get("null", part["published"])
     lab = np.full(len(g), "other", dtype=object)
@@ -335,7 +330,7 @@ def _token_spans(model: RLF, prompt: str) -> tuple[list[str], list[tuple[int, in
 def attribute(model: RLF, problem: Problem, n_steps: int = 16) -> dict:
     """Integrated gradients (captum LayerIntegratedGradients on the base's input embedding) of loop k's
     target logit, for k = 0..hops, to each prompt token: a (K, T) matrix, baseline = PAD embeddings."""
-    from captum.attr import LayerIntegratedGradients
+    from captum.attr import LayerIntegratedGradients  # noqa: PLC0415  (lazy: captum is only needed for attribution)
 
     ids, mask = encode_prompts(model.base, [problem.prompt])
     K = problem.hops + 1
@@ -360,7 +355,6 @@ def attribution_test(model: RLF, problems: list[Problem], n_steps: int = 16) -> 
     """For loops 0..hops-1: is the most-attributed prompt token inside the assignment this loop
     dereferences ("cur = next")? Hit rate vs chance (the span's share of assignment tokens), with an
     exact binomial test on the pooled loops."""
-    from scipy.stats import binomtest
     hits, chance, loops, example = [], [], [], None
     for p in problems:
         a = attribute(model, p, n_steps)
@@ -406,9 +400,6 @@ def spread(problems: list[Problem], n: int) -> list[Problem]:
 
 
 def attribution_heatmap(example: dict, title: str | None = None):
-    import plotly.graph_objects as go
-
-    from lab.figures import style
     A = example["attr"]
     A = A / (np.abs(A).max(axis=1, keepdims=True) + 1e-12)
     toks = [f"{i}:{t}" for i, t in enumerate(example["tokens"])]
@@ -423,7 +414,6 @@ def attribution_heatmap(example: dict, title: str | None = None):
 def probe_report(model: RLF, problems: list[Problem], null_models: list[RLF] | None = None,
                  umap: bool = True, n_attr: int = 40, seed: int = 0):
     """All four probes on the given (held-out) problems, as one lab Report."""
-    from lab.report import Published, Report
     src = "mamba2backbonerecursion write-up (see PUBLISHED.md)"
     rep = Report(f"RLF probes: {model.config.core} core on {model.base.name}")
     tr = trajectories(model, problems, "pca", seed)

@@ -4,6 +4,9 @@
 
 Parameters: W1, W2 (2d²) + b1, b2 (2d) + LN_pre and LN_post affine (γ, β each: 4d) = 2d² + 6d
 (52,459,520 at d = 5120). The residual adds the raw h, so the map starts near "normalise h".
+
+`latent_rollout` is how the adapter is used (RecursiveMAS latent thoughts): its output is appended as
+the base's next input embedding, m times, without decoding text.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from lab import LabError
+from lab.hooks import capture, forward
 
 
 def param_count(d: int) -> int:
@@ -20,7 +24,13 @@ def param_count(d: int) -> int:
 
 
 class InnerLink(nn.Module):
-    """R_in: last-layer hidden state (…, d) -> a vector in the input-embedding space (…, d)."""
+    """R_in: last-layer hidden state (…, d) -> a vector in the input-embedding space (…, d).
+
+    A link loaded from disk (`lab.innerlink.load`, `train_or_load`) carries the `Config` it stands for as
+    `.config` and its saved `Artifact` as `.artifact`; a freshly built one has None for both."""
+
+    config = None      # the lab.innerlink.Config this link was trained under (set on load)
+    artifact = None    # the lab.store.Artifact it was loaded from (set on load)
 
     def __init__(self, d: int):
         super().__init__()
@@ -65,3 +75,32 @@ class InnerLink(nn.Module):
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_in = 1 − cos(pred, target), averaged over all leading dims; computed in float32."""
     return (1 - nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+def build(config, base) -> InnerLink:
+    """The adapter for this base, seeded by `config.seed` (W1, W2 d×d; 2d² + 6d parameters)."""
+    torch.manual_seed(config.seed)
+    return InnerLink(base.d_model).to(base.device)
+
+
+def latent_rollout(base, link: InnerLink, prefix_embeds: torch.Tensor, steps: int,
+                   grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RecursiveMAS latent thoughts: from the state at the end of `prefix_embeds` (B, T, d), append
+    R_in(h) as the next input embedding, `steps` times, through lab.hooks.forward(inputs_embeds=...).
+    Returns (latents (B, m, d) in the base's dtype, the raw last-layer states they were made from (B, m, d))."""
+    if steps < 1:
+        raise LabError(f"a latent rollout needs steps >= 1, got {steps}")
+    link.check_width(prefix_embeds, "prefix embedding")
+    seq = prefix_embeds
+    lat, raw = [], []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for _ in range(steps):
+            with capture(base, layers=[], final=True, detach=not grad) as cache:
+                forward(base, inputs_embeds=seq)
+            h = cache["final"][:, -1]          # (B, d)
+            e = link(h).to(base.dtype)         # (B, d) the latent thought, an input embedding of the base
+            raw.append(h)
+            lat.append(e)
+            seq = torch.cat([seq, e[:, None]], dim=1)  # (B, T+k, d)
+    return torch.stack(lat, 1), torch.stack(raw, 1)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from lab import LabError, models_dir
-from lab.pretrain import ensure_base
+from lab.bases import load_base
 from lab.rlf.config import Config
 from lab.rlf.data import (
     TASK_VERSION,
@@ -19,12 +20,15 @@ from lab.rlf.data import (
     train_hops_for,
     validation_set,
 )
+from lab.rlf.infer import final_answer_accuracy
 from lab.rlf.model import RLF, build, encode_prompts
 from lab.store import (
     Artifact,
+    base_matches,
     load_artifact,
     made_on,
     manifest_base_name,
+    read_json,
     run_hash,
     save_artifact,
 )
@@ -55,10 +59,10 @@ class HopCurriculum:
     curriculum_threshold > 0 the next hop count also opens as soon as the model gets the newest one
     right (every supervised loop) on at least that fraction of its last curriculum_window training
     problems, whichever comes first. Why: on the tiny preset a hop count is learned a few hundred
-    steps after it opens, and opening the next one before (at 0.37 accuracy) stalled both for 900
-    steps (lab.rlf.config); a fixed schedule must be tuned to one learning rate, this one follows the
-    run. It reads the training batches' own logits, so it costs no extra pass; its state is
-    checkpointed with the weights (the trainer's `train_state`), so a resumed run draws the same batches."""
+    steps after it opens, and opening the next one before that stalls both; a fixed schedule must be
+    tuned to one learning rate, this one follows the run. It reads the training batches' own logits, so
+    it costs no extra pass; its state is checkpointed with the weights (the trainer's `train_state`), so a
+    resumed run draws the same batches."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -125,7 +129,7 @@ class HopCurriculum:
 def train_spec(config: Config, base) -> TrainSpec:
     return TrainSpec(steps=config.steps, lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
                      grad_clip=config.grad_clip, seed=config.seed, ckpt_every=config.ckpt_every,
-                     eval_every=config.eval_every, config_hash=run_hash(config.to_dict(), base))
+                     eval_every=config.eval_every, config_hash=run_hash(config.run_dict(), base))
 
 
 def default_out_dir(config: Config, base) -> Path:
@@ -138,14 +142,11 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     Resumes from `.<out_dir>.ckpt` if a run was interrupted; stop_after simulates a kill (for tests).
     stop_at_val: stop at the first validation (1..max_train_hops pooled) at or above it, for measuring
     time to accuracy (bench/bench_rlf.py); like stop_after, nothing is saved but the checkpoint."""
-    from lab.bases import load_base
-    from lab.rlf.evaluation import final_answer_accuracy
-
     if config.task_version != TASK_VERSION:
         raise LabError(f"config asks for RLF task version {config.task_version}, but this lab generates version "
                        f"{TASK_VERSION} (lab.rlf.data.TASK_VERSION); older task versions cannot be retrained")
     if base is None:
-        base = load_base(config.base)
+        base = config.load_base()
     model = build(config, base)
     out_dir = Path(out_dir) if out_dir else default_out_dir(config, base)
     exclude = excluded_prompts(config.test_n, 0, config.val_n_per_hop)
@@ -183,9 +184,9 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
                  desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum, device=base.device,
                  stop_when=None if stop_at_val is None else (lambda m: m["val_acc"] >= stop_at_val))
     if stop_after is not None and stop_after < spec.steps:
-        return Artifact(ckpt, KIND, config.to_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
+        return Artifact(ckpt, KIND, config.run_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
     if result.stopped_early:
-        return Artifact(ckpt, KIND, config.to_dict(), model.trainable_tensors(),
+        return Artifact(ckpt, KIND, config.run_dict(), model.trainable_tensors(),
                         {"stopped_at": result.history[-1]["step"], "history": result.history,
                          "curriculum_opened_at": curriculum.opened_at})
     metrics = {"steps": spec.steps, "seconds": round(result.seconds, 1), "history": result.history,
@@ -194,27 +195,24 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
                "curriculum_opened_at": curriculum.opened_at,
                "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
                "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    art = save_artifact(out_dir, KIND, model.trainable_tensors(), config.to_dict(), base=base, metrics=metrics)
-    import shutil
+    art = save_artifact(out_dir, KIND, model.trainable_tensors(), config.run_dict(), base=base, metrics=metrics)
     shutil.rmtree(ckpt, ignore_errors=True)  # the artifact supersedes its checkpoint
     return art
 
 
 def load(path_or_artifact, base=None) -> RLF:
-    """An RLF module from an artifact directory; a LabError if it was trained on another base."""
-    from lab.bases import load_base
-
+    """The RLF module an artifact holds (carrying .config and .artifact), on `base` (default: the base its
+    manifest names); a LabError if it was trained on another base."""
     art = path_or_artifact if isinstance(path_or_artifact, Artifact) else None
     if art is None:
         path = Path(path_or_artifact)
         manifest_base = None
         if base is None:
-            from lab.store import read_json
             manifest_base = read_json(path / "manifest.json").get("base") or {}
             cfg = read_json(path / "config.json")
             base = load_base(manifest_base.get("name") or cfg["base"])
         art = load_artifact(path, KIND, base)
-    elif base is not None and art.manifest.get("base") and art.manifest["base"]["fingerprint"] != base.fingerprint:
+    elif base is not None and art.manifest.get("base") and not base_matches(art.manifest, base, art.path):
         raise LabError(f"{art.path} was trained on base {art.manifest['base']['name']!r}, "
                        f"but the loaded base is {base.name!r} (fingerprints differ)")
     if base is None:
@@ -235,39 +233,18 @@ def load(path_or_artifact, base=None) -> RLF:
     return model
 
 
-def train_or_load(config: Config, base=None, out_dir: Path | None = None) -> RLF:
-    """Load the artifact for this config if it exists (and matches the config), else train it."""
-    from lab.store import read_json
-
+def train_or_load(config: Config, base=None) -> RLF:
+    """The RLF module for `config` (carrying .config and .artifact): its artifact if one was made with
+    this config on exactly this base, else trained now. base=None: `config.load_base()`."""
     if base is None:
-        base = ensure_base(config.base)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(config, base)
-    # from_dict fills fields added since the artifact was saved with their defaults (which reproduce the old behaviour)
-    if ((out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")) == config
-            and made_on(out_dir, base)):  # another fingerprint (a re-pretrained base): retrain
-        return load(out_dir, base)
-    return load(train(config, base, out_dir), base)
-
-
-def artifacts_for(base_name: str) -> dict[str, Path]:
-    """RLF artifacts on disk trained on `base_name` ({directory name: path}), the method's first."""
-    from lab.store import read_json
-    out = {}
-    root = models_dir()
-    if not root.exists():
-        return out
-    for d in sorted(root.glob("rlf-*")):
-        if not (d / "manifest.json").exists():
-            continue
-        try:
-            man = read_json(d / "manifest.json")
-        except LabError:
-            continue
-        if man.get("kind") == KIND and (man.get("base") or {}).get("name") == base_name:
-            try:
-                cfg = Config.from_dict(read_json(d / "config.json"))
-            except (LabError, TypeError):
-                continue
-            out[d.name] = (cfg.variant != "full", cfg.seed, cfg.core != "transformer", d)
-    # the method itself first (seed 0, transformer core), then other seeds, cores, baselines, controls
-    return {name: v[-1] for name, v in sorted(out.items(), key=lambda kv: kv[1][:3])}
+        base = config.load_base()
+    out_dir = default_out_dir(config, base)
+    # a run is its config but for PIPELINE_FIELDS; from_dict fills fields an older artifact lacks with their
+    # defaults (which reproduce the old behaviour)
+    if ((out_dir / "config.json").exists() and Config.from_dict(read_json(out_dir / "config.json")).run_dict()
+            == config.run_dict() and made_on(out_dir, base)):  # another fingerprint (a re-pretrained base): retrain
+        model = load(out_dir, base)
+    else:
+        model = load(train(config, base, out_dir), base)
+    model.config = config  # the caller's pipeline sizes; every field that shapes the run is equal
+    return model

@@ -1,19 +1,34 @@
 """The combiner: h' = (1 + alpha) * h + M @ T + beta, zero at init, read by the frozen head.
 
-h is the final-normed state (what the head reads), so logits = head(h') and at init
-h' = 1.0 * h + 0 + 0 = h bit for bit: the base's logits exactly (tested with max |diff| == 0.0).
+h is the final-normed state (what the head reads: the base's own final norm on the last block's output),
+so logits = head(h') and at init h' = 1.0 * h + 0 + 0 = h bit for bit: the base's logits exactly (tested
+with max |diff| == 0.0 on GPT-2, Mamba2, Llama, Qwen2). Against the model's own `logits` tensor the
+difference is <= ~2e-6 (the same head on a (B, d) slice rounds differently in BLAS than on (B, T, d)), so
+the evaluators score the base and the identity through the very same `head(h)` path.
 The parameters stay float32 on a half-precision base (a bf16 alpha would round 1 + alpha to steps of
 2^-8): the combiner computes in its own dtype and hands h' back in h's dtype.
 Parameters: 1 + d*d + d (262,657 at d = 512, as published).
+
+`FittedCombiners` is what `load` / `train_or_load` return: every fitted combiner of one artifact.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lab import LabError
+from lab.store import Artifact
+
+if TYPE_CHECKING:
+    from lab.combiner.config import Config
+
+FITS = ("ce", "ridge")   # cross-entropy by AdamW (as published) and closed-form ridge (fit.py)
+CONTROL = "control"      # the CE fit of alpha and beta only (M = 0): what recalibration alone buys
 
 
 class Combiner(nn.Module):
@@ -79,3 +94,41 @@ class Combiner(nn.Module):
 def combined_logits(base, combiner: Combiner, h: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
     """Frozen head on h' (no final norm: h is already final-normed; Base.logits casts to the head's dtype). (B, d) -> (B, V)."""
     return base.logits(combiner(h, t, **kw), normed=True)
+
+
+def build(config: "Config", base) -> Combiner:
+    """A zero-init (identity) combiner for this base (float32 parameters on any base dtype)."""
+    return Combiner(base.d_model).to(base.device)
+
+
+@dataclass
+class FittedCombiners:
+    """One trained artifact, loaded on its base: a combiner per (fit, k) for k = 1..config.k_max, and the
+    no-thought control. `model[("ce", 1)]` is the published arm."""
+
+    config: "Config"
+    artifact: Artifact
+    base: object                                   # the frozen lab.bases.Base the combiners were fitted on
+    combiners: dict[tuple[str, int], Combiner]
+    control: Combiner
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, config: "Config", base) -> "FittedCombiners":
+        combs = {(fit, k): Combiner.from_tensors(artifact.tensors, f"{fit}.k{k}.", base.d_model).to(base.device)
+                 for fit in FITS for k in range(1, config.k_max + 1)}
+        control = Combiner.from_tensors(artifact.tensors, f"{CONTROL}.", base.d_model).to(base.device)
+        return cls(config, artifact, base, combs, control)
+
+    def __getitem__(self, fit_k: tuple[str, int]) -> Combiner:
+        return self.combiners[fit_k]
+
+    @property
+    def fits(self) -> dict:
+        """The training record per fit: {"k1": {"ce": {...}, "ridge": {...}}, ..., "control": {...}}."""
+        return self.artifact.manifest["metrics"]["fits"]
+
+    def fit_table(self) -> list[dict]:
+        """One row per k: the validation nats of the base and both fits, and ridge's lambda and step."""
+        return [{"k": k, "base val nats": f["ce"]["val_nats_base"], "ce val nats": f["ce"]["val_nats"],
+                 "ridge val nats": f["ridge"]["val_nats"], "ridge lambda": f["ridge"]["lambda"],
+                 "ridge step": f["ridge"]["step"]} for k, f in self.fits.items() if k != CONTROL]

@@ -1,4 +1,4 @@
-"""Inference (loop until HALT) and the RLF evaluation report.
+"""The RLF evaluation report, and `run`: the whole pipeline every front end calls.
 
 Metric definitions (per problem, on held-out test sets; each a proportion with a Wilson 95% CI):
 - final-answer accuracy: the token before the first HALT equals the value. If no HALT is emitted
@@ -13,77 +13,21 @@ Metric definitions (per problem, on held-out test sets; each a proportion with a
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from lab import LabError
-from lab.rlf.config import check_comparable
-from lab.rlf.data import TASK_VERSION, Problem, longest_chain_answer, parse_prompt
+from lab.figures import line, style
+from lab.report import Published, Report
+from lab.rlf.config import Config, check_comparable
+from lab.rlf.data import TASK_VERSION, Problem, heldout_set, heldout_sets, longest_chain_answer, parse_prompt
+from lab.rlf.infer import Trace, outcomes, solve
 from lab.rlf.model import RLF, Lifeline, encode_prompts
+from lab.rlf.probes import probe_report
+from lab.rlf.train import train_or_load
 from lab.stats import Measure, compare_proportions, mean_with_ci, proportion
-
-
-@dataclass
-class Trace:
-    """Greedy loop predictions for N problems, run until HALT or the cap."""
-    preds: np.ndarray        # (N, K) predicted ids per loop; -1 after the first HALT
-    halt_loop: np.ndarray    # (N,) loop index of the first HALT, -1 if none within the cap
-    answer: np.ndarray       # (N,) id of the token before the first HALT (else the last prediction; -1 if HALT at loop 0)
-    halt_id: int
-
-    @property
-    def halted(self) -> np.ndarray:
-        return self.halt_loop >= 0
-
-
-@torch.no_grad()
-def solve(model: RLF, prompts: list[str], cap: int, lifeline: Lifeline | None = None,
-          batch_size: int = 128, cache=None) -> Trace:
-    """Run every prompt until HALT (or `cap` loops) and read the answers."""
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-        raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
-    if not prompts:
-        raise LabError("expected at least one prompt")
-    halt = model.vocab.halt_id
-    chunks = []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = encode_prompts(model.base, prompts[i: i + batch_size])
-        logits = model.run(ids, mask, cap, lifeline=lifeline, stop_on_halt=cache is None, cache=cache)
-        chunks.append(logits.argmax(-1).T.cpu().numpy())        # (B, K_run)
-    K = max(c.shape[1] for c in chunks)
-    preds = np.full((len(prompts), K), -1, dtype=np.int64)
-    row = 0
-    for c in chunks:
-        preds[row: row + len(c), : c.shape[1]] = c
-        row += len(c)
-    is_halt = preds == halt
-    halt_loop = np.where(is_halt.any(1), is_halt.argmax(1), -1)
-    answer = np.empty(len(prompts), dtype=np.int64)
-    for n in range(len(prompts)):
-        h = halt_loop[n]
-        if h >= 0:
-            preds[n, h + 1:] = -1
-            answer[n] = preds[n, h - 1] if h >= 1 else -1
-        else:
-            answer[n] = preds[n, cap - 1] if preds.shape[1] >= cap else preds[n, -1]
-    return Trace(preds, halt_loop, answer, halt)
-
-
-def outcomes(model: RLF, problems: list[Problem], trace: Trace) -> dict[str, np.ndarray]:
-    """Per-problem booleans: final, trace, halted, halt_right (at loop == hops), and per-loop step accuracy."""
-    wid = model.vocab.word_id
-    value = np.array([wid[p.value] for p in problems])
-    hops = np.array([p.hops for p in problems])
-    final = trace.answer == value
-    full = np.zeros(len(problems), dtype=bool)
-    for n, p in enumerate(problems):
-        want = [wid[w] for w in p.path] + [trace.halt_id]
-        got = trace.preds[n, : len(want)].tolist()
-        full[n] = got == want and trace.halt_loop[n] == p.hops
-    return {"final": final, "trace": full, "halted": trace.halted, "halt_right": trace.halt_loop == hops}
-
 
 ERROR_KINDS = ("repeats the name it should dereference", "an earlier element of the chain",
                "skips ahead in the chain", "HALT too early", "a distractor's right-hand side", "other",
@@ -93,7 +37,6 @@ ERROR_KINDS = ("repeats the name it should dereference", "an earlier element of 
 def _twin_chains(prompt: str, query: str, hops: int) -> list[list[str]]:
     """The distractor chains exactly as long as the queried one ([root, ..., value]), sharing none of its
     names: a model that tracks depth on the page, not the pointer, emits their element at the right depth."""
-    from lab.rlf.data import parse_prompt
     a = parse_prompt(prompt)["assignments"]
     own, cur = {query}, query
     while cur in a and a[cur] not in own:
@@ -146,24 +89,11 @@ def first_errors(model: RLF, problems: list[Problem], trace: Trace) -> list[dict
 
 def first_error_table(rows: list[dict], hops: list[int], n_by_hops: dict[int, int]) -> list[dict]:
     """Counts of first errors by hop count, loop and kind (n = problems of that hop count)."""
-    from collections import Counter
     c = Counter((r["hops"], r["loop"], r["kind"]) for r in rows)
     return [{"hops": h, "n": n_by_hops[h], "first wrong loop": k, "kind": kind, "count": cnt,
              "share of problems": round(cnt / n_by_hops[h], 4)}
             for (h, k, kind), cnt in sorted(c.items()) if h in hops]
 
-
-def final_answer_accuracy(model: RLF, problems: list[Problem], cap: int) -> dict:
-    """{hops: accuracy, 'all': accuracy} of the final answer (the progress bar's live metric)."""
-    was = model.training
-    model.eval()
-    tr = solve(model, [p.prompt for p in problems], cap)
-    model.train(was)
-    fin = outcomes(model, problems, tr)["final"]
-    hops = np.array([p.hops for p in problems])
-    out = {int(h): float(fin[hops == h].mean()) for h in sorted(set(hops.tolist()))}
-    out["all"] = float(fin.mean())
-    return out
 
 
 def hop_measures(tag: str, hops: int, oc: dict[str, np.ndarray], control: dict[str, np.ndarray] | None = None,
@@ -186,38 +116,6 @@ def hop_measures(tag: str, hops: int, oc: dict[str, np.ndarray], control: dict[s
         m.extra.update({"hops": hops, "arm": tag})
     return ms
 
-
-def explain(model: RLF, prompt: str, cap: int, lifeline: Lifeline | list[Lifeline] | None = None,
-            topk: int = 5) -> dict | list[dict]:
-    """One typed prompt, fully checked: per-loop top-k predictions, the latent trajectory at the
-    answer position, and the ground-truth path when the prompt defines one (for the app).
-    A list of lifeline specs returns one result per spec, sharing a single base pass."""
-    from lab.hooks import ActivationCache
-    parsed = parse_prompt(prompt)
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-        raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
-    ids, mask = encode_prompts(model.base, [prompt])
-    specs = lifeline if isinstance(lifeline, list) else [lifeline]
-    results = []
-    with torch.no_grad():
-        x0 = model.encode(ids, mask)
-        for spec in specs:
-            cache = ActivationCache()
-            logits = model.run(ids, mask, cap, lifeline=spec, cache=cache, x0=x0)[:, 0]     # (K, V)
-            probs = logits.float().softmax(-1)
-            top = probs.topk(topk, dim=-1)
-            loops, halted_at = [], None
-            for k in range(logits.shape[0]):
-                row = [(model.vocab.decode(int(i)), float(p)) for p, i in zip(top.values[k], top.indices[k])]
-                loops.append({"loop": k, "top": row, "pred": row[0][0]})
-                if halted_at is None and int(top.indices[k, 0]) == model.vocab.halt_id:
-                    halted_at = k
-            preds = [lp["pred"] for lp in loops[: (halted_at + 1) if halted_at is not None else None]]
-            answer = preds[-2] if halted_at is not None and halted_at >= 1 else (None if halted_at == 0 else preds[-1])
-            latents = cache.stack("latent", prefix="loop")[:, 0].float().cpu().numpy()    # (K, d)
-            results.append({"loops": loops, "halted_at": halted_at, "answer": answer, "truth": parsed["path"],
-                            "latents": latents, "query": parsed["query"], "n_tokens": int(ids.shape[1])})
-    return results if isinstance(lifeline, list) else results[0]
 
 
 # --- the base's own chain-of-thought (a baseline that needs no training) -----------------------
@@ -261,7 +159,6 @@ PUBLISHED_SOURCE = "mamba2backbonerecursion write-up (see PUBLISHED.md)"
 
 
 def _published(arch: str):
-    from lab.report import Published
     gpt = arch != "mamba2"
     return {
         "in_dist": Published("in-distribution accuracy, " + ("GPT-2-124M" if gpt else "Mamba2-130M"),
@@ -289,20 +186,13 @@ def _pooled(arm: dict[int, dict], hops, key: str) -> np.ndarray:
     return np.concatenate([arm[h][key] for h in hops])
 
 
-def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | None = None,
+def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None = None,
              max_hops: int | None = None, ablations: bool = True, cot: bool = True, seed: int = 0,
-             progress: bool = True):
+             progress: bool = True) -> Report:
     """The RLF report: per hop 1..max_hops final-answer / full-trace accuracy and HALT precision /
     recall (n, Wilson CI), the same for each baseline (paired exact McNemar vs the method on the
-    same problems), inference-time lifeline ablations, and the base's own chain-of-thought."""
-    from tqdm.auto import tqdm
-
-    from lab.figures import line, style
-    from lab.report import Report
-    from lab.rlf.data import heldout_sets
-    from lab.rlf.training import load
-
-    model = model_or_path if isinstance(model_or_path, RLF) else load(model_or_path, base)
+    same problems), inference-time lifeline ablations, and the base's own chain-of-thought.
+    n and max_hops default to the model's config (test_n, test_max_hops); seed picks the test sets."""
     cfg = model.config
     n = n or cfg.test_n
     max_hops = max_hops or cfg.test_max_hops
@@ -323,7 +213,6 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     if ablations:
         jobs += [(f"lifeline {m}", model, Lifeline(mode=m, seed=seed)) for m in ABLATIONS]
     for name, bm in (baselines or {}).items():
-        bm = bm if isinstance(bm, RLF) else load(bm, model.base)
         check_comparable(cfg, bm.config, f"baseline {name!r}")
         jobs.append((name, bm, None))
     # every arm gets the method's loop budget: a baseline trained with another infer_cap (a field the
@@ -343,7 +232,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     rep.add(head, pub["in_dist"])
     halted = _pooled(main, in_hops, "halted")
     right = _pooled(main, in_hops, "halt_right")
-    rep.add(proportion(f"in-distribution HALT precision", right[halted]) if halted.any()
+    rep.add(proportion("in-distribution HALT precision", right[halted]) if halted.any()
             else Measure("in-distribution HALT precision", float("nan"), 0), pub["halt_p"])
     # recall and full-trace accuracy are per-problem outcomes, paired with the first baseline's on the same
     # problems; precision's denominator (the problems each model halted on) differs by model, so it is not
@@ -408,11 +297,11 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
             for m in ms:
                 rep.measures.append(m)
             rows.append({"arm": name, "hops": h, "n": len(arm[h]["final"]),
-                         **{k: _ci_str(m) for k, m in zip(("final", "trace", "halt_precision", "halt_recall"), ms)}})
+                         **{k: _cell(m) for k, m in zip(("final", "trace", "halt_precision", "halt_recall"), ms)}})
     for h in hops:
         m = compare_proportions(f"query-blind rule {h}-hop final-answer acc", rule[h]["final"], main[h]["final"], "RLF")
         rep.measures.append(m)
-        rows.append({"arm": rule_name, "hops": h, "n": len(rule[h]["final"]), "final": _ci_str(m), "trace": "-",
+        rows.append({"arm": rule_name, "hops": h, "n": len(rule[h]["final"]), "final": _cell(m), "trace": "-",
                      "halt_precision": "-", "halt_recall": "-"})
     if cot_res is not None:
         for h in hops:
@@ -420,7 +309,7 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
             m2 = compare_proportions(f"base CoT {h}-hop full-trace acc", cot_by[h]["trace"], main[h]["trace"], "RLF")
             rep.measures += [m1, m2]
             rows.append({"arm": "base chain-of-thought", "hops": h, "n": len(cot_by[h]["final"]),
-                         "final": _ci_str(m1), "trace": _ci_str(m2), "halt_precision": "-", "halt_recall": "-"})
+                         "final": _cell(m1), "trace": _cell(m2), "halt_precision": "-", "halt_recall": "-"})
     rep.tables["per-hop results"] = rows
     errs = [r for h in hops for r in first_errors(model, sets[h], main[h]["trace_obj"])]
     rep.tables["where wrong traces first break (RLF)"] = first_error_table(errs, hops, {h: len(sets[h]) for h in hops})
@@ -476,7 +365,27 @@ def evaluate(model_or_path, base=None, baselines: dict | None = None, n: int | N
     return rep
 
 
-def _ci_str(m: Measure) -> str:
-    if m.n == 0 or m.ci_low is None:
-        return "n/a"
-    return f"{m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}]"
+def _cell(m: Measure) -> str:
+    return "n/a" if m.n == 0 or m.ci_low is None else m.value_text()
+
+
+def run(config: Config, base=None, *, progress: bool = True) -> Report:
+    """The whole RLF experiment as one report: train what is missing (the method, its BASELINES and
+    `config.null_runs` shuffled-supervision controls), evaluate (config.test_n problems per hop count),
+    and probe (config.probe_n held-out problems per trained hop count, config.probe_attr_n for attribution,
+    UMAP if config.probe_umap). base=None: `config.load_base()`."""
+    base = base if base is not None else config.load_base()
+    model = train_or_load(config, base)
+    baselines = {name: train_or_load(c, base) for name, c in config.baselines().items()}
+    nulls = [train_or_load(c, base) for c in config.null_controls()]
+    report = evaluate(model, baselines=baselines, progress=progress)
+    n = config.probe_n
+    problems = [p for h in range(1, config.max_train_hops + 1)
+                for p in heldout_set(h, max(n, config.test_n), config.seed)[:n]]
+    probes = probe_report(model, problems, nulls, umap=config.probe_umap, n_attr=config.probe_attr_n, seed=config.seed)
+    report.measures += probes.measures
+    report.published.update(probes.published)
+    report.notes += probes.notes
+    report.figures.update(probes.figures)
+    report.provenance["null_runs"] = [str(m.artifact.path) for m in nulls]
+    return report

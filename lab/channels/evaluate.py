@@ -1,4 +1,7 @@
-"""Judge-free, held-out evaluation of the channels.
+"""Judge-free, held-out evaluation of the channels, and `run`: the whole pipeline.
+
+    report = run(Config.preset("smoke"))          # train what is missing, evaluate, probe: one Report
+    report = evaluate(train_or_load(config, base), text_artifact=..., native_runs=...)
 
 Per capability, two versions side by side:
   log-likelihood   which continuation of the counterfactual set the model prefers (selection: the marked
@@ -15,20 +18,31 @@ and the native track's held-out loss with channels zeroed against its two bracke
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import random
 import re
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from lab import LabError
-from lab.channels.data import DAY_WORDS, NIGHT_WORDS, SELECTION, Item, heldout_items
-from lab.corpus import CAUTIOUS, PERMISSIVE, TIMES
+from lab.bases import PRESETS as BASE_PRESETS
+from lab.bases import preset_path
+from lab.channels import probes
+from lab.channels.config import Config
+from lab.channels.data import CAPABILITIES, DAY_WORDS, NIGHT_WORDS, SELECTION, Item, heldout_items
+from lab.channels.model import ChannelModel, threads
+from lab.channels.train import KIND_ADAPTER, KIND_TEXT, load, load_native, train_controls, train_or_load
+from lab.corpus import CAUTIOUS, PERMISSIVE, TIMES, corpus_tokens, load_tokenizer, token_windows
 from lab.report import Published, Report
-from lab.stats import compare_proportions, mcnemar_exact, paired_delta, paired_t, t_mean
+from lab.stats import compare_proportions, mcnemar_exact, mean_with_ci, paired_delta, paired_t, t_mean
+from lab.store import Artifact, load_artifact, write_json
 
 SRC = "tinyMARS write-up (PUBLISHED.md)"
 PUBLISHED_SELECTION = {"memory": "35% vs 5%", "continuity": "58% vs 29%", "identity": "72% vs 20%"}
@@ -73,7 +87,6 @@ _VADER = None
 def _vader():
     global _VADER
     if _VADER is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         _VADER = SentimentIntensityAnalyzer()
     return _VADER
 
@@ -83,19 +96,6 @@ def dominant(text: str, keys: list[list[str]], label: int) -> bool:
     t = text.lower()
     counts = [sum(len(re.findall(r"(?<![a-z])" + re.escape(k.lower()) + r"(?![a-z])", t)) for k in ks) for ks in keys]
     return all(counts[label] > c for i, c in enumerate(counts) if i != label)
-
-
-@contextlib.contextmanager
-def threads(n: int | None):
-    """Run with n intra-op threads: tiny models gain nothing from more, and on a shared 2-core box
-    thread oversubscription made a smoke step ~40x slower."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # --- the two versions ------------------------------------------------------------------------------
@@ -279,7 +279,6 @@ def evaluate_adapter(model, report: Report, config, text_model=None, log=print) 
 
 def native_heldout_windows(model, stream: np.ndarray, seq: int, n_windows: int) -> np.ndarray:
     """Per-window mean next-token loss on fixed held-out windows (no channels)."""
-    from lab.corpus import token_windows
     n = min(n_windows, (len(stream) - 1) // seq)
     offs = np.arange(n) * seq
     out = []
@@ -287,8 +286,8 @@ def native_heldout_windows(model, stream: np.ndarray, seq: int, n_windows: int) 
         for i in range(0, n, 16):
             x = token_windows(stream, offs[i: i + 16], seq)
             logits = model.base.model(input_ids=x[:, :-1]).logits.float()
-            l = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
-            out += l.tolist()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+            out += loss.tolist()
     return np.array(out)
 
 
@@ -300,10 +299,6 @@ def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log
     whether *training with channels* makes the difference, since each seed is one independent training run.
     Every seed is scored on the same held-out windows and items. `config` gives the held-out items (the adapter's
     draw); the windows follow the native models' own settings."""
-    from lab.corpus import corpus_tokens
-    from lab.channels.train import load_native
-    from lab.corpus import load_tokenizer
-
     if not runs:
         raise LabError("evaluate_native needs at least one training seed's native models, got none")
     loaded = [{k: load_native(p, text_base) for k, p in paths.items()} for paths in runs]
@@ -319,7 +314,7 @@ def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log
             raise LabError(f"one run's models have different training seeds {seeds} ({paths['channels'].parent})")
     tok = load_tokenizer()
     held = corpus_tokens(tok, "heldout", max(500, docs // 20), seed=4321, guard_docs=docs)
-    n_win = 64 if preset == "smoke" else 256
+    n_win = Config.native_windows(preset)
     theirs_loss = Published("native, channels zeroed minus each channel-less baseline, held-out loss",
                             "-0.427 / -0.428 nats (4.825 vs 5.252 / 5.253)", SRC)
     items = {cap: heldout_items(cap, config.n_heldout, seed=config.seed) for cap in config.capabilities}
@@ -377,3 +372,143 @@ def evaluate_native(config, text_base, report: Report, runs: Sequence[dict], log
                     col("decides"), col("decides_zeroed"), "channels zeroed")
     gain.extra.update(seeds=seeds, per_seed=(col("decides") - col("decides_zeroed")).round(5).tolist(), unit=unit)
     report.add(gain)
+
+
+# --- the channels report ---------------------------------------------------------------------------
+
+def evaluate(model: ChannelModel, text_artifact: Artifact | Path | None = None,
+             native_runs: list[dict] | None = None, attribution: bool = True, log=print) -> Report:
+    """The channels report of a loaded channel-arm model (`load` / `train_or_load`): per capability n, rate,
+    control and exact McNemar p (LL and generation versions), conflict test, channel-vs-text arms (with
+    `text_artifact`), native track (with `native_runs`, one {model: dir} per training seed), alpha probes and
+    captum attribution. Sizes come from the model's own config. Writes nothing: the caller saves it
+    (`rep.save(dir)`, then `write_lexicons(dir)`)."""
+    artifact = getattr(model, "artifact", None)
+    if artifact is None or artifact.kind != KIND_ADAPTER:
+        raise LabError(f"evaluate needs a trained channel-arm model (from `load` or `train_or_load`), got "
+                       f"{'an untrained model' if artifact is None else f'a {artifact.kind!r} artifact'}")
+    base, config = model.base, model.config
+    t0 = time.perf_counter()
+    stale_text = None
+    if text_artifact is not None:
+        if not isinstance(text_artifact, Artifact):
+            text_artifact = load_artifact(Path(text_artifact), KIND_TEXT, base)
+        if text_artifact.config.get("format") != Config.FORMAT:  # e.g. a text arm of an earlier adapter layout
+            stale_text = (f"The text arm at {text_artifact.path} has format {text_artifact.config.get('format')}, "
+                          f"this lab's is {Config.FORMAT}: the channel-vs-text arms were skipped; retrain it with "
+                          f"`lab train channels`.")
+            log(stale_text)
+            text_artifact = None
+    with threads(1):
+        text_model = load(text_artifact, base, text_encoder=model.text_encoder) if text_artifact else None
+        rep = Report(f"Proprioceptive channels on {base.name} ({config.preset_name}, {config.mode})")
+        rep.provenance = {"base": base.name, "base_fingerprint": base.fingerprint[:12], "artifact": str(artifact.path),
+                          "config_hash": artifact.manifest.get("config_hash"), "seed": config.seed,
+                          "text_encoder": model.text_encoder.name, "site": config.site, "mode": config.mode}
+        evaluate_adapter(model, rep, config, text_model, log=log)
+        if native_runs:
+            evaluate_native(config, base, rep, native_runs, log=log)
+        metrics = artifact.manifest.get("metrics", {})
+        names = model.injector.names
+        rep.figures["alpha_heatmap"] = probes.alpha_heatmap(model.injector.alpha, names)
+        if metrics.get("alpha_history"):
+            rep.figures["alpha_trajectory"] = probes.alpha_trajectory(metrics["alpha_history"], names)
+        rep.tables["alpha (final, layer x channel)"] = model.injector.alpha_table()
+        if attribution:
+            rows = probes.channel_attribution(model, attribution_items(config))
+            rep.figures["attribution"] = probes.attribution_figure(rows, names)
+            rep.tables["captum attribution share (mean over items, 95% bootstrap CI)"] = attribution_table(rows, names)
+            rep.notes.append("Attribution: integrated gradients from all channels zeroed; a channel's score is "
+                             "|sum of its dimensions' IG|, so it does not grow with the channel's width.")
+        rep.notes += [
+            "Held-out items use templates, channel texts and entities disjoint from training (lab.channels.data).",
+            "'Channels zeroed' removes the channels' contribution exactly (bias-free projections).",
+            "Register 'directional' with channels zeroed is degenerate by construction (both poles give the same "
+            "text), as in the published work. So is the register LL version's, counted per prompt pair (both "
+            "poles right): zeroed, the two poles see one input and at most one can be right. Its informative test "
+            "is against chance (1/4 per pair: the one-sided binomial `p_channel_above_chance` in the arms table) "
+            "and against the text arm.",
+        ]
+        if stale_text:
+            rep.notes.append(stale_text)
+        if text_model is not None:
+            rep.notes.append(
+                f"Text arm: LoRA (rank {text_model.text_lora.rank}) on a copy of the base with "
+                f"{text_model.adapter.n_params():,} trainable parameters against the injector's "
+                f"{model.adapter.n_params():,}, the same batches, steps and schedule, its own learning rate "
+                f"({text_model.config.text_lr:g}; the injector's gates {model.config.lr:g}). Its state text is worded "
+                "in held-out frames ('text'), and in training frames as a control for unseen wording "
+                "('text_trained_frames'); the channel arm's control of the same kind is 'channel_trained_frames' "
+                "(selection texts in training frames; register channels have one format in both splits).")
+        rep.notes.append(f"Evaluation took {time.perf_counter() - t0:.0f} s.")
+    return rep
+
+
+def attribution_table(rows: list[dict], names) -> list[dict]:
+    """Per capability: n items and each channel's mean attribution share with a bootstrap CI over items."""
+    out = []
+    for cap in dict.fromkeys(r["capability"] for r in rows):
+        mine = [r for r in rows if r["capability"] == cap]
+        out.append({"capability": cap, "n": len(mine), **{n: mean_with_ci(n, [r[n] for r in mine]).value_text(3)
+                                                          for n in names}})
+    return out
+
+
+def attribution_items(config: Config) -> list[Item]:
+    """Held-out items whose OTHER channels carry a background state (from other held-out items), so the
+    attribution has to choose among six live channels; an off channel would get exactly 0 by construction."""
+    pools = {cap: heldout_items(cap, config.n_attribution, config.seed + 7) for cap in CAPABILITIES}
+    rng = random.Random(config.seed)
+    out = []
+    for cap in config.capabilities:
+        for it in [i for i in heldout_items(cap, config.n_attribution, config.seed) if i.pole >= 0][: config.n_attribution]:
+            it = copy.deepcopy(it)
+            for other in CAPABILITIES:
+                if other != cap:
+                    it.state.update({k: v for k, v in rng.choice(pools[other]).state.items() if k == other})
+            out.append(it)
+    return out
+
+
+def write_lexicons(out_dir: Path) -> None:
+    """lexicons.json beside a saved report: the phrase lists the judge-free generation scoring used."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out_dir) / "lexicons.json", {**LEXICONS, "affect": "vaderSentiment compound"})
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------
+
+def _on_disk(name: str) -> bool:
+    return (preset_path(name) / "config.json").exists() if name in BASE_PRESETS else Path(name).is_dir()
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+def run(config: Config, base=None, *, progress: bool = True, attribution: bool = True) -> Report:
+    """The channels experiment end to end: train what is missing (the adapter, the text arm if
+    `config.train_text_arm`, the native track if `config.native`), evaluate and probe; one Report. `base=None`
+    loads `config.base` (`config.load_base()`). Each of `config.extra_bases` that is on disk joins the report
+    with its adapter track (`Config.on_base`: no text arm, no native track, no attribution), its measures and
+    tables marked "[<base>]" and its figures "_<base>". `progress=False` silences the log lines."""
+    log = print if progress else _quiet
+    base = base if base is not None else config.load_base()
+    model = train_or_load(config, base)
+    controls = train_controls(config, base)
+    rep = evaluate(model, text_artifact=controls.text, native_runs=controls.native, attribution=attribution, log=log)
+    for name in config.extra_bases:
+        if not _on_disk(name):
+            log(f"{name} is not on disk: its adapter track is left out of the report (`lab pretrain {name}`)")
+            continue
+        other = config.on_base(name)
+        obase = other.load_base()
+        orep = evaluate(train_or_load(other, obase), attribution=False, log=log)
+        for m in orep.measures:
+            published = orep.published.get(m.name)
+            m.name = f"[{name}] {m.name}"
+            rep.add(m, published)
+        rep.figures.update({f"{k}_{name.replace('-', '_')}": fig for k, fig in orep.figures.items()})
+        rep.tables.update({f"[{name}] {k}": t for k, t in orep.tables.items() if k != "lexicons"})
+        rep.provenance[f"{name} artifact"] = orep.provenance["artifact"]
+    return rep

@@ -1,0 +1,103 @@
+"""Training: cache (h, T_1..T_k_max, next token) features once, then fit the combiner for every
+k = 1..k_max by cross-entropy and by ridge, plus the no-thought control; `load` and `train_or_load`
+give the fitted combiners back as one `FittedCombiners`.
+
+The control is the same CE fit with M frozen at 0 (alpha and beta only): it tells what the *thought*
+adds beyond a plain recalibration of the head's input. T_j does not depend on later thoughts, so one
+feature cache with k_max thoughts serves every k.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from lab import LabError
+from lab.combiner.config import KIND, Config
+from lab.combiner.features import as_tensors, collect_features, split
+from lab.combiner.fit import fit_ce, fit_ridge
+from lab.combiner.model import CONTROL, FITS, FittedCombiners
+from lab.store import Artifact, base_matches, load_artifact, save_artifact
+
+
+def _check_base_context(config: Config, base) -> None:
+    base.check_length(max(config.ctx_max, config.chunk_len) + config.k_max)
+    trained = (base.meta.get("preset") or {}).get("seq_len")
+    if trained and max(config.ctx_max, config.chunk_len) + config.k_max > trained:
+        raise LabError(f"context {max(config.ctx_max, config.chunk_len)} + {config.k_max} thoughts exceeds the "
+                       f"{trained} positions {base.name!r} was trained on; lower ctx_max/chunk_len or k_max")
+
+
+def train(config: Config, base, out_dir: Path | None = None, progress: bool = True) -> Artifact:
+    """Cache features, then fit the combiner for every k in 1..k_max by cross-entropy and by ridge, and the
+    no-thought control; saved to `out_dir` (default `config.artifact_path()`). Resumable (the CE fits
+    checkpoint beside the artifact until it is saved)."""
+    _check_base_context(config, base)
+    out_dir = Path(out_dir) if out_dir else config.artifact_path()
+    ckpt_root = out_dir.with_name(f".{out_dir.name}.ckpt")
+    t0 = time.perf_counter()
+    ds = collect_features(base, config.n_features, config.k_max, config.ctx_min, config.ctx_max, config.feed,
+                          config.train_docs, config.seed, config.feature_batch, progress=progress)
+    tensors, metrics = {}, {"feature_seconds": round(time.perf_counter() - t0, 1), "n_features": len(ds), "fits": {}}
+    for k in range(1, config.k_max + 1):
+        tr, va = split(as_tensors(ds, k), config.val_fraction, config.seed)
+        t1 = time.perf_counter()
+        ce, info_ce = fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay,
+                             config.seed, ckpt_dir=ckpt_root / f"k{k}", desc=f"combiner ce k={k}")
+        t2 = time.perf_counter()
+        rg, info_rg = fit_ridge(base, tr, va, config.ridge_lambdas)
+        t3 = time.perf_counter()
+        tensors.update(ce.tensors(f"ce.k{k}."))
+        tensors.update(rg.tensors(f"ridge.k{k}."))
+        info_ce["seconds"], info_rg["seconds"] = round(t2 - t1, 2), round(t3 - t2, 2)
+        metrics["fits"][f"k{k}"] = {"ce": info_ce, "ridge": info_rg}
+    # the control: the same CE fit with M frozen at 0 (alpha and beta only; no thought is used)
+    tr, va = split(as_tensors(ds, 1), config.val_fraction, config.seed)
+    ctrl, info = fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay,
+                        config.seed, ckpt_dir=ckpt_root / CONTROL, desc="combiner control (no thought)",
+                        use_thought=False)
+    tensors.update(ctrl.tensors(f"{CONTROL}."))
+    metrics["fits"][CONTROL] = info
+    art = save_artifact(out_dir, KIND, tensors, config.saved(), base, metrics)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return art
+
+
+def load(path_or_artifact: Path | Artifact, base) -> FittedCombiners:
+    """The fitted combiners of a trained artifact, verified against the base (by fingerprint); a LabError
+    naming what is missing if the artifact lacks any fit."""
+    if isinstance(path_or_artifact, Artifact):  # loaded without a base (e.g. to read its config): check it now
+        art = path_or_artifact
+        if art.kind != KIND:
+            raise LabError(f"{art.path} holds a {art.kind!r} artifact, expected {KIND!r}")
+        if art.manifest.get("base") and not base_matches(art.manifest, base, art.path):
+            raise LabError(f"{art.path} was fitted on another base than {base.name!r} (its fingerprint differs)")
+    else:
+        art = load_artifact(Path(path_or_artifact), KIND, base)
+    config = Config.from_dict(art.config)
+    want = [f"{fit}.k{k}.M" for fit in FITS for k in range(1, config.k_max + 1)] + [f"{CONTROL}.M"]
+    missing = [w for w in want if w not in art.tensors]
+    fits = (art.manifest.get("metrics") or {}).get("fits") or {}
+    missing += [f"metrics.fits.k{k}.{fit}.val_nats" for fit in FITS for k in range(1, config.k_max + 1)
+                if not isinstance((fits.get(f"k{k}") or {}).get(fit), dict) or "val_nats" not in fits[f"k{k}"][fit]]
+    if missing:
+        raise LabError(f"{art.path} lacks the fits {missing[:4]}; retrain it with `lab train combiner`")
+    return FittedCombiners.from_artifact(art, config, base)
+
+
+def train_or_load(config: Config, base, progress: bool = True) -> FittedCombiners:
+    """The fitted combiners for exactly this config on this base: loaded from `config.artifact_path()` when
+    they are there, else (none yet, another base fingerprint, an unreadable artifact, another config such
+    as another seed) trained and saved in its place."""
+    path = config.artifact_path()
+    model = None
+    if (path / "manifest.json").exists():
+        try:
+            model = load(path, base)
+        except LabError:  # another base fingerprint or an artifact missing a fit: retrain
+            model = None
+    if model is None or model.config.saved() != config.saved():
+        model = load(train(config, base, out_dir=path, progress=progress), base)
+    model.config = config  # the saved config is this one but for preset_name, which names the folder
+    return model

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import typer
 
-from lab import LabError
+from lab import LabError, configure_threads, thread_count
 from lab.bases import list_bases
 from lab.pretrain import loss_text, vs_unigram_text
 from lab.pretrain import pretrain as _pretrain
+from lab.readme import write_docs
+from lab.reproduce import check_run_name
 from lab.reproduce import reproduce as _reproduce
 
 app = typer.Typer(help="Latent Lab: train, probe and demo latent-state mechanisms.", no_args_is_help=True,
@@ -72,21 +74,37 @@ def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", str(headless).lower(),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    # the app's forwards are small and it usually runs beside a training: its own thread count (lab.thread_count)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(thread_count("app")),
+           "LAB_THREADS": str(thread_count("app"))}
     # exec, not a child process: stopping `lab app` must stop the server, not orphan it
-    os.execve(sys.executable, cmd, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.execve(sys.executable, cmd, env)
 
 
 @app.command()
-def reproduce(preset: str = typer.Option("tiny", help="smoke (seconds, for CI) or tiny (the CPU experiment)"),
-              run: str = typer.Option(None, help="run name under results/ (default: preset and time)"),
+def reproduce(preset: str = typer.Option("quick", help="quick (the main job, ~15 min on 2 cores), smoke (seconds, "
+                                                          "for CI) or tiny (the full CPU experiment, hours)"),
+              run: str = typer.Option(None, help="run name under results/ (default: <preset>-seed<seed>; run again "
+                                                 "with the same name to resume)"),
               seed: int = typer.Option(0, help="seed for every experiment")):
     """Train whatever is missing and run all four experiments; writes results/<run>/report.md."""
     out = _reproduce(preset=preset, run=run, seed=seed)
+    home = f"LAB_HOME={os.environ['LAB_HOME']} " if os.environ.get("LAB_HOME") else ""
     typer.echo(f"report: {out / 'report.md'}")
+    typer.echo(f"dashboard on these artifacts:  {home}lab app   (then open http://127.0.0.1:8501)")
+
+
+@app.command()
+def docs(run: str = typer.Option("quick-seed0", help="the reproduce run under results/ to read"),
+         screenshot: bool = typer.Option(True, help="also take the dashboard screenshot (needs chromium)")):
+    """Regenerate the README's results table and pictures (docs/img/) from a reproduce report."""
+    for path in write_docs(check_run_name(run), screenshot=screenshot):
+        typer.echo(f"wrote {path}")
 
 
 def main():
     try:
+        configure_threads("work")
         app()
     except LabError as e:
         typer.secho(f"error: {e}", fg="red", err=True)

@@ -71,3 +71,62 @@ def test_same_seed_same_numbers_from_scratch(smoke_report, lab_home, tmp_path, m
     out = reproduce(preset="smoke", run="ci-smoke-again", seed=0)
     second = json.loads((out / "report.json").read_text())
     assert _numbers(first) == _numbers(second)
+
+
+def test_smoke_report_opens_with_a_warning(smoke_report):
+    out, _ = smoke_report
+    head = (out / "report.md").read_text().split("\n", 4)
+    assert "these numbers mean nothing" in "\n".join(head)
+
+
+def test_a_rerun_keeps_finished_sections_and_says_so(smoke_report, capfd):
+    """A run interrupted after some sections resumes there: a section finished by the same code and config is kept
+    (its report.json untouched), the others run; the progress lines name each part."""
+    out, rep = smoke_report
+    kept = out / "combiner" / "report.json"
+    before = kept.stat().st_mtime_ns
+    capfd.readouterr()
+    again = reproduce(preset="smoke", run=out.name, seed=0, mechanisms=("combiner",))
+    err = capfd.readouterr().err
+    assert again == out and kept.stat().st_mtime_ns == before
+    assert "[reproduce 1/1] Thinking combiner" in err and "kept from the interrupted run" in err
+    second = json.loads((out / "report.json").read_text())
+    assert _numbers({"sections": {"combiner": second["sections"]["combiner"]}}) == \
+        _numbers({"sections": {"combiner": rep["sections"]["combiner"]}})
+
+
+def test_a_changed_config_is_not_kept(smoke_report):
+    """A finished section is kept only for the same config: another one is a different experiment."""
+    from lab.combiner import Config
+    from lab.reproduce import _finished_section, _section_key
+    out, _ = smoke_report
+    saved = json.loads((out / "combiner" / "report.json").read_text())
+    key = saved["provenance"]["reproduce_key"]
+    assert _finished_section(out / "combiner", key) is not None
+    other = _section_key(Config.preset("smoke", ce_steps=41), "any-commit")
+    assert _finished_section(out / "combiner", other) is None
+
+
+def test_progress_estimates_what_is_left():
+    from lab.reproduce import Progress
+    p = Progress("quick", [("base", "b"), ("rlf", "r"), ("combiner", "c")])
+    assert p._left() == pytest.approx(sum(p.expected[k] for k in ("base", "rlf", "combiner")))
+    p.done, p.spent = 1, 2 * p.expected["base"]  # the first part took twice its expectation
+    assert p._left() == pytest.approx(2 * (p.expected["rlf"] + p.expected["combiner"]))
+
+
+def test_readme_results_table_comes_from_the_report(smoke_report, tmp_path):
+    """`lab docs` writes each measure with a published figure, value [CI], n and test, between the README markers."""
+    from lab.readme import END, START, headline_rows, write_results
+    _, rep = smoke_report
+    rows = headline_rows(rep)
+    published = [m for s in rep["sections"].values() for m in s["measures"] if m.get("published")]
+    assert len(rows) == len(published) and rows
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\nrest\n")
+    write_results(readme, rep)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old" not in text
+    first = rows[0]
+    cells = [str(first[c]).replace("|", "/") for c in ("mechanism", "measure", "lab [95% CI]")]
+    assert "| " + " | ".join(cells) + " |" in text

@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NUMBA_CACHE_DIR ?= /tmp/lab-numba-cache
 
-.PHONY: install reproduce test test-slow bench app docs
+.PHONY: install reproduce test test-slow bench app docs notebooks
 
 install:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
@@ -27,6 +27,11 @@ bench: install-quiet
 
 app: install-quiet
 	lab app
+
+# every notebook executed on the quick preset and stored with its outputs (figures also as PNG, for code hosts)
+notebooks: install-quiet
+	LAB_PRESET=quick LAB_NOTEBOOK_IMAGES=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=3600 notebooks/*.ipynb
 
 # the README's results table and pictures, from the main job's report
 docs: install-quiet

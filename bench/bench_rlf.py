@@ -22,6 +22,14 @@ seconds (with and without the validation passes) of each, and their median and w
 
 The diagnostic behind the tiny preset's base_blocks=0: 1-hop problems only, the same seed, steps and
 trainer for each loop start (after 0, 1, 2 or all base blocks); prints each learning curve side by side.
+
+    flock /tmp/lab-heavy.lock python bench/bench_rlf.py --aim [--preset=tiny] [--set=base=tiny-mamba2,core=mamba2,...]
+
+The issue's aim, on the configuration a claim is about (overrides with --set, e.g. the Mamba2 configuration:
+base=tiny-mamba2,core=mamba2,loop=paper,base_blocks=-1): `run(config)` (the method with `method_seeds` seeds), then
+final-answer accuracy at +2 hops beyond training against 95%, and in-distribution final-answer accuracy with the
+lifeline zeroed after the first loop minus intact against -5 points; across seeds (t interval) when there are
+several, per seed beside them.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.rlf import Config
+from lab.rlf import Config, run
 from lab.rlf.data import heldout_set
 from lab.rlf.evaluate import base_cot
 from lab.rlf.explore import Explorer, background, latency
@@ -42,6 +50,7 @@ from lab.rlf.train import default_out_dir, load, train
 from lab.stats import proportion
 
 TARGET_SECONDS, TARGET_ACC, TARGET_P95_MS = 600.0, 0.99, 150.0
+AIM_PLUS2, AIM_LIFELINE_DROP = 0.95, -0.05
 
 
 def first_at_target(history: list[dict]) -> dict | None:
@@ -173,7 +182,55 @@ def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
     return curves
 
 
+def _parse_set(text: str) -> dict:
+    """"k=v,k=v" -> overrides (ints, floats, booleans and strings as typed)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, v = item.split("=", 1)
+        low = v.lower()
+        out[k] = (True if low == "true" else False if low == "false" else int(v) if v.lstrip("-").isdigit()
+                  else float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else v)
+    return out
+
+
+def aim(preset: str = "tiny", overrides: dict | None = None) -> dict:
+    """The issue's aim on one configuration: +2-hop final-answer accuracy >= 95% and lifeline zeroed after the first
+    loop within 5 points of intact (in-distribution final-answer accuracy), across the method's seeds."""
+    cfg = Config.preset(preset, **(overrides or {}))
+    t0 = time.process_time()
+    rep = run(cfg, progress=False)
+    plus2 = cfg.max_train_hops + 2
+    rows = rep.tables["per training seed (final-answer accuracy)"]
+    key_p2, key_in = f"{plus2}-hop final-answer acc", "in-distribution final-answer acc"
+    key_z = "in-distribution final-answer acc, lifeline zero after loop 0"
+    out = {"preset": preset, "overrides": overrides or {}, "base": cfg.base, "core": cfg.core, "loop": cfg.loop,
+           "trained hops": f"1-{cfg.max_train_hops}", "+2 point": f"{plus2} hops", "test n per hop": cfg.test_n,
+           "seeds": [r["seed"] for r in rows], "cpu_seconds": round(time.process_time() - t0, 1)}
+    if plus2 > cfg.test_max_hops:
+        out["note"] = f"test_max_hops {cfg.test_max_hops} < {plus2}: no +2 point"
+    per_seed = [{"seed": r["seed"], "+2 acc": r.get(key_p2), "in-dist acc": r.get(key_in),
+                 "zero after loop 0 minus intact": (round(r[key_z] - r[key_in], 4) if key_z in r else None)}
+                for r in rows]
+    out["per seed"] = per_seed
+    if len(rows) >= 2:
+        m = rep.measure(f"across {len(rows)} seeds: {key_p2} (+2 beyond training)")
+        d = rep.measure(f"across {len(rows)} seeds: {key_z} minus intact")
+        out["+2 acc (mean [t CI])"], out["lifeline zero after loop 0 minus intact (mean [t CI])"] = m.value_text(), d.value_text()
+        out["aim +2 >= 95%"] = m.value >= AIM_PLUS2
+        out["aim lifeline within 5 points"] = d.value >= AIM_LIFELINE_DROP
+    else:
+        out["aim +2 >= 95%"] = per_seed[0]["+2 acc"] is not None and per_seed[0]["+2 acc"] >= AIM_PLUS2
+        z = per_seed[0]["zero after loop 0 minus intact"]
+        out["aim lifeline within 5 points"] = z is not None and z >= AIM_LIFELINE_DROP
+    print(json.dumps(out, indent=1))
+    return out
+
+
 if __name__ == "__main__":
+    if "--aim" in sys.argv:
+        aim(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "tiny"),
+            _parse_set(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")), "")))
+        sys.exit(0)
     if "--to-target" in sys.argv:
         arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--seeds=")), "0,1,2")
         to_target(tuple(int(x) for x in arg.split(",")),

@@ -14,7 +14,11 @@ import plotly.io as pio
 from lab import LabError
 
 FORMATS = ("png", "svg", "pdf", "html")
-LAB_COLORS = ["#3b5ba5", "#e87a5d", "#f3b941", "#2f9c8f", "#8d5fa8", "#7a7a7a", "#c2417b", "#6aa84f"]
+# one colour per series: 14, so a figure with every arm and control (rlf_final_by_hops draws 10) never repeats one
+LAB_COLORS = ["#3b5ba5", "#e87a5d", "#f3b941", "#2f9c8f", "#8d5fa8", "#7a7a7a", "#c2417b", "#6aa84f",
+              "#17becf", "#8c564b", "#1a1a6e", "#bcbd22", "#ff7f0e", "#b3b3ff"]
+DASHES = ("solid", "dash", "dot", "dashdot")  # past 14 series: the colours again, with another dash
+PUBLISHED_COLOR = "#000000"  # published values: black, dotted, one legend entry each
 
 pio.templates["lab"] = go.layout.Template(
     layout=dict(
@@ -108,15 +112,42 @@ def line(x, ys: dict, title: str, xlabel: str, ylabel: str, error: dict | None =
     """Several named series against x, with optional (low, high) error bands per series."""
     fig = go.Figure()
     for i, (name, y) in enumerate(ys.items()):
-        color = LAB_COLORS[i % len(LAB_COLORS)]
+        color, dash = series_style(i)
         if error and name in error:
             lo, hi = error[name]
             fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(hi) + list(lo)[::-1], fill="toself",
                                      fillcolor=color, opacity=0.15, line=dict(width=0), showlegend=False,
                                      hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=list(x), y=list(y), name=name, mode="lines+markers", line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=list(x), y=list(y), name=name, mode="lines+markers",
+                                 line=dict(color=color, dash=dash)))
     fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel)
     return style(fig, title)
+
+
+def series_style(i: int) -> tuple[str, str]:
+    """(colour, dash) of the i-th series of a figure: distinct for every series."""
+    return LAB_COLORS[i % len(LAB_COLORS)], DASHES[(i // len(LAB_COLORS)) % len(DASHES)]
+
+
+def add_published(fig: go.Figure, label: str, y: float | None = None, x: float | None = None,
+                  xs=None, ys=None, source: str = "") -> go.Figure:
+    """Draw a published value on a figure's own axes, as its own legend entry ("published: label"):
+    a horizontal line at y, a vertical line at x, or points (xs, ys). Only beside a measure of the same
+    quantity (the lab's rule for published figures)."""
+    name = f"published: {label}" + (f" ({source})" if source else "")
+    style_ = dict(color=PUBLISHED_COLOR, dash="dot", width=1.5)
+    if xs is not None and ys is not None:
+        fig.add_trace(go.Scatter(x=list(xs), y=list(ys), name=name, mode="markers+lines", line=style_,
+                                 marker=dict(symbol="star", size=11, color=PUBLISHED_COLOR)))
+    elif y is not None:
+        fig.add_hline(y=y, line=style_)
+        fig.add_trace(go.Scatter(x=[None], y=[None], name=name, mode="lines", line=style_))
+    elif x is not None:
+        fig.add_vline(x=x, line=style_)
+        fig.add_trace(go.Scatter(x=[None], y=[None], name=name, mode="lines", line=style_))
+    else:
+        raise LabError(f"add_published needs y, x, or xs and ys (for {label!r})")
+    return fig
 
 
 def bars_with_ci(names, values, lows, highs, title: str, ylabel: str) -> go.Figure:
@@ -126,3 +157,11 @@ def bars_with_ci(names, values, lows, highs, title: str, ylabel: str) -> go.Figu
                                         arrayminus=[v - lo for lo, v in zip(lows, values)])))
     fig.update_layout(yaxis_title=ylabel)
     return style(fig, title)
+
+
+def notebook_setup() -> str:
+    """Plotly's renderer for a notebook: interactive in JupyterLab, plus a static PNG beside it when
+    $LAB_NOTEBOOK_IMAGES=1 (`make notebooks`), so a notebook stored with outputs shows its figures on a code host."""
+    renderer = "plotly_mimetype+png" if os.environ.get("LAB_NOTEBOOK_IMAGES") == "1" else "plotly_mimetype"
+    pio.renderers.default = renderer
+    return renderer

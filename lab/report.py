@@ -34,6 +34,15 @@ class Report:
     provenance: dict = field(default_factory=dict)                 # seed, config hash, base, artifact
     notes: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=environment)         # package versions that produced it
+    captions: dict[str, str] = field(default_factory=dict)         # figure name -> one-line caption
+
+    def caption(self, key: str) -> str:
+        """A figure's one-line caption: its own, else the figure's title (every figure in a report has one)."""
+        text = self.captions.get(key)
+        fig = self.figures.get(key)
+        if not text and fig is not None and getattr(fig.layout.title, "text", None):
+            text = fig.layout.title.text
+        return " ".join(str(text or key).replace("<br>", " ").split())
 
     def add(self, m: Measure, published: Published | None = None) -> Measure:
         self.measures.append(m)
@@ -58,6 +67,7 @@ class Report:
             "tables": self.tables,
             "notes": self.notes,
             "figures": sorted(self.figures),
+            "captions": {k: self.caption(k) for k in sorted(self.figures)},
         }
 
     @classmethod
@@ -68,7 +78,22 @@ class Report:
         published = {m["name"]: Published(**m["published"]) for m in d.get("measures", []) if m.get("published")}
         return cls(name=d["name"], measures=measures, figures=dict.fromkeys(d.get("figures", [])),
                    tables=d.get("tables", {}), published=published, provenance=d.get("provenance", {}),
-                   notes=d.get("notes", []), environment=d.get("environment", {}))
+                   notes=d.get("notes", []), environment=d.get("environment", {}),
+                   captions=d.get("captions", {}))
+
+    def findings(self) -> list[str]:
+        """What the run found, in words: one sentence per measure that answers a published figure (value, CI, n,
+        its control and test, and the published number beside it). Notebooks end with these."""
+        out = []
+        for m in self.measures:
+            pub = self.published.get(m.name)
+            if pub is None:
+                continue
+            vs = f"; against {m.control}" + (f" ({m.control_value:.3g})" if m.control_value is not None else "") \
+                if m.control else ""
+            test = f", p = {p_text(m.p_value)} ({m.test})" if m.p_value is not None else ""
+            out.append(f"{m.name}: {m.value_text()} over n = {m.n}{vs}{test}. Published: {pub.value} ({pub.claim}).")
+        return out
 
     def to_markdown(self, figure_dir: str | None = None, with_environment: bool = True) -> str:
         lines = [f"## {self.name}", ""]
@@ -96,7 +121,8 @@ class Report:
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         if figure_dir is not None:
-            lines += [""] + [f"![{k}]({figure_dir}/{k}.png)" for k in sorted(self.figures)]
+            for k in sorted(self.figures):
+                lines += ["", f"![{k}]({figure_dir}/{k}.png)", "", f"*{k}: {self.caption(k)}*"]
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str | Path, formats=("png", "svg", "pdf", "html")) -> Path:

@@ -113,6 +113,7 @@ def fit(
     train_state=None,
     stop_when: Callable[[dict], bool] | None = None,
     device: torch.device | str | None = None,
+    no_decay: Callable[[str], bool] | None = None,
 ) -> TrainResult:
     """Train the model's `requires_grad` parameters.
 
@@ -126,6 +127,8 @@ def fit(
     time-to-accuracy measurements, which need not train past the target (result.stopped_early says so).
     device: where training runs, i.e. where the frozen base is (`base.device`): the trainable module and every
     batch are moved there. Default: the device of the model's first parameter.
+    no_decay(name) -> bool: the trainable parameters (by name) that AdamW must not decay; they go in a second
+    parameter group with weight decay 0 (e.g. gates, biases, norms). None: one group, every tensor decays.
     """
     set_seed(spec.seed)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -135,7 +138,14 @@ def fit(
     params, param_names = list(named.values()), list(named)
     if not params:
         raise LabError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
+    if no_decay is None:
+        groups = params
+    else:
+        keep = [p for n, p in named.items() if not no_decay(n)]
+        free = [p for n, p in named.items() if no_decay(n)]
+        groups = [g for g in ({"params": keep, "weight_decay": spec.weight_decay},
+                              {"params": free, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)

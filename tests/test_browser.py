@@ -1,6 +1,8 @@
 """The dashboard in a real browser: `lab app` on 127.0.0.1, every page opened in headless Debian
 Chromium through playwright (never `playwright install`), a slider moved and the lifeline toggled,
-outputs checked to change, no exception shown, full-height screenshots saved."""
+outputs checked to change, no exception shown, full-height screenshots saved. On smoke artifacts: the
+assertions are about change (the RAM / ALU sliders move the RLF output, the channels differ from zeroed),
+never about what a smoke model says."""
 
 from __future__ import annotations
 
@@ -96,6 +98,55 @@ def _assert_no_exception(page, name: str) -> None:
     assert exc.count() == 0, f"{name}: {exc.first.inner_text()[:2000]}"
 
 
+# what a page computed: markdown and captions outside widgets (not a slider's own value label) and plotly data
+OUTPUT_JS = """() => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  const parts = [];
+  main.querySelectorAll('[data-testid="stMarkdownContainer"], [data-testid="stCaptionContainer"]').forEach(e => {
+    if (!e.closest('[data-testid="stSlider"], [data-testid="stWidgetLabel"], label, [data-testid="stExpander"]'))
+      parts.push(e.innerText);
+  });
+  main.querySelectorAll('.js-plotly-plot').forEach(p => {
+    try { parts.push(JSON.stringify((p.data || []).map(d => [d.x, d.y, d.name]))); } catch (e) {}
+  });
+  return parts.join('\\n');
+}"""
+
+
+def _output(page) -> str:
+    return page.evaluate(OUTPUT_JS)
+
+
+def _broken_images(page) -> list[str]:
+    """Sources of <img> elements in the main area that did not load (each scrolled into view first: lazy loading)."""
+    imgs = page.locator('[data-testid="stMain"] img')
+    for i in range(imgs.count()):
+        imgs.nth(i).scroll_into_view_if_needed()
+        page.wait_for_function("el => el.complete", arg=imgs.nth(i).element_handle(), timeout=20_000)
+    return page.evaluate("""() => Array.from(document.querySelectorAll('[data-testid="stMain"] img'))
+        .filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)""")
+
+
+def _move(page, label: str, presses: int = 3) -> None:
+    """Focus the slider labelled `label` and press an arrow key away from whichever end it sits at."""
+    target = page.locator('[data-testid="stSlider"]').filter(has_text=label).locator('input[type="range"]')
+    assert target.count() == 1, f"no slider labelled {label!r}"
+    assert target.is_enabled(), f"the {label!r} slider is disabled"
+    target.focus()
+    at_max = target.evaluate("el => Number(el.value) >= Number(el.max)")
+    for _ in range(presses):
+        page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+    _settle(page)
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(url)
+    page.wait_for_selector('[data-testid="stSlider"]', timeout=300_000)
+    _settle(page, 300)
+    return page
+
+
 def _shots_dir(lab_home) -> Path:
     d = Path(os.environ.get("LAB_SCREENSHOTS", lab_home / "screenshots"))
     d.mkdir(parents=True, exist_ok=True)
@@ -107,8 +158,61 @@ def test_home_page_in_browser(app_url, browser, lab_home):
     page.goto(app_url)
     _settle(page)
     _assert_no_exception(page, "Home")
-    assert "smoke-gpt2" in _main_text(page)
+    text = _main_text(page)
+    assert "smoke-gpt2" in text
+    assert "Smoke preset: these numbers mean nothing" in text, "a smoke report must open with its warning"
+    assert not _broken_images(page), f"broken images on the home page: {_broken_images(page)}"
     page.screenshot(path=str(_shots_dir(lab_home) / "Home.png"), full_page=True)
+    page.close()
+
+
+def test_report_view_renders_every_figure(app_url, browser, lab_home, smoke_results):
+    """The full report in its own view: every figure line of report.md is an image that loaded."""
+    md = (Path(smoke_results) / "report.md").read_text()
+    figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", md, flags=re.M)
+    assert figures, "the smoke report lists no figure"
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{app_url}/?view=report&run={Path(smoke_results).name}")
+    _settle(page)
+    _assert_no_exception(page, "report view")
+    assert "Smoke preset: these numbers mean nothing" in _main_text(page)
+    assert page.locator('[data-testid="stMain"] img').count() == len(figures)
+    assert not _broken_images(page), "broken images in the report view"
+    page.screenshot(path=str(_shots_dir(lab_home) / "Report.png"), full_page=True)
+    page.close()
+
+
+def test_rlf_ram_alu_sliders_change_the_output(app_url, browser, lab_home):
+    page = _open(browser, f"{app_url}/Recursive_Latent_Forcing")
+    _assert_no_exception(page, "RLF")
+    text = _main_text(page)
+    assert "null-calibrated rule" in text, "the smoke report trained null runs: the page must use the report's rule"
+    for label in ("RAM scale", "ALU scale"):
+        before = _output(page)
+        _move(page, label)
+        _assert_no_exception(page, "RLF")
+        assert _output(page) != before, f"moving {label} changed nothing the page computes"
+    page.get_by_text("Lifeline", exact=True).first.click()  # off: the lifeline's scales cannot act
+    _settle(page)
+    for label in ("Lifeline scale", "RAM scale", "ALU scale"):
+        slider = page.locator('[data-testid="stSlider"]').filter(has_text=label).locator('input[type="range"]')
+        assert slider.is_disabled(), f"{label} stays enabled with the lifeline off"
+    assert "The lifeline is off" in _main_text(page)
+    page.close()
+
+
+def test_channels_show_a_differing_continuation(app_url, browser, lab_home):
+    page = _open(browser, f"{app_url}/Proprioceptive_Channels")
+    _assert_no_exception(page, "channels")
+    marks = page.locator('[data-testid="stMain"] mark')
+    assert marks.count() > 0, "the with-channels and zeroed continuations are shown without a differing token"
+    before = _output(page)
+    _move(page, "valence")
+    assert _output(page) != before, "moving valence changed nothing the page computes"
+    page.get_by_text("affect", exact=True).first.click()  # off: valence and arousal cannot act
+    _settle(page)
+    valence = page.locator('[data-testid="stSlider"]').filter(has_text="valence").locator('input[type="range"]')
+    assert valence.is_disabled(), "valence stays enabled with affect off"
     page.close()
 
 

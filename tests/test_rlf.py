@@ -184,6 +184,142 @@ def test_baseline_switches(smoke_gpt2):
     assert Config.preset("smoke", loop_rope=False).variant == "norope"
 
 
+def test_loop_norm_ends_every_loop_and_decay_spares_gate_biases_norms(smoke_gpt2):
+    """The published loop ends each iteration with an RMSNorm: the state a loop hands on has RMS 1 (weight ones at
+    init), whatever the lifeline adds; without it the state grows with every lifeline add."""
+    from lab.hooks import ActivationCache
+    from lab.rlf import Config
+    from lab.rlf.model import build, encode_prompts
+    ids, mask = encode_prompts(smoke_gpt2, ["K = walnut. R = K. What is R?\nAnswer:"])
+    grow = {}
+    for norm in (True, False):
+        m = build(Config.preset("smoke", loop_norm=norm), smoke_gpt2)
+        cache = ActivationCache()
+        with torch.no_grad():
+            m.run(ids, mask, 4, cache=cache)
+        rms = cache.stack("latent", prefix="loop").pow(2).mean(-1).sqrt()[:, 0]     # (loops,)
+        grow[norm] = rms
+        assert (m.loop_norm is not None) == norm
+    assert torch.allclose(grow[True], torch.ones(4), atol=1e-3)
+    assert (grow[False][1:] > grow[False][:-1]).all()   # each loop adds the prompt again: the raw state grows
+    m = build(Config.preset("smoke"), smoke_gpt2)
+    spared = {n for n, p in m.named_parameters() if p.requires_grad and m.no_decay(n)}
+    assert "gate" in spared and "loop_norm.weight" in spared and "core.in_proj.bias" in spared
+    assert "core.in_proj.weight" not in spared and "core.out_proj.weight" not in spared
+    assert not any(build(Config.preset("smoke", decay="all"), smoke_gpt2).no_decay(n) for n in spared)
+
+
+def test_trainer_parameter_groups_spare_what_no_decay_names():
+    """fit(no_decay=...): the named tensors sit in a zero-decay group; without it every tensor decays, as before."""
+    from lab.trainer import TrainSpec, fit
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.ones(4))
+            self.w = torch.nn.Parameter(torch.ones(4, 4))
+
+    spec = TrainSpec(steps=5, lr=0.1, warmup=0, weight_decay=0.5, grad_clip=None, eval_every=0, ckpt_every=0)
+    for no_decay, gate_kept in ((None, False), (lambda n: n == "gate", True)):
+        m = Two()
+        fit(m, lambda step, rank, world: {}, lambda mod, b: 0.0 * (mod.gate.sum() + mod.w.sum()), spec, desc="t",
+            no_decay=no_decay)
+        assert torch.equal(m.gate.detach(), torch.ones(4)) == gate_kept
+        assert (m.w.detach() < 1).all()   # the matrix decays either way (a zero loss: decay alone moves it)
+
+
+def test_paper_loop_reruns_upper_blocks_with_lora_and_leaves_the_base_alone(smoke_mamba2, tmp_path):
+    from lab.rlf import Config
+    from lab.rlf.model import PAPER_SITES, build, encode_prompts
+    from lab.rlf.train import load, train
+    before = {n: p.detach().clone() for n, p in smoke_mamba2.model.named_parameters()}
+    cfg = Config.preset("smoke", base="smoke-mamba2", core="mamba2", loop="paper", base_blocks=-1, d_core=32,
+                        mamba_head_dim=16, lora_rank=4, steps=2, eval_every=2, ckpt_every=2, val_n_per_hop=2)
+    assert cfg.run_name().endswith("-mamba2-paperloop")
+    m = build(cfg, smoke_mamba2)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "head" in trainable and "gate" in trainable and "loop_norm.weight" in trainable
+    assert any("upper.0.mixer.in_proj.lora_A" in n for n in trainable)
+    assert any("upper.0.mixer.out_proj.lora_B" in n for n in trainable)
+    assert not any(n.startswith("upper") and "lora_" not in n for n in trainable)   # the re-run blocks stay frozen
+    assert len(m.upper) == smoke_mamba2.n_layers - 1
+    ids, mask = encode_prompts(smoke_mamba2, ["K = walnut. R = K. What is R?\nAnswer:"])
+    from lab.hooks import ActivationCache
+    cache = ActivationCache()
+    m.run(ids, mask, 2, cache=cache)[-1].sum().backward()
+    assert f"loop.1.{PAPER_SITES[0]}" in cache
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "lora_B" in n)
+    art = train(cfg, smoke_mamba2, tmp_path / "paper")
+    again = load(art.path, smoke_mamba2)
+    assert torch.equal(again.head, art.tensors["head"])
+    for n, p in smoke_mamba2.model.named_parameters():   # a copy of the blocks trained, never the shared base
+        assert torch.equal(p, before[n]), n
+    assert not any("lora" in n for n, _ in smoke_mamba2.model.named_modules())
+
+
+def test_paper_loop_bad_input(smoke_gpt2, smoke_mamba2):
+    from types import SimpleNamespace
+
+    from lab.rlf import Config
+    from lab.rlf.model import build, paper_split
+    paper = dict(base="smoke-mamba2", core="mamba2", loop="paper", base_blocks=-1, d_core=32, mamba_head_dim=16)
+    with pytest.raises(LabError, match=r"loop must be one of \('standard', 'paper'\), got 'papr'"):
+        Config.preset("smoke", loop="papr")
+    with pytest.raises(LabError, match="lora_rank 65 does not fit.*at most 64"):
+        build(Config.preset("smoke", **paper, lora_rank=65), smoke_mamba2)
+    with pytest.raises(LabError, match="lora_rank"):
+        Config.preset("smoke", **paper, lora_rank=0)
+    with pytest.raises(LabError, match="has 2 blocks; loop_blocks=2"):
+        build(Config.preset("smoke", **paper, loop_blocks=2), smoke_mamba2)
+    with pytest.raises(LabError, match="at least 2 blocks.*'one-block' has 1 block;"):
+        paper_split(SimpleNamespace(n_layers=1, name="one-block"))
+    assert paper_split(SimpleNamespace(n_layers=24, name="mamba2-130m")) == (6, 18)   # the published layers 6-23
+    with pytest.raises(LabError, match="'smoke-gpt2' is a gpt2 base"):
+        build(Config.preset("smoke", loop="paper", base_blocks=-1), smoke_gpt2)
+    with pytest.raises(LabError, match="base_blocks=-1.*got base_blocks=0"):
+        Config.preset("smoke", **{**paper, "base_blocks": 0})
+    with pytest.raises(LabError, match="decay"):
+        Config.preset("smoke", decay="some")
+
+
+def test_length_controlled_sets_hold_their_lengths(smoke_gpt2):
+    from lab.rlf.data import length_controlled_set, prompt_lengths, training_length_range
+    tok = smoke_gpt2.tokenizer
+    lo, hi = training_length_range(tok, 2, n=256)
+    assert 0 < lo < hi
+    short = length_controlled_set(4, 20, tok, max_len=hi, distractors=(1, 1))
+    padded = length_controlled_set(1, 20, tok, min_len=hi + 1, distractors=(3, 24))
+    assert short and all(p.hops == 4 for p in short) and max(prompt_lengths(tok, short)) <= hi
+    assert padded and all(p.hops == 1 for p in padded) and min(prompt_lengths(tok, padded)) > hi
+    assert len({p.prompt for p in padded}) == len(padded)
+    with pytest.raises(LabError, match="length range"):
+        length_controlled_set(2, 5, tok, min_len=10, max_len=5)
+    with pytest.raises(LabError, match="distractors"):
+        length_controlled_set(2, 5, tok, distractors=(0, 2))
+
+
+def test_ram_overlap_across_seeds_against_chance(smoke_gpt2):
+    from lab.rlf import Config
+    from lab.rlf.model import build
+    from lab.rlf.probes import ram_overlap
+    ms = [build(Config.preset("smoke", seed=s), smoke_gpt2) for s in (0, 1)]
+    with torch.no_grad():
+        for m in ms:
+            m.gate[:8] = 1.5                       # the same 8 RAM dims in both seeds
+        ms[1].gate[8:12] = 1.5
+    (m,) = ram_overlap(ms)
+    assert m.value == 1.0 and m.n == 8 and m.control_value < 0.25 and m.p_value < 1e-6
+
+
+def test_random_dims_match_the_gate_mass_they_remove():
+    from lab.rlf.probes import mass_matched_dims
+    gate = np.ones(64)
+    gate[:4] = 3.0                                   # the "RAM" dims: the largest gates
+    rng = np.random.default_rng(0)
+    rand = mass_matched_dims(gate, [0, 1, 2, 3], rng)
+    assert not set(rand) & {0, 1, 2, 3} and abs(gate[rand].sum() - 12.0) <= 1.0 and len(rand) == 12
+
+
 # --- training, evaluation --------------------------------------------------------------------------
 
 def test_training_is_seeded_and_resumable(smoke_gpt2, tmp_path):
@@ -369,6 +505,15 @@ def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke,
             assert m.n == 8 and m.ci_low <= m.value <= m.ci_high
         for abl in ABLATIONS:
             assert f"lifeline {abl} {h}-hop final-answer acc" in names
+    for table in ("per-loop state norms (answer position)", "final-answer accuracy by prompt length (RLF)",
+                  "length-controlled test sets (RLF)", "per training seed (final-answer accuracy)"):
+        assert rep.tables[table], table
+    assert "rlf_state_norms" in rep.figures
+    unchanged = rep.measure("loop predictions unchanged with lifeline zeroed (share per correct trace)") if any(
+        m.name.startswith("loop predictions unchanged") for m in rep.measures) else None
+    if unchanged is not None:   # beside a control that can differ from it (not 1 by definition)
+        assert unchanged.control == "another problem's lifeline in its place"
+    assert not any("lifeline removable" in p.claim for p in rep.published.values())   # a GPT-2 run: not beside it
     same = rep.measure("in-dist final-answer acc, baseline same model (sanity)")
     assert same.p_value == 1.0 and same.value == same.control_value   # identical arm: no discordant pairs
     assert {"rlf_final_by_hops", "rlf_trace_by_hops", "rlf_halt_by_hops"} <= set(rep.figures)
@@ -420,12 +565,26 @@ def test_lifeline_interventions_change_the_loop(rlf_smoke):
         on = rlf_smoke.run(ids, mask, 3)
         same = rlf_smoke.run(ids, mask, 3, lifeline=Lifeline())
         assert torch.equal(on, same)
-        for mode in ("zero", "noise", "shuffle", "other"):
+        for mode in ("zero", "zero_matched", "noise", "shuffle", "other"):
             assert not torch.allclose(on[1:], rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(mode=mode))[1:]), mode
+        # from_loop: the loops before it run as trained
+        late = rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(mode="zero", from_loop=1))
+        assert torch.equal(late[0], on[0]) and not torch.allclose(late[1:], on[1:])
+        # norm-matched zero: the state the core reads keeps the intact run's norm at every loop
+        from lab.hooks import ActivationCache
+        c_on, c_m, c_z = ActivationCache(), ActivationCache(), ActivationCache()
+        rlf_smoke.run(ids, mask, 3, cache=c_on)
+        rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(mode="zero_matched"), cache=c_m)
+        rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(mode="zero"), cache=c_z)
+        n_on, n_m, n_z = (c.stack("after_lifeline", prefix="loop").norm(dim=-1) for c in (c_on, c_m, c_z))
+        assert torch.allclose(n_m, n_on, rtol=1e-4) and not torch.allclose(n_z, n_on, rtol=1e-2)
+        assert torch.count_nonzero(c_m["loop.1.lifeline"]) == 0
         # loop 0's prediction is already past the lifeline add, so a zero lifeline changes loop 0 too, unless scale
         assert not torch.allclose(on, rlf_smoke.run(ids, mask, 3, lifeline=Lifeline(scale=0.3)))
     with pytest.raises(LabError, match="mode"):
         Lifeline(mode="off")
+    with pytest.raises(LabError, match="from_loop must be a whole number >= 0, got -1"):
+        Lifeline(from_loop=-1)
     with pytest.raises(LabError, match=r"ram_dims must be a list of non-negative int dimensions, got \[1, -2\]"):
         Lifeline(ram_dims=[1, -2])
     with pytest.raises(LabError, match="alu_dims must be a list"):
@@ -556,8 +715,12 @@ def test_app_page_recomputes_live(rlf_smoke, lab_home):
     at.toggle(key="rlf-lifeline").set_value(False).run()
     assert not at.exception
     assert outputs()[0] != after_scale[0]
-    at.number_input(key="rlf-cap").set_value(0).run()
-    assert any("loop cap" in e.value for e in at.error)
+    cap = at.number_input(key="rlf-cap")
+    if cap.min is not None and cap.min >= 1:   # the widget itself refuses a cap below one loop
+        assert cap.min == 1
+    else:
+        cap.set_value(0).run()
+        assert any("loop cap" in e.value for e in at.error)
 
 
 def test_cli_train_and_evaluate_smoke(smoke_gpt2, lab_home, tmp_path):

@@ -9,11 +9,18 @@ from lab import LabError
 from lab.config import ExperimentConfig
 
 CORES = ("transformer", "mamba2")
+# "standard": the lab's loop of a small core over the frozen base's stream; "paper": the published Mamba2 loop
+# (the base's upper blocks re-run with LoRA inside every loop, then the core, then the loop norm; head trainable)
+LOOPS = ("standard", "paper")
+# which trainable tensors AdamW decays: "matrices" (not the gate, biases, norms: every 1-d tensor is spared, as the
+# published run spares its gate), "all" (one group, every tensor decays), "lora" (only LoRA matrices, as the
+# published Mamba2 script: its gate, core, loop norm and head sit in zero-decay groups)
+DECAY = ("matrices", "all", "lora")
 SUPERVISION = ("every_loop", "answer_only")
 HOP_SAMPLING = ("newest", "error")
 # sizes of what `run` adds around the trained method (control runs, probes): read only after training, so
 # they never change a run's identity (its config.json, checkpoint hash, or whether an artifact counts as stale)
-PIPELINE_FIELDS = ("baseline_runs", "null_runs", "probe_n", "probe_attr_n", "probe_umap")
+PIPELINE_FIELDS = ("baseline_runs", "null_runs", "probe_n", "probe_attr_n", "probe_umap", "method_seeds")
 # fields that change what is measured or logged, not what is trained
 EVALUATION_FIELDS = ("eval_every", "ckpt_every", "val_n_per_hop", "infer_cap", "test_n", "test_max_hops",
                      *PIPELINE_FIELDS)
@@ -33,28 +40,31 @@ class Config(ExperimentConfig):
         # seconds: tests and CI notebooks on the smoke base (numbers are meaningless, shapes are real)
         "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, d_core=64, eval_every=15, ckpt_every=15,
                       val_n_per_hop=8, test_n=24, test_max_hops=6, infer_cap=8, max_train_hops=3,
-                      probe_n=24, probe_attr_n=6, probe_umap=False),
+                      probe_n=24, probe_attr_n=6, probe_umap=False, method_seeds=1),
         # the CPU experiment: tiny-gpt2, <= 10 min to 99% validation accuracy (sweep: `python bench/bench_rlf.py
         # --to-target --seeds=0,1,2`). base_blocks=0, a departure from the published setup (the report says so):
         # a 4-layer base's deep states carry a confident wrong prediction the core must first out-grow
         # (`python bench/bench_rlf.py --start-sweep`).
         "tiny": dict(base="tiny-gpt2", d_core=192, n_heads=8, ff_mult=2, lr=2e-3, steps=6000, curriculum_steps=2500,
-                     curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True),
-        # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms): the tiny recipe on the
-        # quick base with a narrower core, 1-3 hops, the no-lifeline baseline and one null-control run
-        "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=900, curriculum_steps=450,
+                     curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,
+                     method_seeds=3),
+        # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms; ~450 s of one CPU thread
+        # for this section): the tiny recipe on the quick base with a narrower core, 1-2 hops tested to +3, one method
+        # seed, the no-lifeline baseline and one null-control run
+        "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=900, curriculum_steps=300,
                       curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,
-                      max_train_hops=3, test_max_hops=6, test_n=200, val_n_per_hop=30, eval_every=150,
-                      ckpt_every=150, baseline_runs=("no lifeline",), null_runs=1, probe_n=50, probe_attr_n=12,
-                      probe_umap=False),
+                      max_train_hops=2, test_max_hops=5, test_n=150, val_n_per_hop=30, eval_every=150,
+                      ckpt_every=150, baseline_runs=("no lifeline",), null_runs=1, probe_n=40, probe_attr_n=8,
+                      probe_umap=False, method_seeds=1),
         # a GPU and the published GPT-2-124M base (loads when the user has it; the core ~14M parameters)
         "paper": dict(base="gpt2", d_core=768, n_heads=12, steps=2500, batch_size=32, lr=5e-4, warmup=100,
                       eval_every=250, ckpt_every=250, val_n_per_hop=200),
     }
 
     PRESET_NOTES: ClassVar[dict[str, str]] = {
-        "quick": "quick preset: 1-3 training hops on the quick base, the no-lifeline baseline and one null-control "
-                 "run; extrapolation is +1 to +3 hops (the tiny preset trains 1-5 hops, three baselines, two null runs)."}
+        "quick": "quick preset: 1-2 training hops on the quick base, one method seed, the no-lifeline baseline and one "
+                 "null-control run; extrapolation is +1 to +3 hops (the tiny preset trains 1-5 hops with three seeds, "
+                 "three baselines, two null runs)."}
 
     preset_name: str = "tiny"        # which named preset this config came from (names the artifact)
     # --- the model ---
@@ -72,6 +82,12 @@ class Config(ExperimentConfig):
     mamba_head_dim: int = 64
     base_blocks: int = -1            # base blocks that encode the prompt before the loop (-1: all)
     gate_init: float = 1.0           # the lifeline gate starts at ones(d)
+    loop: str = "standard"           # LOOPS: "paper" re-runs the base's upper blocks (LoRA) inside every loop (Mamba2)
+    loop_norm: bool = True           # an RMSNorm ends every loop iteration (published); False: the raw state loops on
+    loop_blocks: int = 0             # paper loop: the base's top blocks re-run per loop (0: all but the lowest
+                                     # quarter, as published: layers 6-23 of 24)
+    lora_rank: int = 8               # paper loop: LoRA rank on the re-run blocks' mixer in/out projections (published 8)
+    lora_alpha: float = 0.0          # LoRA alpha (0: 2 x rank, as published)
     # --- baselines / controls (first-class config values) ---
     lifeline: bool = True            # False: the no-lifeline baseline (gate fixed at 0)
     loop_rope: bool = True           # False: the no-loop-RoPE baseline
@@ -84,6 +100,7 @@ class Config(ExperimentConfig):
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
+    decay: str = "matrices"          # DECAY: which trainable tensors weight decay applies to
     grad_clip: float = 1.0
     max_train_hops: int = 5          # training problems have 1..max_train_hops hops
     curriculum_steps: int = 0        # open one more hop every curriculum_steps / max_train_hops steps (0: off)
@@ -104,6 +121,7 @@ class Config(ExperimentConfig):
     probe_n: int = 100               # held-out problems per trained hop count for the probes
     probe_attr_n: int = 40           # problems (spread over hop counts) for the attribution test (0: off)
     probe_umap: bool = True          # also project the trajectories with UMAP (its first fit JIT-compiles, ~20 s)
+    method_seeds: int = 1            # training seeds of the method (seed, seed+1, ...): across-seed mean and t interval
 
     def check(self) -> None:
         self.require_one_of("core", CORES)
@@ -111,6 +129,13 @@ class Config(ExperimentConfig):
         self.require_one_of("core_init", ("match", "random"))
         self.require_one_of("supervision", SUPERVISION)
         self.require_one_of("hop_sampling", HOP_SAMPLING)
+        self.require_one_of("loop", LOOPS)
+        self.require_one_of("decay", DECAY)
+        self.require_positive("lora_rank", "method_seeds")
+        self.require_nonnegative("loop_blocks", "lora_alpha")
+        if self.loop == "paper" and self.base_blocks != -1:
+            raise LabError(f"{self.label()}: loop='paper' starts from the whole base pass (base_blocks=-1, as published); "
+                           f"got base_blocks={self.base_blocks}")
         self.require_range("max_train_hops", 1, 12)
         self.require_range("test_max_hops", 1, 12)  # 52 names fit 12 hops plus distractors
         self.require_positive("steps", "batch_size", "infer_cap", "test_n", "val_n_per_hop", "core_layers", "n_heads",
@@ -123,8 +148,8 @@ class Config(ExperimentConfig):
 
     @classmethod
     def upgrade(cls, saved: dict) -> dict:
-        # configs saved before task_version existed were trained on task version 1
-        return {"task_version": 1, **saved}
+        # configs saved before a field existed were trained without it: task version 1, no loop norm, one decay group
+        return {"task_version": 1, "loop_norm": False, "decay": "all", **saved}
 
     @property
     def variant(self) -> str:
@@ -142,6 +167,8 @@ class Config(ExperimentConfig):
 
     def run_name(self, base_name: str | None = None) -> str:
         name = f"rlf-{self.preset_name}-{base_name or self.base}-{self.core}"
+        if self.loop != "standard":
+            name += f"-{self.loop}loop"
         if self.variant != "full":
             name += f"-{self.variant}"
         if self.seed != 0:
@@ -155,6 +182,10 @@ class Config(ExperimentConfig):
     def baselines(self) -> dict[str, Config]:
         """{name: config} of the baselines the report carries (`baseline_runs` of BASELINES), trained like the method."""
         return {name: self.with_(**BASELINES[name]) for name in self.baseline_runs}
+
+    def seed_runs(self) -> list[Config]:
+        """The method trained with `method_seeds` seeds (seed, seed+1, ...); the first is the method itself."""
+        return [self] + [self.with_(seed=self.seed + i) for i in range(1, self.method_seeds)]
 
     def null_controls(self) -> list[Config]:
         """The `null_runs` shuffled-supervision control runs (seeds seed+1, seed+2, ...)."""

@@ -285,3 +285,44 @@ def parse_prompt(prompt: str) -> dict:
             return {"assignments": assignments, "query": query, "path": None}
         seen.add(cur)
     return {"assignments": assignments, "query": query, "path": None}
+
+
+# --- length-fair extrapolation --------------------------------------------------------------------
+
+def prompt_lengths(tokenizer, problems: list[Problem]) -> list[int]:
+    """Token count of each prompt (as `Base.encode` tokenizes it)."""
+    return [len(tokenizer.encode(p.prompt, add_special_tokens=False)) for p in problems]
+
+
+def training_length_range(tokenizer, max_hops: int, seed: int = 0, n: int = 2048) -> tuple[int, int]:
+    """(shortest, longest) prompt in tokens over n training problems of 1..max_hops hops (the training stream
+    itself, every hop count open): the lengths the method was trained on."""
+    probs = train_batch(0, n, seed, max_hops)
+    lens = prompt_lengths(tokenizer, probs)
+    return min(lens), max(lens)
+
+
+def length_controlled_set(hops: int, n: int, tokenizer, seed: int = 0, min_len: int = 0, max_len: int | None = None,
+                          distractors: tuple[int, int] = DISTRACTORS, tries: int = 50) -> list[Problem]:
+    """Up to n distinct `hops`-hop problems whose prompt length in tokens lies in [min_len, max_len], drawn with
+    `distractors` (inclusive range of distractor chains) from a seed stream of their own ("rlf-length:..."),
+    never a test, validation or training stream. Long chains held to a short length take few distractors; short
+    chains padded to a long length take many. Fewer than n when the range is hard to reach in n * tries draws."""
+    if min_len < 0 or (max_len is not None and max_len < min_len):
+        raise LabError(f"length range must be 0 <= min_len <= max_len, got [{min_len}, {max_len}]")
+    lo, hi = distractors
+    if not 1 <= lo <= hi:
+        raise LabError(f"distractors must be an inclusive range with 1 <= low <= high, got {distractors}")
+    rng = random.Random(f"rlf-length:{seed}:{hops}:{min_len}:{max_len}:{lo}:{hi}")
+    seen, out = set(), []
+    for _ in range(n * tries):
+        if len(out) >= n:
+            break
+        p = make_problem(rng, hops, rng.randint(lo, hi))
+        if p.prompt in seen:
+            continue
+        length = len(tokenizer.encode(p.prompt, add_special_tokens=False))
+        if length >= min_len and (max_len is None or length <= max_len):
+            seen.add(p.prompt)
+            out.append(p)
+    return out

@@ -17,17 +17,29 @@ from collections import Counter
 
 import numpy as np
 import torch
+from scipy.stats import fisher_exact
 from tqdm.auto import tqdm
 
 from lab.figures import line, style
+from lab.hooks import ActivationCache
 from lab.report import Published, Report
 from lab.rlf.config import Config, check_comparable
-from lab.rlf.data import TASK_VERSION, Problem, heldout_set, heldout_sets, longest_chain_answer, parse_prompt
+from lab.rlf.data import (
+    TASK_VERSION,
+    Problem,
+    heldout_set,
+    heldout_sets,
+    length_controlled_set,
+    longest_chain_answer,
+    parse_prompt,
+    prompt_lengths,
+    training_length_range,
+)
 from lab.rlf.infer import Trace, outcomes, solve
 from lab.rlf.model import RLF, Lifeline, encode_prompts
-from lab.rlf.probes import probe_report
+from lab.rlf.probes import probe_report, ram_overlap
 from lab.rlf.train import train_or_load
-from lab.stats import Measure, compare_proportions, mean_with_ci, proportion
+from lab.stats import Measure, compare_proportions, mean_with_ci, paired_delta, paired_t, proportion, t_mean
 
 ERROR_KINDS = ("repeats the name it should dereference", "an earlier element of the chain",
                "skips ahead in the chain", "HALT too early", "a distractor's right-hand side", "other",
@@ -154,22 +166,87 @@ def base_cot(base, problems: list[Problem], batch_size: int = 128) -> dict[str, 
 
 # --- the report ------------------------------------------------------------------------------------
 
-ABLATIONS = ("zero", "noise", "shuffle", "other")
+ABLATIONS = ("zero", "zero (norm-matched)", "zero after loop 0", "noise", "shuffle", "other")
+LIFELINE_KEYS = ("zero", "zero (norm-matched)", "zero after loop 0")   # the ablations summarised across seeds
+
+
+def ablation(name: str, seed: int = 0) -> Lifeline:
+    """The inference-time lifeline intervention an ABLATIONS name stands for."""
+    specs = {"zero": dict(mode="zero"), "zero (norm-matched)": dict(mode="zero_matched"),
+             "zero after loop 0": dict(mode="zero", from_loop=1), "noise": dict(mode="noise"),
+             "shuffle": dict(mode="shuffle"), "other": dict(mode="other")}
+    return Lifeline(**specs[name], seed=seed)
+
+
+def trained_context(base) -> int | None:
+    """The context length the base was trained on (a lab base: its pretraining window; else its position table):
+    positions past it were never trained, and the lifeline carries them straight into the loop."""
+    return (base.meta.get("preset") or {}).get("seq_len") or base.max_len
+
+
+def _mean_vs(name: str, ours, theirs, control_name: str, seed: int = 0) -> Measure:
+    """Mean of per-unit values with its bootstrap CI, beside a control measured on the same units (paired
+    sign-flip p of the difference)."""
+    m = mean_with_ci(name, ours, seed=seed)
+    d = paired_delta(name, ours, theirs, control_name, seed=seed)
+    m.control, m.control_value, m.p_value, m.test = control_name, d.control_value, d.p_value, d.test
+    return m
+
+
+def _unpaired(name: str, ours: np.ndarray, theirs: np.ndarray, control_name: str) -> Measure:
+    """A proportion beside a control measured on other problems (Fisher exact)."""
+    m = proportion(name, ours)
+    m.control, m.control_value = control_name, float(np.mean(theirs)) if len(theirs) else float("nan")
+    if len(ours) and len(theirs):
+        m.p_value = float(fisher_exact([[ours.sum(), (~ours).sum()], [theirs.sum(), (~theirs).sum()]])[1])
+        m.test = "Fisher exact (unpaired)"
+    return m
+
+
+def per_loop_accuracy(model: RLF, problems: list[Problem], trace: Trace) -> np.ndarray:
+    """Per problem, the share of its loops 0..hops whose prediction is the target (path, then HALT): the
+    published in-distribution metric's unit (it also counted padded HALT loops of shorter chains)."""
+    wid = model.vocab.word_id
+    out = []
+    for n, p in enumerate(problems):
+        want = [wid[w] for w in p.path] + [trace.halt_id]
+        got = trace.preds[n, : len(want)].tolist()
+        got += [-1] * (len(want) - len(got))
+        out.append(float(np.mean([g == w for g, w in zip(got, want)])))
+    return np.array(out)
+
+
+@torch.no_grad()
+def state_norms(model: RLF, problems: list[Problem], loops: int, lifeline: Lifeline | None = None,
+                batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Answer-position state norms per loop (no early stop): {"core reads": (N, loops) the state after the
+    lifeline add (what the loop RoPE and the core read), "after loop": (N, loops) the state the loop hands on}."""
+    reads, after = [], []
+    for i in range(0, len(problems), batch_size):
+        ids, mask = encode_prompts(model.base, [p.prompt for p in problems[i: i + batch_size]])
+        cache = ActivationCache()
+        model.run(ids, mask, loops, lifeline=lifeline, cache=cache)
+        reads.append(cache.stack("after_lifeline", prefix="loop").norm(dim=-1).T.float().cpu().numpy())
+        after.append(cache.stack("latent", prefix="loop").norm(dim=-1).T.float().cpu().numpy())
+    return {"core reads": np.concatenate(reads), "after loop": np.concatenate(after)}
 PUBLISHED_SOURCE = "mamba2backbonerecursion write-up (see PUBLISHED.md)"
 
 
-def _published(arch: str):
+def _published(arch: str, core: str):
     gpt = arch != "mamba2"
-    return {
-        "in_dist": Published("in-distribution accuracy, " + ("GPT-2-124M" if gpt else "Mamba2-130M"),
-                             "98.5%" if gpt else "99.9%", PUBLISHED_SOURCE),
-        "halt_p": Published("HALT precision, " + ("GPT-2-124M" if gpt else "Mamba2-130M"),
+    pub = {
+        "in_dist": Published("in-distribution accuracy, " + ("GPT-2-124M" if gpt else "Mamba2-130M") + ": a per-loop "
+                             "average (padded HALT loops included) on in-order chains of its hops 1-5", "98.5%" if gpt
+                             else "99.9%", PUBLISHED_SOURCE),
+        "halt_p": Published("HALT precision, " + ("GPT-2-124M" if gpt else "Mamba2-130M") + " (padded HALT loops counted)",
                             "0.999" if gpt else "1.000", PUBLISHED_SOURCE),
-        "ood8": Published("8-hop answered after 1-5-hop training (one prompt, p = 0.557; it had 7 hops)",
-                          "1 of 1", PUBLISHED_SOURCE),
-        "lifeline": Published("lifeline removable at inference (Mamba2): loop predictions unchanged with it "
-                              "zeroed (one prompt, both traces failing)", "9 of 10", PUBLISHED_SOURCE),
+        "plus2": Published("8 variables answered after training on its 1-5 hops (lab hops 2-6): +2 hops beyond "
+                           "training, n = 1 prompt (p = 0.557)", "1 of 1", PUBLISHED_SOURCE),
     }
+    if arch == "mamba2" and core == "mamba2":  # the claim is about the Mamba2 configuration only
+        pub["lifeline"] = Published("lifeline removable at inference (Mamba2): loop predictions unchanged with it "
+                                    "zeroed (one prompt, both traces failing)", "9 of 10", PUBLISHED_SOURCE)
+    return pub
 
 
 def run_arm(model: RLF, sets: dict[int, list[Problem]], cap: int, lifeline: Lifeline | None = None
@@ -186,32 +263,86 @@ def _pooled(arm: dict[int, dict], hops, key: str) -> np.ndarray:
     return np.concatenate([arm[h][key] for h in hops])
 
 
+def seed_summary(arms: dict[str, dict], hops: list[int], in_hops: list[int]) -> dict[str, float]:
+    """The numbers one training seed contributes to the across-seed measures: final-answer accuracy per hop count,
+    in-distribution pooled, and in-distribution with each lifeline ablation of LIFELINE_KEYS."""
+    main = arms["RLF"]
+    out = {f"{h}-hop final-answer acc": float(main[h]["final"].mean()) for h in hops}
+    out["in-distribution final-answer acc"] = float(_pooled(main, in_hops, "final").mean())
+    for key in LIFELINE_KEYS:
+        if f"lifeline {key}" in arms:
+            out[f"in-distribution final-answer acc, lifeline {key}"] = float(
+                _pooled(arms[f"lifeline {key}"], in_hops, "final").mean())
+    return out
+
+
+def across_seeds(rep: Report, summaries: list[dict], seeds: list[int], max_train: int, pub: dict) -> None:
+    """Across-seed means with t intervals (per-seed rows beside them) for every extrapolation and lifeline number."""
+    rows = [{"seed": s, **{k: round(v, 4) for k, v in d.items()}} for s, d in zip(seeds, summaries)]
+    rep.tables["per training seed (final-answer accuracy)"] = rows
+    if len(summaries) < 2:
+        rep.notes.append(f"One training seed ({seeds[0]}): the CIs cover held-out problems, not the variation between "
+                         "training runs (set method_seeds for that).")
+        return
+    unit = "training seed (its own initialisation and data order)"
+    col = lambda k: np.array([d[k] for d in summaries])  # noqa: E731
+    for key in summaries[0]:
+        if "lifeline" in key:
+            continue
+        hops = int(key.split("-")[0]) if key[0].isdigit() else None
+        extra = f" (+{hops - max_train} beyond training)" if hops and hops > max_train else ""
+        m = t_mean(f"across {len(seeds)} seeds: {key}{extra}", col(key))
+        m.extra.update(seeds=seeds, per_seed=col(key).round(4).tolist(), unit=unit)
+        rep.add(m, pub["plus2"] if hops == max_train + 2 else None)
+    intact = col("in-distribution final-answer acc")
+    for key in LIFELINE_KEYS:
+        name = f"in-distribution final-answer acc, lifeline {key}"
+        if name in summaries[0]:
+            m = paired_t(f"across {len(seeds)} seeds: {name} minus intact", col(name), intact, "lifeline intact")
+            m.extra.update(seeds=seeds, per_seed=(col(name) - intact).round(4).tolist(), unit=unit)
+            rep.add(m)
+
+
 def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None = None,
              max_hops: int | None = None, ablations: bool = True, cot: bool = True, seed: int = 0,
-             progress: bool = True) -> Report:
+             progress: bool = True, seed_models: list[RLF] | None = None, length_controls: bool = True) -> Report:
     """The RLF report: per hop 1..max_hops final-answer / full-trace accuracy and HALT precision /
     recall (n, Wilson CI), the same for each baseline (paired exact McNemar vs the method on the
-    same problems), inference-time lifeline ablations, and the base's own chain-of-thought.
-    n and max_hops default to the model's config (test_n, test_max_hops); seed picks the test sets."""
+    same problems), inference-time lifeline ablations (plain and norm-matched zero, zero after loop 0, noise,
+    shuffle, another prompt) with per-loop state norms, accuracy by prompt length and the length-controlled test
+    sets, the base's own chain-of-thought, and (seed_models: the method trained with other seeds) across-seed
+    means with t intervals. n and max_hops default to the model's config (test_n, test_max_hops); seed picks the
+    test sets. Prompts longer than the base's trained context are reported apart, never in a hop count's headline."""
     cfg = model.config
+    base = model.base
     n = n or cfg.test_n
     max_hops = max_hops or cfg.test_max_hops
-    hops = list(range(1, max_hops + 1))
-    in_hops = [h for h in hops if h <= cfg.max_train_hops]
-    sets = heldout_sets(tuple(hops), n, seed)
     cap = cfg.infer_cap
-    pub = _published(model.base.arch)
-    rep = Report(f"Recursive Latent Forcing: {cfg.core} core on {model.base.name}")
+    ctx = trained_context(base)
+    tok = base.tokenizer
+    all_sets = heldout_sets(tuple(range(1, max_hops + 1)), n, seed)
+    sets, beyond = {}, {}
+    for h, probs in all_sets.items():
+        lens = prompt_lengths(tok, probs)
+        keep = [p for p, L in zip(probs, lens) if ctx is None or L <= ctx]
+        if keep:
+            sets[h] = keep
+        beyond[h] = [p for p, L in zip(probs, lens) if ctx is not None and L > ctx]
+    hops = sorted(sets)
+    in_hops = [h for h in hops if h <= cfg.max_train_hops]
+    pub = _published(base.arch, cfg.core)
+    rep = Report(f"Recursive Latent Forcing: {cfg.core} core on {base.name}" + (" (paper loop)" if cfg.loop == "paper" else ""))
     art = getattr(model, "artifact", None)
-    rep.provenance = {"base": model.base.name, "base_fingerprint": model.base.fingerprint[:12], "core": cfg.core,
+    rep.provenance = {"base": base.name, "base_fingerprint": base.fingerprint[:12], "core": cfg.core, "loop": cfg.loop,
+                      "loop_norm": cfg.loop_norm, "decay": cfg.decay,
                       "variant": cfg.variant, "seed": cfg.seed, "test_seed": seed, "n_per_hop": n,
                       "loop_cap": cap, "artifact": str(art.path) if art else "in memory",
-                      "task_version_trained": cfg.task_version, "task_version_tested": TASK_VERSION,
+                      "trained_context": ctx, "task_version_trained": cfg.task_version, "task_version_tested": TASK_VERSION,
                       "config_hash": art.manifest.get("config_hash") if art else None}
     arms: dict[str, dict] = {}
     jobs = [("RLF", model, None)]
     if ablations:
-        jobs += [(f"lifeline {m}", model, Lifeline(mode=m, seed=seed)) for m in ABLATIONS]
+        jobs += [(f"lifeline {a}", model, ablation(a, seed)) for a in ABLATIONS]
     for name, bm in (baselines or {}).items():
         check_comparable(cfg, bm.config, f"baseline {name!r}")
         jobs.append((name, bm, None))
@@ -229,7 +360,15 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
                                    _pooled(arms[ctrl_name], in_hops, "final"), ctrl_name)
     else:
         head = proportion(f"in-distribution (1-{max(in_hops)} hops) final-answer acc", fin)
-    rep.add(head, pub["in_dist"])
+    rep.add(head)
+    # the published in-distribution figure is a per-loop average: beside the same unit, per problem
+    per_loop = np.concatenate([per_loop_accuracy(model, sets[h], main[h]["trace_obj"]) for h in in_hops])
+    name = "in-distribution per-loop accuracy (loops 0..hops, shuffled chains; share per problem)"
+    if ctrl_name:
+        ctrl_loop = np.concatenate([per_loop_accuracy(model, sets[h], arms[ctrl_name][h]["trace_obj"]) for h in in_hops])
+        rep.add(_mean_vs(name, per_loop, ctrl_loop, ctrl_name, seed), pub["in_dist"])
+    else:
+        rep.add(mean_with_ci(name, per_loop, seed=seed), pub["in_dist"])
     halted = _pooled(main, in_hops, "halted")
     right = _pooled(main, in_hops, "halt_right")
     rep.add(proportion("in-distribution HALT precision", right[halted]) if halted.any()
@@ -247,42 +386,19 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
             for h in hops}
     rule_name = "query-blind rule (value at the end of the longest chain)"
     rep.add(compare_proportions(f"in-dist final-answer acc, {rule_name}", _pooled(rule, in_hops, "final"), fin, "RLF"))
-    if 8 in main:
-        rep.add(compare_proportions("8-hop final-answer acc (out of distribution)", main[8]["final"], rule[8]["final"],
-                                    "query-blind rule"), pub["ood8"])
-    # Lifeline removable? Compare loop predictions with the lifeline zeroed, on traces that were right
-    # with it (the published 9/10 compared two failing traces).
+    plus2 = cfg.max_train_hops + 2
+    if plus2 in main and len(seed_models or []) == 0:   # with several seeds the across-seed mean carries it
+        rep.add(compare_proportions(f"+2 hops beyond training ({plus2}-hop) final-answer acc", main[plus2]["final"],
+                                    rule[plus2]["final"], "query-blind rule"), pub["plus2"])
     if ablations:
-        # the unit is the problem (its loops are not independent draws): per problem, the share of its
-        # loops whose prediction is unchanged, with a bootstrap CI over problems
-        unchanged, trace_off, trace_on = [], [], []
-        for h in in_hops:
-            on, off = main[h]["trace_obj"], arms["lifeline zero"][h]["trace_obj"]
-            ok = main[h]["trace"]
-            for r in np.flatnonzero(ok):
-                K = h + 1
-                a = on.preds[r, :K]
-                b = off.preds[r, :K] if off.preds.shape[1] >= K else np.pad(off.preds[r], (0, K - off.preds.shape[1]), constant_values=-1)
-                unchanged.append(float((a == b).mean()))
-            trace_off.append(arms["lifeline zero"][h]["trace"])
-            trace_on.append(main[h]["trace"])
-        if unchanged:
-            name = "loop predictions unchanged with lifeline zeroed (share per correct trace)"
-            m = mean_with_ci(name, unchanged, seed=seed)
-            m.control, m.control_value = "lifeline on (the same loops: 1 by definition)", 1.0
-            rep.add(m, pub["lifeline"])
-        rep.add(compare_proportions("full trace right with lifeline zeroed (all in-dist problems)",
-                                    np.concatenate(trace_off), np.concatenate(trace_on), "lifeline on"))
-        for abl in ABLATIONS:
-            a = arms[f"lifeline {abl}"]
-            rep.add(compare_proportions(f"in-dist final-answer acc, lifeline {abl}", _pooled(a, in_hops, "final"),
-                                        fin, "lifeline on"))
+        _lifeline_rows(rep, model, sets, arms, in_hops, fin, pub, seed, cap, baselines)
+
     for name in arms:
         if name == "RLF" or name.startswith("lifeline"):
             continue
         rep.add(compare_proportions(f"in-dist final-answer acc, baseline {name}", _pooled(arms[name], in_hops, "final"),
                                     fin, "RLF"))
-    cot_res = base_cot(model.base, [p for h in hops for p in sets[h]]) if cot else None
+    cot_res = base_cot(base, [p for h in hops for p in sets[h]]) if cot else None
     if cot_res is not None:
         idx = np.concatenate([[h] * len(sets[h]) for h in hops])
         cot_by = {h: {"final": cot_res["final"][idx == h], "trace": cot_res["trace"][idx == h]} for h in hops}
@@ -314,6 +430,19 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
     errs = [r for h in hops for r in first_errors(model, sets[h], main[h]["trace_obj"])]
     rep.tables["where wrong traces first break (RLF)"] = first_error_table(errs, hops, {h: len(sets[h]) for h in hops})
 
+    _length_rows(rep, model, sets, beyond, main, in_hops, hops, n, seed, cap, ctx, length_controls)
+
+    # Several training seeds: the same numbers per seed, their mean and t interval.
+    summaries = [seed_summary(arms, hops, in_hops)]
+    for sm in tqdm(seed_models or [], desc="rlf seeds", disable=not progress):
+        check_comparable(cfg, sm.config, "method seed")
+        s_arms = {"RLF": run_arm(sm, sets, cap)}
+        if ablations:
+            s_arms.update({f"lifeline {a}": run_arm(sm, {h: sets[h] for h in in_hops}, cap, ablation(a, seed))
+                           for a in LIFELINE_KEYS})
+        summaries.append(seed_summary(s_arms, hops, in_hops))
+    across_seeds(rep, summaries, [cfg.seed] + [sm.config.seed for sm in seed_models or []], cfg.max_train_hops, pub)
+
     # Figures: accuracy by hop count for every arm, with Wilson bands.
     for key, label in (("final", "final-answer accuracy"), ("trace", "full-trace accuracy")):
         series, err = {}, {}
@@ -341,7 +470,8 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
     rep.figures["rlf_halt_by_hops"] = style(fig)
     if art is not None and art.manifest.get("metrics", {}).get("history"):
         hist = art.manifest["metrics"]["history"]
-        fig = line([r["step"] for r in hist], {"validation final-answer acc (1-5 hops)": [r.get("val_acc") for r in hist]},
+        fig = line([r["step"] for r in hist],
+                   {f"validation final-answer acc (1-{cfg.max_train_hops} hops)": [r.get("val_acc") for r in hist]},
                    "RLF learning curve (held-out validation set)", "step", "accuracy")
         rep.figures["rlf_learning_curve"] = fig
         rep.tables["learning curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in hist]
@@ -351,11 +481,17 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
         "first exactly as long as the queried chain and each ending in another value, so a model that ignores the "
         "question can reach about 1/2 (the query-blind rule row is that control). Task version "
         f"{TASK_VERSION}; version 1 (1-2-hop distractors) let that rule answer every 3+-hop problem.",
+        "Hop convention: lab hops count dereferences (\"K = walnut. What is K?\" is 1 hop); the published \"k hops\" is "
+        "lab hops k+1, so its 8-variable success is +2 beyond its training range and sits beside the lab's "
+        f"+2 point ({plus2} hops here).",
         "HALT precision counts only the first HALT of each problem (the published metric counted padded HALT loops).",
         "Baselines are compared with the method on the same problems (exact McNemar); lifeline ablations act at inference only.",
         "'Where wrong traces first break' classifies the first wrong loop of each wrong trace by what it emitted instead "
         "(traces whose only miss is the final HALT are left to HALT recall).",
     ]
+    if "lifeline" not in pub:
+        rep.notes.append("The published lifeline-removability claim is about the Mamba2 configuration (Mamba2 base and "
+                         "core); this run is not that configuration, so the claim is not placed beside it.")
     if cfg.task_version != TASK_VERSION:
         rep.notes.append(f"This model was trained on task version {cfg.task_version} and is tested on version {TASK_VERSION}.")
     if cfg.base_blocks != -1:
@@ -365,20 +501,132 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
     return rep
 
 
+def _lifeline_rows(rep: Report, model: RLF, sets, arms, in_hops, fin, pub, seed, cap, baselines) -> None:
+    """Lifeline ablation measures, the loop-prediction agreement row, and the per-loop state norms."""
+    main = arms["RLF"]
+    # the unit is the problem (its loops are not independent draws): per problem, the share of its loops whose
+    # prediction is unchanged when the lifeline is zeroed, beside the same share when another problem's lifeline
+    # replaces it (a lifeline whose content matters changes more under that swap than under a removal)
+    unchanged, swapped, trace_off, trace_on = [], [], [], []
+
+    def agree(a_tr, b_tr, r, K):
+        a = a_tr.preds[r, :K]
+        b = b_tr.preds[r, :K] if b_tr.preds.shape[1] >= K else np.pad(b_tr.preds[r], (0, K - b_tr.preds.shape[1]),
+                                                                        constant_values=-1)
+        return float((a == b).mean())
+
+    for h in in_hops:
+        on, off, oth = main[h]["trace_obj"], arms["lifeline zero"][h]["trace_obj"], arms["lifeline other"][h]["trace_obj"]
+        for r in np.flatnonzero(main[h]["trace"]):
+            unchanged.append(agree(on, off, r, h + 1))
+            swapped.append(agree(on, oth, r, h + 1))
+        trace_off.append(arms["lifeline zero"][h]["trace"])
+        trace_on.append(main[h]["trace"])
+    if len(unchanged) >= 2:
+        rep.add(_mean_vs("loop predictions unchanged with lifeline zeroed (share per correct trace)", unchanged, swapped,
+                         "another problem's lifeline in its place", seed), pub.get("lifeline"))
+    rep.add(compare_proportions("full trace right with lifeline zeroed (all in-dist problems)",
+                                np.concatenate(trace_off), np.concatenate(trace_on), "lifeline on"))
+    for abl in ABLATIONS:
+        a = arms[f"lifeline {abl}"]
+        rep.add(compare_proportions(f"in-dist final-answer acc, lifeline {abl}", _pooled(a, in_hops, "final"),
+                                    fin, "lifeline on"))
+    # per-loop state norms, on a spread of in-distribution and longer problems, every loop up to the cap
+    probs = [p for h in sorted(sets) for p in sets[h][: max(4, 64 // len(sets))]]
+    runs = {"lifeline on": (model, None), "lifeline zero": (model, ablation("zero")),
+            "lifeline zero (norm-matched)": (model, ablation("zero (norm-matched)"))}
+    if baselines and "no lifeline" in baselines:
+        runs["baseline no lifeline"] = (baselines["no lifeline"], None)
+    rows, series, err = [], {}, {}
+    for name, (m, spec) in runs.items():
+        norms = state_norms(m, probs, cap, spec)
+        ms = [mean_with_ci(f"state norm the core reads, loop {k}, {name}", norms["core reads"][:, k], seed=seed)
+              for k in range(cap)]
+        after = norms["after loop"].mean(0)
+        rows += [{"arm": name, "loop": k, "n": mk.n, "norm the core reads": mk.value_text(),
+                  "norm after the loop": round(float(after[k]), 3)} for k, mk in enumerate(ms)]
+        series[name] = [mk.value for mk in ms]
+        err[name] = ([mk.ci_low for mk in ms], [mk.ci_high for mk in ms])
+    rep.tables["per-loop state norms (answer position)"] = rows
+    rep.figures["rlf_state_norms"] = line(list(range(cap)), series, "State norm the core reads, per loop (answer "
+                                          "position; lifeline on, zeroed, zeroed norm-matched)", "loop", "L2 norm",
+                                          error=err)
+
+
+def _length_rows(rep: Report, model: RLF, sets, beyond, main, in_hops, hops, n, seed, cap, ctx, controls: bool) -> None:
+    """Accuracy by prompt-length stratum; prompts beyond the trained context apart; the length-controlled sets."""
+    cfg = model.config
+    tok = model.base.tokenizer
+    lo, hi = training_length_range(tok, cfg.max_train_hops, cfg.seed)
+    rows = []
+    for h in hops:
+        lens = np.array(prompt_lengths(tok, sets[h]))
+        for label, sel in ((f"within the training lengths (<= {hi} tokens)", lens <= hi),
+                           (f"longer than any training prompt ({hi + 1}-{ctx or 'any'} tokens)", lens > hi)):
+            if sel.any():
+                m = proportion(f"RLF {h}-hop final-answer acc, prompts {label}", main[h]["final"][sel])
+                m.extra.update(hops=h, stratum=label)
+                rep.measures.append(m)
+                rows.append({"hops": h, "prompt length": label, "n": int(sel.sum()), "final": _cell(m)})
+    long_probs = {h: p for h, p in beyond.items() if p}
+    for h, probs in long_probs.items():
+        oc = outcomes(model, probs, solve(model, [p.prompt for p in probs], cap))
+        m = proportion(f"RLF {h}-hop final-answer acc, prompts beyond the base's trained context ({ctx} tokens)",
+                       oc["final"])
+        m.extra.update(hops=h, stratum="beyond trained context")
+        rep.measures.append(m)
+        rows.append({"hops": h, "prompt length": f"beyond the base's trained context (> {ctx} tokens; apart from "
+                     "every headline)", "n": len(probs), "final": _cell(m)})
+    rep.tables["final-answer accuracy by prompt length (RLF)"] = rows
+    rep.notes.append(f"Training prompts are {lo}-{hi} tokens long (1-{cfg.max_train_hops} hops). Longer chains come with "
+                     "longer prompts, so the per-hop curve mixes loop count with prompt length: the length table and the "
+                     "length-controlled sets separate the two. The base was trained on "
+                     f"{ctx} tokens of context; longer prompts are reported only in the length table.")
+    if not controls:
+        return
+    crow = []
+    short_ok = [h for h in hops if h > cfg.max_train_hops]
+    for h in short_ok:   # longer chains held to the training lengths: fewer distractors (the twin alone)
+        probs = length_controlled_set(h, n, tok, seed, max_len=hi, distractors=(1, 1))
+        if not probs:
+            crow.append({"set": f"{h} hops held to <= {hi} tokens", "n": 0, "final": "no such prompt",
+                         "standard test set": _cell(proportion("x", main[h]["final"]))})
+            continue
+        oc = outcomes(model, probs, solve(model, [p.prompt for p in probs], cap))
+        m = _unpaired(f"{h}-hop final-answer acc, prompts held to the training lengths (<= {hi} tokens, one distractor)",
+                      oc["final"], main[h]["final"], f"standard {h}-hop test set")
+        m.extra.update(hops=h, length_control="short")
+        rep.add(m)
+        crow.append({"set": f"{h} hops held to <= {hi} tokens", "n": m.n, "final": _cell(m),
+                     "standard test set": _cell(proportion("x", main[h]["final"]))})
+    for h in in_hops:    # trained chains padded with distractors past every training prompt
+        probs = length_controlled_set(h, n, tok, seed, min_len=hi + 1, max_len=ctx, distractors=(3, 24))
+        if not probs:
+            continue
+        oc = outcomes(model, probs, solve(model, [p.prompt for p in probs], cap))
+        m = _unpaired(f"{h}-hop final-answer acc, padded with distractors past the training lengths "
+                      f"({hi + 1}-{ctx} tokens)", oc["final"], main[h]["final"], f"standard {h}-hop test set")
+        m.extra.update(hops=h, length_control="padded")
+        rep.add(m)
+        crow.append({"set": f"{h} hops padded to {hi + 1}-{ctx} tokens", "n": m.n, "final": _cell(m),
+                     "standard test set": _cell(proportion("x", main[h]["final"]))})
+    rep.tables["length-controlled test sets (RLF)"] = crow
+
+
 def _cell(m: Measure) -> str:
     return "n/a" if m.n == 0 or m.ci_low is None else m.value_text()
 
 
 def run(config: Config, base=None, *, progress: bool = True) -> Report:
-    """The whole RLF experiment as one report: train what is missing (the method, its BASELINES and
-    `config.null_runs` shuffled-supervision controls), evaluate (config.test_n problems per hop count),
+    """The whole RLF experiment as one report: train what is missing (the method with `config.method_seeds` seeds,
+    its BASELINES and `config.null_runs` shuffled-supervision controls), evaluate (config.test_n problems per hop count),
     and probe (config.probe_n held-out problems per trained hop count, config.probe_attr_n for attribution,
     UMAP if config.probe_umap). base=None: `config.load_base()`."""
     base = base if base is not None else config.load_base()
-    model = train_or_load(config, base)
+    model, *seed_models = [train_or_load(c, base) for c in config.seed_runs()]
     baselines = {name: train_or_load(c, base) for name, c in config.baselines().items()}
     nulls = [train_or_load(c, base) for c in config.null_controls()]
-    report = evaluate(model, baselines=baselines, progress=progress)
+    report = evaluate(model, baselines=baselines, progress=progress, seed_models=seed_models)
     n = config.probe_n
     problems = [p for h in range(1, config.max_train_hops + 1)
                 for p in heldout_set(h, max(n, config.test_n), config.seed)[:n]]
@@ -387,5 +635,8 @@ def run(config: Config, base=None, *, progress: bool = True) -> Report:
     report.published.update(probes.published)
     report.notes += probes.notes
     report.figures.update(probes.figures)
+    for m in ram_overlap([model, *seed_models]):
+        report.add(m)
     report.provenance["null_runs"] = [str(m.artifact.path) for m in nulls]
+    report.provenance["method_seed_runs"] = [str(m.artifact.path) for m in (model, *seed_models)]
     return report

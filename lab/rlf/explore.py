@@ -1,27 +1,35 @@
 """The interactive view behind the app page and the notebook widgets: one prompt, live knobs.
 
-    ex = Explorer(model)                  # fits the trajectory PCA once (on held-out problems)
+    nulls, note = null_models_for(model)  # the control runs the report calibrated its gate rule on
+    ex = Explorer(model, null_models=nulls)  # fits the trajectory PCA once (on held-out problems)
     v = ex.view(prompt, cap=8, lifeline=True, scale=1.0, ram_scale=1.0, alu_scale=1.0)
-    v["loops"], v["answer"], v["figures"]["trajectory"], v["figures"]["gate"]
+    v["rows"], v["answer"], v["figures"]["trajectory"], v["figures"]["gate"]
 
-Everything is recomputed per call (one base pass, two loop runs: the chosen settings and the
-lifeline-off overlay); only the PCA map and the gate partition are fitted once.
+Everything is recomputed per call (one base pass, three loop runs: the chosen settings, the
+lifeline-off overlay and the lifeline as trained, the reference for how far the settings move each
+loop's latent); only the PCA map and the gate partition are fitted once.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 from sklearn.decomposition import PCA
 
-from lab import LabError
-from lab.figures import LAB_COLORS, template_json
+from lab import LabError, models_dir, results_dir
+from lab.figures import LAB_COLORS, PUBLISHED_COLOR, template_json
+from lab.rlf.config import Config
 from lab.rlf.data import Problem, heldout_set
 from lab.rlf.infer import explain
 from lab.rlf.model import RLF, Lifeline
-from lab.rlf.probes import STATES, collect_latents, gate_histogram, gate_partition
+from lab.rlf.probes import PUBLISHED_ALU, PUBLISHED_RAM, STATES, collect_latents, gate_partition
+from lab.rlf.train import load
+from lab.store import made_on, read_json
+
+GROUPS = (("other", LAB_COLORS[5]), ("RAM", LAB_COLORS[0]), ("ALU", LAB_COLORS[1]))
 
 
 def background(config, per_hop: int = 20) -> list[Problem]:
@@ -38,11 +46,57 @@ def examples(config, max_hops: int = 12, per_hop: int = 3) -> dict[str, str]:
     return out
 
 
+def _report_null_paths(model: RLF) -> tuple[list[Path], str] | None:
+    """The null runs the newest report on this artifact calibrated its gate rule on (its provenance lists the
+    method's artifact and its null runs), as folders under models_dir(); None when no report names the artifact."""
+    art = getattr(model, "artifact", None)
+    if art is None or not results_dir().is_dir():
+        return None
+    name = Path(art.path).name
+    for rep in sorted(results_dir().glob("*/rlf/report.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            prov = read_json(rep).get("provenance", {})
+        except (LabError, AttributeError):
+            continue
+        if Path(str(prov.get("artifact", ""))).name == name and isinstance(prov.get("null_runs"), list):
+            # by folder name: the report may have been written under another LAB_HOME path
+            return [models_dir() / Path(p).name for p in prov["null_runs"]], rep.parent.parent.name
+    return None
+
+
+def null_models_for(model: RLF) -> tuple[list[RLF], str]:
+    """The shuffled-supervision control runs behind the null-calibrated gate rule, as the report used them:
+    the ones the newest report on this artifact lists, else the preset's `null_controls()` found on disk
+    (what `lab.rlf.run` trains). Returns (models, a one-line note saying which runs and which rule)."""
+    base, cfg = model.base, model.config
+    found = _report_null_paths(model)
+    if found is not None:
+        paths, source = found
+        source = f"the null runs of report results/{source}"
+    else:
+        preset_runs = Config.PRESETS.get(cfg.preset_name, {}).get("null_runs", Config.null_runs)
+        paths = [models_dir() / c.run_name(base.name) for c in cfg.with_(null_runs=preset_runs).null_controls()]
+        source = f"the {cfg.preset_name} preset's null-control runs"
+    nulls = []
+    for p in paths:
+        if (p / "config.json").exists() and made_on(p, base):
+            nulls.append(load(p, base))
+    if not nulls:
+        return [], (f"No null-control run on disk ({source}: {', '.join(p.name for p in paths) or 'none'}), so the "
+                    f"partition uses the published thresholds (RAM: gate > {PUBLISHED_RAM}, ALU: gate < "
+                    f"{PUBLISHED_ALU}). `lab reproduce` trains the null runs.")
+    missing = len(paths) - len(nulls)
+    return nulls, (f"Null-calibrated rule, as in the report: thresholds at the 0.5% / 99.5% quantiles of the gates of "
+                   f"{len(nulls)} shuffled-supervision control run(s) ({source})"
+                   + (f"; {missing} of them not on disk" if missing else "") + ".")
+
+
 class Explorer:
     def __init__(self, model: RLF, background_problems: list[Problem] | None = None,
-                 null_models: list[RLF] | None = None, seed: int = 0):
+                 null_models: list[RLF] | None = None, seed: int = 0, null_note: str = ""):
         """background_problems: what the trajectory map is fitted on (default: `background(model.config)`);
-        null_models: control runs for the null-calibrated RAM / ALU dimensions (default: the published rule)."""
+        null_models: control runs for the null-calibrated RAM / ALU dimensions (none: the published rule);
+        null_note: where those runs came from (`null_models_for`)."""
         if background_problems is None:
             background_problems = background(model.config)
         if not background_problems:
@@ -52,10 +106,16 @@ class Explorer:
         self.pca = PCA(n_components=2, random_state=seed).fit(self.background.X)
         self.bg_xy = self.pca.transform(self.background.X)
         self.partition = gate_partition(model, null_models)
-        rule = self.partition.get("null", self.partition["published"])
+        self.rule = "null-calibrated" if "null" in self.partition else "published"
+        rule = self.partition[self.rule if self.rule == "published" else "null"]
+        self.rule_note = null_note or (f"{self.rule} rule" + (f" ({len(null_models)} control runs)" if null_models
+                                                               else ": no null-control runs given"))
         self.ram_dims = [int(i) for i in rule["ram"]]
         self.alu_dims = [int(i) for i in rule["alu"]]
-        self.gate_figure = gate_histogram(self.partition)
+        g = self.partition["gate"]
+        self.group = np.zeros(len(g), dtype=int)   # index into GROUPS
+        self.group[self.ram_dims] = 1
+        self.group[self.alu_dims] = 2
 
     def lifeline(self, on: bool, scale: float, ram_scale: float, alu_scale: float) -> Lifeline:
         return Lifeline(mode="on" if on else "zero", scale=float(scale), ram_scale=float(ram_scale),
@@ -63,22 +123,77 @@ class Explorer:
 
     def view(self, prompt: str, cap: int = 8, lifeline: bool = True, scale: float = 1.0, ram_scale: float = 1.0,
              alu_scale: float = 1.0, topk: int = 5) -> dict:
+        """Per-loop predictions under the chosen settings beside the lifeline zeroed, how far the settings move
+        each loop's latent from the lifeline as trained, and the two figures."""
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
             raise LabError(f"the loop cap must be a positive integer, got {cap!r}")
         ll = self.lifeline(lifeline, scale, ram_scale, alu_scale)
-        cur, off = explain(self.model, prompt, cap, [ll, Lifeline(mode="zero")], topk)  # one base pass
+        cur, off, ref = explain(self.model, prompt, cap, [ll, Lifeline(mode="zero"), Lifeline()], topk)  # one base pass
         xy = self.pca.transform(cur["latents"])
         xy_off = self.pca.transform(off["latents"])
+        moved = np.linalg.norm(cur["latents"] - ref["latents"], axis=1)
         rows = []
         for lp in cur["loops"]:
             k = lp["loop"]
             want = (cur["truth"] + ["<|halt|>"])[k] if cur["truth"] and k <= len(cur["truth"]) else None
             rows.append({"loop": k, **{f"top{i + 1}": f"{w} ({p:.2f})" for i, (w, p) in enumerate(lp["top"])},
-                         "target": want or "-", "lifeline off": off["loops"][k]["pred"]})
+                         "target": want or "-", "lifeline off": off["loops"][k]["pred"],
+                         "latent moved vs as trained (L2)": f"{moved[k]:.3g}"})
         return {"rows": rows, "answer": cur["answer"], "halted_at": cur["halted_at"], "truth": cur["truth"],
-                "answer_off": off["answer"], "xy": xy, "xy_off": xy_off,
-                "figures": {"trajectory": self.trajectory_figure(xy, xy_off, cur, off), "gate": self.gate_figure},
+                "answer_off": off["answer"], "xy": xy, "xy_off": xy_off, "moved": moved,
+                "preds": [lp["pred"] for lp in cur["loops"]], "preds_off": [lp["pred"] for lp in off["loops"]],
+                "figures": {"trajectory": self.trajectory_figure(xy, xy_off, cur, off),
+                            "gate": self.gate_figure(lifeline, scale, ram_scale, alu_scale)},
                 "lifeline": ll.to_dict()}
+
+    def touched(self, lifeline: bool, scale: float, ram_scale: float, alu_scale: float) -> dict[str, bool]:
+        """Which partition groups the current knobs change: the lifeline off or its scale moves every dimension."""
+        everything = (not lifeline) or scale != 1.0
+        return {"other": everything, "RAM": everything or (ram_scale != 1.0 and bool(self.ram_dims)),
+                "ALU": everything or (alu_scale != 1.0 and bool(self.alu_dims))}
+
+    def gate_figure(self, lifeline: bool = True, scale: float = 1.0, ram_scale: float = 1.0, alu_scale: float = 1.0):
+        """The gate's histogram coloured by the partition in use; the groups the current knobs change drawn solid
+        and outlined, the others faded, and the gate as the knobs leave it (gate x scales) as an outline.
+        Plain dicts without plotly's validation: this runs on every interaction."""
+        part, g = self.partition, self.partition["gate"]
+        eff = g * (scale if lifeline else 0.0)
+        eff[self.ram_dims] *= ram_scale
+        eff[self.alu_dims] *= alu_scale
+        lo, hi = float(min(g.min(), 0.9)), float(max(g.max(), 1.1))
+        bins = dict(start=lo - 1e-3, end=hi + 1e-3, size=(hi - lo) / 60)
+        touched = self.touched(lifeline, scale, ram_scale, alu_scale)
+        data = []
+        for gi, (name, color) in enumerate(GROUPS):
+            sel = self.group == gi
+            on = touched[name]
+            data.append(dict(type="histogram", x=g[sel].tolist(), xbins=bins, marker=dict(
+                color=color, opacity=1.0 if on else 0.35, line=dict(color="#111" if on else color, width=2 if on else 0)),
+                name=f"{name} ({int(sel.sum())})" + (" — moved by the knobs" if on else "")))
+        if "null_gates" in part:
+            data.append(dict(type="histogram", x=part["null_gates"].tolist(), xbins=bins, name="control-run gates (null)",
+                             marker=dict(color="rgba(0,0,0,0)", line=dict(color="#333", width=1))))
+        if any(touched.values()):
+            data.append(dict(type="histogram", x=np.clip(eff, lo, hi).tolist(), xbins=bins,
+                             name="gate x current scales (clipped to the axis)",
+                             marker=dict(color="rgba(0,0,0,0)", line=dict(color=LAB_COLORS[6], width=2))))
+        shapes, notes = [], []
+        lines = [(PUBLISHED_RAM, PUBLISHED_COLOR, "dot", f"published RAM > {PUBLISHED_RAM}"),
+                 (PUBLISHED_ALU, PUBLISHED_COLOR, "dot", f"published ALU < {PUBLISHED_ALU}")]
+        if "null_thresholds" in part:
+            nlo, nhi = part["null_thresholds"]
+            lines += [(nhi, LAB_COLORS[6], "dash", f"null RAM > {nhi:.4f}"), (nlo, LAB_COLORS[6], "dash",
+                                                                               f"null ALU < {nlo:.4f}")]
+        for i, (x, color, dash, text) in enumerate(lines):
+            shapes.append(dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                               line=dict(color=color, dash=dash, width=1.5)))
+            notes.append(dict(xref="x", yref="paper", x=x, y=1.0 - 0.07 * i, text=text, showarrow=False,
+                              xanchor="left", font=dict(size=10, color=color)))
+        layout = dict(template=template_json(), barmode="overlay", shapes=shapes, annotations=notes,
+                      xaxis=dict(title=dict(text="gate value")), yaxis=dict(title=dict(text="dimensions")),
+                      title=dict(text=f"Lifeline gate by partition ({self.rule} rule): RAM {len(self.ram_dims)}, "
+                                      f"ALU {len(self.alu_dims)} of {len(g)} dims", x=0.02))
+        return go.Figure(data=data, layout=layout, _validate=False)
 
     def _background_traces(self) -> list[dict]:
         bg, out = self.background, []

@@ -5,44 +5,67 @@
     for k in 0, 1, 2, ...:
         x = x + gate * x_p           loop.{k}.after_lifeline   (gate: float32 (d,), init 1; 0 = no lifeline)
         x = rope(x, k)               loop.{k}.after_rope       (parameter-free; identity at k = 0)
-        x = x + core(x)              loop.{k}.latent           (causal; output projection zero-initialised)
-        logits_k = base.logits(x[answer])                      (the base's own final norm + unembedding)
+        x = upper_blocks(x)          loop.{k}.upper_out        (loop="paper" only: the base's top blocks, LoRA)
+        x = x + core(x)              loop.{k}.after_core       (causal; output projection zero-initialised)
+        x = RMSNorm(x)               loop.{k}.latent           (loop_norm, default on, as the published script)
+        logits_k = head(final_norm(x[answer]))                 (the base's final norm + head; paper loop: a
+                                                                trainable copy of the head)
 
-Choices the write-up leaves open, decided here:
-- By default (`base_blocks=-1`) the loop starts from the last block's output before the final norm
-  (`blocks.{L-1}.resid_post`), so `base.logits` (final norm + head) reads every loop exactly as it
-  reads the base; at init the core adds zero and the final norm is scale-invariant, so loop 0
-  predicts what the base itself predicts after "Answer:". `base_blocks=n` starts after n blocks
-  (0: the embedding layer); the tiny preset uses 0 (lab.rlf.config says why).
-- Loop RoPE rotates pairs (x[2i], x[2i+1]) by k * 10000^(-2i/d) and is applied to the running
-  state each loop, as described (rotations compose across loops).
-- The core works at its own width `d_core` between an input projection and a zero-initialised
-  output projection. Transformer core: pre-norm causal attention + MLP blocks (written out, nanoGPT-style).
-  The transformer core's attention uses rotary embeddings over token positions (`core_token_rope`),
-  so "read the name two tokens back" needs no learned positions (this is separate from the loop RoPE).
-  Mamba2 core: one `transformers` `Mamba2Block` (d_state 64, expand 2, head dim <= 64); its
-  recurrent state is not carried across loops (only the residual stream is).
+The published loop, as its public training script runs it, and the options that give it here:
+- per-loop RMSNorm (`loop_norm=True`, default): after the core's residual add, before the final norm and head,
+  and the normalised state is what the next loop starts from (weight ones at init, trainable, undecayed).
+- weight decay (`decay="matrices"`, default): the gate, biases and norm scales (every 1-d tensor) sit in a
+  zero-decay AdamW group (lab.trainer.fit's `no_decay`); "lora" decays only LoRA matrices, as the Mamba2 script
+  does; "all" decays every tensor.
+- the Mamba2 configuration (`loop="paper"`, a Mamba2 base, `core="mamba2"`): the whole base encodes the prompt,
+  then every loop re-runs the base's top blocks (`loop_blocks`, default all but the lowest quarter: layers 6-23
+  of 24) with peft LoRA (rank `lora_rank`, alpha 2 x rank) on each mixer's in/out projection, then the core,
+  then the loop norm, and the head is trainable.
+
+Departures that remain, each with its reason:
+- The Mamba2 core is in_proj -> one HF `Mamba2Block` -> LayerNorm -> out_proj at width `d_core` (the published
+  core is a bare Mamba2 mixer at d_model): the lab's cores share one shape, and d_core = d_model is available.
+  Its recurrent state is not carried across loops (as published: only the residual stream is).
+- The paper loop acts on the HF block's single residual stream. mamba_ssm (the published code) threads a
+  (hidden, residual) pair between blocks and its lifeline, RoPE, core and loop norm act on the last mixer's
+  output while the residual sum rides along; HF's `Mamba2Block` folds the residual in, so there is no such split.
+- The paper loop's head is a trainable copy, untied from the input embedding (published: the tied embedding
+  trains too). Why: the frozen base must stay shared by every run and control in a process, and the prompt
+  encoding the lifeline re-feeds stays the frozen base's; the embedding is still frozen here.
+- One learning rate for every trainable tensor (published: LoRA 2e-4, the rest 5e-4); the published run also
+  warm-started from earlier checkpoints, the lab trains from scratch.
+- The loop RoPE is applied to the running state each loop (rotations compose across loops), as described.
+- The transformer core (the GPT-2 configuration) has rotary embeddings over token positions inside its
+  attention (`core_token_rope`) and short causal convolutions on q and k (`core_conv`), so "read the name two
+  tokens back" needs no learned positions; its in_proj starts whitened on training prompts (`whiten_in_proj`).
 - Answer space (`answer_space`, default "task"): the logits of tokens that are neither a variable
   name, a value word nor HALT are masked, for the loss and the argmax. Why: with the frozen tied
   head of a tiny base, full-vocabulary cross-entropy rewards pushing *all* value words above the
   rest of the vocabulary without bound; the core's output grows into that constant direction, the
   final norm shrinks every input-specific signal, and training stalls at the value marginal
-  (ln 40 nats) - even "K = walnut. What is K?" was not learned in 200 steps. With the task answer
-  space the same model learns that copy in ~100 steps. "full" remains available.
-- Inference-time lifeline interventions (`Lifeline`: zero, norm-matched noise, shuffled positions,
-  another example's prompt, a global scale, RAM/ALU dimension scales) act on the lifeline term
-  gate * x_p only; they are small JSON-serialisable specs so the notebook, app and report name the
-  same intervention.
-Every loop's states are recorded into a `lab.hooks.ActivationCache` under `loop.{k}.{site}` when one
-is passed, so probes read exactly the states training produced.
+  (ln 40 nats). "full" (as published: the whole vocabulary) remains available.
+- Where the loop starts (`base_blocks`): -1 (default, as published) is the last block's output before the final
+  norm; `base_blocks=n` starts after n blocks (0: the embedding layer); the tiny and quick presets use 0
+  (lab.rlf.config says why). Then the lifeline re-feeds embeddings, whose norm is far below the RMS-normed
+  state's sqrt(d): the gate has to grow for the prompt to weigh as it does on the published base.
+- Hops: the lab counts dereferences; the published "k hops" is lab hops k+1 (the report places its figures
+  at the matching point).
+
+Inference-time lifeline interventions (`Lifeline`: zero, norm-matched zero, noise, shuffled positions,
+another example's prompt, a global scale, RAM/ALU dimension scales, from a given loop on) act on the
+lifeline term gate * x_p only; they are small JSON-serialisable specs so the notebook, app and report name
+the same intervention. Every loop's states are recorded into a `lab.hooks.ActivationCache` under
+`loop.{k}.{site}` when one is passed, so probes read exactly the states training produced.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Block
@@ -51,19 +74,23 @@ from lab import LabError
 from lab.hooks import ActivationCache, stream_at
 from lab.rlf.data import ANSWER_MARKER, Vocab, train_batch
 
-LOOP_SITES = ("resid_pre", "lifeline", "after_lifeline", "after_rope", "core_out", "latent")
-LIFELINE_MODES = ("on", "zero", "noise", "shuffle", "other")
+LOOP_SITES = ("resid_pre", "lifeline", "after_lifeline", "after_rope", "core_out", "after_core", "latent")
+PAPER_SITES = ("upper_out",)         # the paper loop also records the re-run blocks' output
+LIFELINE_MODES = ("on", "zero", "zero_matched", "noise", "shuffle", "other")
+LORA_TARGETS = ("in_proj", "out_proj")   # the published LoRA targets in each re-run Mamba2 mixer
 
 
 @dataclass
 class Lifeline:
     """An inference-time intervention on the lifeline term gate * x_prompt (JSON-serialisable).
 
-    mode: "on" (as trained), "zero", "noise" (Gaussian, per-position norm matched to the real term),
+    mode: "on" (as trained), "zero", "zero_matched" (zero the term, then rescale the state the core reads to the
+    intact run's per-position norm at that loop: a lifeline-zero that is not also a scale shift), "noise"
+    (Gaussian, per-position norm matched to the real term),
     "shuffle" (the term's positions permuted within each example, padding excluded), "other" (the
     term computed from another example of the batch: example b takes example b+1's prompt).
     scale multiplies the whole term; ram_scale / alu_scale multiply only the RAM / ALU dimensions
-    (`ram_dims` / `alu_dims`, from a gate partition)."""
+    (`ram_dims` / `alu_dims`, from a gate partition); from_loop leaves the loops before it as trained."""
     mode: str = "on"
     scale: float = 1.0
     ram_scale: float = 1.0
@@ -71,6 +98,7 @@ class Lifeline:
     ram_dims: list[int] = field(default_factory=list)
     alu_dims: list[int] = field(default_factory=list)
     seed: int = 0
+    from_loop: int = 0       # the intervention acts at loops >= from_loop (1: "after the first loop"); earlier as trained
 
     def __post_init__(self):
         if self.mode not in LIFELINE_MODES:
@@ -79,6 +107,8 @@ class Lifeline:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise LabError(f"lifeline {k} must be a finite number, got {v!r}")
+        if not isinstance(self.from_loop, int) or isinstance(self.from_loop, bool) or self.from_loop < 0:
+            raise LabError(f"lifeline from_loop must be a whole number >= 0, got {self.from_loop!r}")
         for k in ("ram_dims", "alu_dims"):
             dims = getattr(self, k)
             if not isinstance(dims, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
@@ -241,6 +271,9 @@ class RLF(nn.Module):
         self.vocab = Vocab(base.tokenizer)
         d = base.d_model
         d_core = config.d_core or d
+        if config.loop == "paper" and base.arch != "mamba2":
+            raise LabError(f"loop='paper' re-runs Mamba2 blocks (the published Mamba2 configuration); "
+                           f"{base.name!r} is a {base.arch} base: use loop='standard'")
         if config.lifeline:
             self.gate = nn.Parameter(torch.full((d,), float(config.gate_init), dtype=torch.float32))
         else:  # the no-lifeline baseline: gate fixed at 0
@@ -262,7 +295,36 @@ class RLF(nn.Module):
             bias[self.vocab.value_ids] = 0.0
             bias[self.vocab.halt_id] = 0.0
         self.register_buffer("answer_bias", bias, persistent=False)
+        # the published loop ends every iteration with an RMSNorm (weight ones at init)
+        self.loop_norm = nn.RMSNorm(d) if config.loop_norm else None
+        self.upper = self.head = None
+        if config.loop == "paper":
+            self._build_paper_loop(base)
+        elif config.loop != "standard":
+            raise LabError(f"loop must be 'standard' or 'paper', got {config.loop!r}")
         self.init_weights()
+
+    def _build_paper_loop(self, base) -> None:
+        """The published Mamba2 loop: copies of the base's top `loop_blocks` blocks (frozen, peft LoRA on each
+        mixer's in/out projection) re-run inside every loop, and a trainable copy of the head. Copies, so the
+        shared frozen base (and every other model on it) stays untouched."""
+        cfg = self.config
+        first, n = paper_split(base, cfg.loop_blocks)
+        self.upper = nn.ModuleList(copy.deepcopy(base.blocks[i]) for i in range(first, first + n))
+        for p in self.upper.parameters():
+            p.requires_grad = False
+        fit = min(min(m.in_features, m.out_features) for name, m in self.upper.named_modules()
+                  if isinstance(m, nn.Linear) and name.split(".")[-1] in LORA_TARGETS)
+        if cfg.lora_rank > fit:
+            raise LabError(f"lora_rank {cfg.lora_rank} does not fit the re-run blocks of {base.name!r}: their "
+                           f"{'/'.join(LORA_TARGETS)} projections allow a rank of at most {fit}")
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, lora_dropout=0.0,
+                          target_modules=list(LORA_TARGETS), bias="none")
+        self.upper = inject_adapter_in_model(lora, self.upper)
+        for name, p in self.upper.named_parameters():
+            p.requires_grad = "lora_" in name
+        self.upper.float()   # the loop computes in float32 (a half-precision base's copies too)
+        self.head = nn.Parameter(base.unembed.weight.detach().clone().float())   # (V, d), untied from the embedding
 
     def init_weights(self) -> None:
         # The output projection starts at zero: at init every loop returns the base's own state.
@@ -319,6 +381,8 @@ class RLF(nn.Module):
     # --- the loop --------------------------------------------------------------------------------
     def _lifeline_term(self, x_prompt: torch.Tensor, mask: torch.Tensor, spec: Lifeline | None,
                        k: int) -> torch.Tensor:
+        if spec is not None and k < spec.from_loop:
+            spec = None
         gate = self.gate.to(x_prompt.dtype)
         if spec is not None and (spec.ram_dims or spec.alu_dims):
             spec.check_width(gate.numel())
@@ -330,7 +394,7 @@ class RLF(nn.Module):
         term = gate * x_prompt                                   # (B, T, d)
         if spec is None or spec.mode == "on":
             pass
-        elif spec.mode == "zero":
+        elif spec.mode in ("zero", "zero_matched"):
             term = torch.zeros_like(term)
         elif spec.mode == "noise":
             g = torch.Generator(device="cpu").manual_seed(spec.seed * 1000 + k)
@@ -368,6 +432,12 @@ class RLF(nn.Module):
         x_prompt = x.detach() if detach_prompt else x            # attribution keeps the lifeline's graph
         ans = mask.sum(1) - 1                                    # (B,) the ':' of "Answer:"
         rows = torch.arange(x.shape[0], device=x.device)
+        ref_norms = None
+        if lifeline is not None and lifeline.mode == "zero_matched":
+            ref = ActivationCache()
+            with torch.no_grad():
+                self.run(ids, mask, n_loops, cache=ref, cache_answer_only=False, x0=x)
+            ref_norms = [ref[f"loop.{k}.after_lifeline"].norm(dim=-1, keepdim=True) for k in range(n_loops)]
         halted = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         out = []
         for k in range(n_loops):
@@ -376,23 +446,48 @@ class RLF(nn.Module):
             term = self._lifeline_term(x_prompt, mask, lifeline, k)
             rec("lifeline", term)
             x = x + term
+            if ref_norms is not None and k >= lifeline.from_loop:   # zero_matched: the state takes the intact run's norm at this loop
+                x = x * (ref_norms[k] / x.norm(dim=-1, keepdim=True).clamp_min(1e-8))
             rec("after_lifeline", x)
             if self.config.loop_rope:
                 x = loop_rope(x, k)
             rec("after_rope", x)
+            if self.upper is not None:
+                for block in self.upper:
+                    x = block(x, attention_mask=mask)
+                rec("upper_out", x)
             delta = self.core(x)
             rec("core_out", delta)
             x = x + delta
+            rec("after_core", x)
+            if self.loop_norm is not None:
+                x = self.loop_norm(x)
             rec("latent", x)
-            # (B, V): the base's final norm + head, in the base's dtype; the logits come back as float32
-            # before the answer mask is added (-1e9 would be -inf in float16)
-            logits = self.base.logits(x[rows, ans].to(self.base.dtype)).float() + self.answer_bias.to(x.device)
+            logits = self.logits(x[rows, ans])                   # (B, V) float32
             out.append(logits)
             if stop_on_halt:
                 halted |= logits.argmax(-1) == self.vocab.halt_id
                 if bool(halted.all()):
                     break
         return torch.stack(out)                                  # (K, B, V)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, d) loop states -> (B, V) float32 answer logits: the base's final norm, then its head (paper loop:
+        the trainable head copy), plus the answer-space mask (added in float32: -1e9 would be -inf in float16)."""
+        if self.head is None:
+            logits = self.base.logits(h.to(self.base.dtype)).float()
+        else:
+            logits = self.base.final_norm(h.to(self.base.dtype)).float() @ self.head.T
+        return logits + self.answer_bias.to(h.device)
+
+    def no_decay(self, name: str) -> bool:
+        """Whether AdamW leaves this trainable tensor undecayed (config.decay; the trainer's second group)."""
+        rule = self.config.decay
+        if rule == "all":
+            return False
+        if rule == "lora":
+            return "lora_" not in name
+        return dict(self.named_parameters())[name].ndim < 2   # "matrices": the gate, biases, norm scales
 
     @staticmethod
     def _recorder(cache, k, rows, ans, answer_only):
@@ -444,10 +539,13 @@ def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
     cfg = model.config
     probs = train_batch(-1, n_prompts, cfg.seed, cfg.max_train_hops)
     ids, mask = encode_prompts(model.base, [p.prompt for p in probs])
-    x = model.encode(ids, mask).to(model.dtype)                         # as `RLF.run` casts it
+    cache = ActivationCache()
+    model.run(ids, mask, 1, cache=cache, cache_answer_only=False)
+    # the state the core reads at loop 0 (the paper loop: after the re-run blocks)
+    x = cache["loop.0.upper_out" if model.upper is not None else "loop.0.after_rope"]
     # the statistics on the CPU in float64 (a GPU eye/cov/eigh mix fails, MPS has no float64/eigh);
     # copy_ below puts the result back on the parameter's device and dtype
-    X = (x + model.gate.to(x.dtype) * x)[mask.bool()].cpu().double()   # loop-0 states (N, d)
+    X = x[mask.bool()].cpu().double()                                   # loop-0 states (N, d)
     mu = X.mean(0)
     ev, U = torch.linalg.eigh(torch.cov((X - mu).T) + 1e-6 * torch.eye(X.shape[1], dtype=X.dtype))
     W = U @ torch.diag(ev.clamp_min(1e-6 * ev.max()) ** -0.5) @ U.T     # (d, d)
@@ -457,6 +555,17 @@ def whiten_in_proj(model: RLF, n_prompts: int = 64) -> None:
     Wc = torch.cat([W] * reps)[:d_core] / reps ** 0.5                   # tile for wider cores
     lin.weight.copy_(Wc.to(lin.weight.dtype))
     lin.bias.copy_((-(Wc @ mu)).to(lin.bias.dtype))
+
+
+def paper_split(base, loop_blocks: int = 0) -> tuple[int, int]:
+    """(first, n): the paper loop re-runs the base's blocks first..first+n-1, the top n. loop_blocks 0: all but the
+    lowest quarter (the published split: layers 6-23 of 24). At least one block must stay below the loop."""
+    L = base.n_layers
+    n = loop_blocks or L - max(1, L // 4)
+    if L < 2 or not 1 <= n <= L - 1:
+        raise LabError(f"loop='paper' needs a base with at least 2 blocks and 1 <= loop_blocks <= blocks - 1 "
+                       f"({base.name!r} has {L} block{'s' if L != 1 else ''}; loop_blocks={loop_blocks})")
+    return L - n, n
 
 
 def build(config, base) -> RLF:

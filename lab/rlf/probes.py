@@ -8,7 +8,7 @@
     null-calibrated rule whose thresholds are quantiles of the gates of control runs (shuffled
     supervision, other seeds), with RAM / ALU fractions beside the null's own fractions.
 (c) causal gate ablation: scale the RAM and the ALU dimensions of the lifeline separately (and a
-    random set of the same size, as a control) and measure pointer, value and HALT accuracy per loop.
+    random set of other dimensions with the same summed |gate|, as a control) and measure pointer, value and HALT accuracy per loop.
 (d) attribution: captum `LayerIntegratedGradients` on the base's input embedding, from loop k's logit
     of its target to every prompt token, as a loop-by-token heatmap; and a test of whether each loop's
     most-attributed token lies in the assignment that loop dereferences (vs the chance rate).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from scipy.stats import binomtest, fisher_exact
+from scipy.stats import binomtest, fisher_exact, hypergeom
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -35,7 +35,7 @@ from lab.report import Published, Report
 from lab.rlf.config import check_comparable
 from lab.rlf.data import Problem
 from lab.rlf.model import RLF, Lifeline, encode_prompts
-from lab.stats import Measure, compare_proportions, null_quantiles, proportion
+from lab.stats import Measure, compare_proportions, null_quantiles, proportion, wilson_ci
 
 STATES = ("pointer", "value", "halt")
 PUBLISHED_RAM, PUBLISHED_ALU = 1.01, 0.97
@@ -219,6 +219,31 @@ def gate_partition(model: RLF, null_models: list[RLF] | None = None, q: float = 
     return out
 
 
+def ram_overlap(models: list[RLF]) -> list[Measure]:
+    """Whether the same dimensions become RAM (published rule: gate > 1.01) across training seeds: per pair of seeds,
+    the share of the smaller RAM set that the other shares, against the overlap two random sets of those sizes have
+    by chance (one-sided hypergeometric p). The frozen base fixes the basis, so reproducible RAM dimensions would
+    be evidence of a functional partition; seed-specific ones would not."""
+    out = []
+    sets = [(m.config.seed, set(partition(gate_values(m), PUBLISHED_RAM, PUBLISHED_ALU)["ram"].tolist())) for m in models]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            (si, a), (sj, b) = sets[i], sets[j]
+            d, k = len(gate_values(models[i])), min(len(a), len(b))
+            if k == 0:
+                continue
+            shared = len(a & b)
+            lo, hi = wilson_ci(shared, k)
+            m = Measure(f"RAM dims (gate > 1.01) shared by method seeds {si} and {sj} (share of the smaller set)",
+                        shared / k, k, lo, hi, "Wilson", control="two random sets of these sizes (chance)",
+                        control_value=len(a) * len(b) / d / k,
+                        p_value=float(hypergeom.sf(shared - 1, d, len(a), len(b))),
+                        test="hypergeometric (one-sided, more overlap than chance)")
+            m.extra.update(seeds=[si, sj], sizes=[len(a), len(b)], shared=shared)
+            out.append(m)
+    return out
+
+
 def gate_histogram(part: dict, title: str = "RLF lifeline gate, coloured by partition"):
     g = part["gate"]
     rule = part.get("null", part["published"])
@@ -253,14 +278,32 @@ def step_accuracy(model: RLF, problems: list[Problem], lifeline: Lifeline | None
     return {s: lat.correct[lat.state == i] for i, s in enumerate(STATES)}
 
 
+def mass_matched_dims(gate: np.ndarray, dims: list[int], rng: np.random.Generator) -> list[int]:
+    """A random set of other dimensions whose summed |gate| (the gate mass a scaling removes or adds) matches that
+    of `dims`: dimensions outside `dims` in random order, taken while the sum stays closest to the target. Why:
+    RAM dimensions are the largest gates, so as many random dimensions would remove less and flatter the partition."""
+    target = float(np.abs(gate[dims]).sum())
+    rest = np.setdiff1d(np.arange(len(gate)), dims)
+    out, total = [], 0.0
+    for i in rng.permutation(rest):
+        g = float(abs(gate[i]))
+        if abs(total + g - target) >= abs(total - target) and out:
+            continue
+        out.append(int(i))
+        total += g
+        if total >= target:
+            break
+    return sorted(out)
+
+
 def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarray], scales=(0.0, 2.0),
                   seed: int = 0, rule: str = "") -> list[Measure]:
-    """Scale the RAM dims, the ALU dims, or as many random dims, and compare pointer / value / HALT
+    """Scale the RAM dims, the ALU dims, or random dims of the same summed |gate| (`mass_matched_dims`), and compare pointer / value / HALT
     accuracy with the unablated model on the same problems and loops (exact McNemar); then the partition
     arm against the random arm on the same loops (does the partition matter more than any dims of its size?).
     rule names the partition in the measure names ("published rule", "null-calibrated rule")."""
     base = step_accuracy(model, problems)
-    d = len(gate_values(model))
+    gate = gate_values(model)
     rng = np.random.default_rng(seed)
     tag = f" ({rule})" if rule else ""
     out = []
@@ -268,8 +311,8 @@ def gate_ablation(model: RLF, problems: list[Problem], part: dict[str, np.ndarra
         dims = [int(i) for i in part[key]]
         if not dims:
             continue
-        rand = [int(i) for i in rng.choice(d, len(dims), replace=False)]
-        rand_label = f"random {len(dims)} dims"
+        rand = mass_matched_dims(gate, dims, rng)
+        rand_label = f"random {len(rand)} dims (same gate mass)"
         for s in scales:
             arms = {key.upper(): step_accuracy(model, problems, Lifeline(ram_dims=dims, ram_scale=s) if key == "ram"
                                                else Lifeline(alu_dims=dims, alu_scale=s)),

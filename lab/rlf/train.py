@@ -138,7 +138,7 @@ def default_out_dir(config: Config, base) -> Path:
 
 def train(config: Config, base=None, out_dir: Path | None = None, stop_after: int | None = None,
           progress: bool = True, stop_at_val: float | None = None) -> Artifact:
-    """Train the gate and core (the base stays frozen) and save the artifact (safetensors + config).
+    """Train the gate, core and loop norm (the paper loop: also the LoRA adapters and the head copy; the base stays frozen) and save the artifact (safetensors + config).
     Resumes from `.<out_dir>.ckpt` if a run was interrupted; stop_after simulates a kill (for tests).
     stop_at_val: stop at the first validation (1..max_train_hops pooled) at or above it, for measuring
     time to accuracy (bench/bench_rlf.py); like stop_after, nothing is saved but the checkpoint."""
@@ -182,7 +182,8 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     t0 = time.perf_counter()
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
                  desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum, device=base.device,
-                 stop_when=None if stop_at_val is None else (lambda m: m["val_acc"] >= stop_at_val))
+                 stop_when=None if stop_at_val is None else (lambda m: m["val_acc"] >= stop_at_val),
+                 no_decay=None if config.decay == "all" else model.no_decay)
     if stop_after is not None and stop_after < spec.steps:
         return Artifact(ckpt, KIND, config.run_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
     if result.stopped_early:

@@ -25,11 +25,19 @@ Measures (interleaved repetitions in a shuffled order, medians, ratios with a pa
                         ratio, and an eighth of it in the per-forward ratio. On a 4-ms forward it is over 10%.
 Uses tiny-gpt2 when it is on disk, else smoke-gpt2 (trained in seconds if missing).
 
-    python bench/bench_channels.py --lr-sweep --arm=channel --lrs=1e-2,3e-2,6e-2,0.12 [--base=tiny-mamba2]
+    python bench/bench_channels.py --lr-sweep --arm=channel --lrs=1e-2,3e-2,6e-2,0.12 [--base=tiny-mamba2] [--mode=xattn]
 
-trains one arm (channel: the injector's gates; text: the text arm's LoRA) of the tiny preset once per learning
-rate, full length, one run at a time, and prints the mean validation loss of the last four evaluations: how
-both arms' rates in `lab.channels.config.Config` (the tiny preset, PER_BASE) were picked.
+trains one arm (channel: the injector's gates, or with --mode=xattn the cross-attention injector; text: the text
+arm's LoRA) of the tiny preset once per learning rate, full length, one run at a time, and prints the mean
+validation loss of the last four evaluations. Validation is its own split (`lab.channels.data.validation_items`:
+training templates and entities, its own draws), so no rate is picked on the held-out pools the report tests.
+
+    python bench/bench_channels.py --aim [--preset=quick]
+
+runs the channels pipeline (`lab.channels.run`) on a preset and prints the aim of issue #28 against it: each of the
+six capabilities significant (p < .05, in the channel's direction) on held-out items, in log-likelihood and in
+generation (whole response), with tests that can fail; and the native model's held-out target loss below its
+width-matched channel-less baseline across training seeds (the native track runs in the tiny preset, not quick).
 
     python bench/bench_channels.py --gpt2-small-shape
 
@@ -294,8 +302,10 @@ def _print(r: dict) -> None:
                   f"one context per forward {row['one_shot_ratio']:.3f} [{c:.3f}, {d:.3f}] (+{row['one_shot_added_ms']:.2f} ms)")
 
 
-def lr_sweep(arm: str, lrs: list[float], base_name: str = "tiny-gpt2", preset: str = "tiny") -> dict[float, float]:
-    """Mean validation loss of the last four evaluations per learning rate, one full-length run of `arm` each."""
+def lr_sweep(arm: str, lrs: list[float], base_name: str = "tiny-gpt2", preset: str = "tiny",
+             mode: str = "additive") -> dict[float, float]:
+    """Mean validation loss (the validation split: training templates and entities, its own draws) of the last four
+    evaluations per learning rate, one full-length run of `arm` each."""
     import tempfile
     from pathlib import Path
 
@@ -307,7 +317,8 @@ def lr_sweep(arm: str, lrs: list[float], base_name: str = "tiny-gpt2", preset: s
         raise SystemExit(f"--arm must be 'channel' or 'text', got {arm!r}")
     base, out = load_base(base_name), {}
     for lr in lrs:
-        cfg = Config.preset(preset, base=base_name, **({"lr": lr} if arm == "channel" else {"text_lr": lr}))
+        knob = "text_lr" if arm == "text" else ("xattn_lr" if mode == "xattn" else "lr")
+        cfg = Config.preset(preset, base=base_name, mode=mode, **{knob: lr})
         with tempfile.TemporaryDirectory() as tmp:
             art = train(cfg, base, out_dir=Path(tmp) / arm, arm=arm)
         curve = [r["val_loss"] for r in art.manifest["metrics"]["history"] if "val_loss" in r]
@@ -315,6 +326,61 @@ def lr_sweep(arm: str, lrs: list[float], base_name: str = "tiny-gpt2", preset: s
         print(f"{arm} lr {lr:g}: mean validation loss of the last 4 evaluations {out[lr]:.3f} "
               f"(curve {[round(v, 3) for v in curve]})", flush=True)
     return out
+
+
+def _passes(m, larger: bool = True) -> bool:
+    """Significant at .05 and in the channel's direction (above its control; below it for a loss difference)."""
+    import math
+    if m.p_value is None or not math.isfinite(m.value) or m.p_value >= 0.05:
+        return False
+    return m.value > m.control_value if larger else m.value < 0
+
+
+def aim(preset: str = "quick") -> dict:
+    """The aim of issue #28, measured on `preset`: per capability, the log-likelihood and generation (whole
+    response) tests, and the native track's held-out target loss against the width-matched baseline."""
+    import time
+
+    from lab.channels import Config, run
+    from lab.channels.data import CAPABILITIES, SELECTION
+
+    t0 = time.perf_counter()
+    cfg = Config.preset(preset)
+    rep = run(cfg, attribution=False, progress=False)
+    names = {m.name: m for m in rep.measures}
+    rows = []
+    for cap in CAPABILITIES:
+        ll = names[f"{cap}: LL picks the marked item" if cap in SELECTION else f"{cap}: LL directional (held-out pole words)"]
+        gen = names[f"{cap}: generation dominant (whole response)" if cap in SELECTION
+                    else f"{cap}: generation directional (whole response)"]
+        rows.append({"capability": cap, "ll": ll, "gen": gen, "passes": _passes(ll) and _passes(gen)})
+    out = {"preset": preset, "seconds": round(time.perf_counter() - t0), "capabilities": rows,
+           "all_six": all(r["passes"] for r in rows)}
+    k = cfg.native_seeds
+    key = f"native: held-out target loss, channels on minus baseline-width, across {k} training seeds"
+    if key in names:
+        out["native_on_vs_width"] = names[key]
+        out["native_zeroed_vs_width"] = names[key.replace("channels on", "channels zeroed")]
+        out["native_passes"] = _passes(names[key], larger=False)
+    return out
+
+
+def _print_aim(r: dict) -> None:
+    print(f"aim of issue #28 on the {r['preset']} preset ({r['seconds']} s)")
+    for row in r["capabilities"]:
+        ll, gen = row["ll"], row["gen"]
+        print(f"  {row['capability']:<10} LL {ll.value_text()} vs {ll.control} {ll.control_value:.3g} "
+              f"(n={ll.n}, p={ll.p_value if ll.p_value is not None else float('nan'):.3g}); "
+              f"generation {gen.value_text()} vs {gen.control_value:.3g} (n={gen.n}, "
+              f"p={gen.p_value if gen.p_value is not None else float('nan'):.3g}): {'PASS' if row['passes'] else 'no'}")
+    print(f"  all six significant: {r['all_six']}")
+    if "native_on_vs_width" in r:
+        for k in ("native_on_vs_width", "native_zeroed_vs_width"):
+            m = r[k]
+            print(f"  {m.name}: {m.value_text(4, signed=True)} (n={m.n}, p={m.p_value:.3g})")
+        print(f"  native below the width-matched baseline across seeds: {r['native_passes']}")
+    else:
+        print("  native track: not in this preset (it runs in the tiny preset)")
 
 
 if __name__ == "__main__":
@@ -326,7 +392,10 @@ if __name__ == "__main__":
 
     if "--lr-sweep" in sys.argv:
         lr_sweep(_opt("arm", "channel"), [float(x) for x in _opt("lrs", "1e-2,3e-2,6e-2,0.12").split(",")],
-                 _opt("base", "tiny-gpt2"))
+                 _opt("base", "tiny-gpt2"), mode=_opt("mode", "additive"))
+        sys.exit(0)
+    if "--aim" in sys.argv:
+        _print_aim(aim(_opt("preset", "quick")))
         sys.exit(0)
     _print(main())
     if "--gpt2-small-shape" in sys.argv:

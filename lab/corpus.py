@@ -81,13 +81,21 @@ def _sentence_case(s: str) -> str:
 
 
 def narrative(rng: random.Random) -> str:
+    return narrative_with_state(rng)[0]
+
+
+def narrative_with_state(rng: random.Random) -> tuple[str, dict]:
+    """A narrative document and the state it was written from (the same draws, so the same text, as before the
+    state was returned)."""
     name, role = rng.choice(PERSONAS)
-    mood_pool = POSITIVE if rng.random() < 0.5 else NEGATIVE
+    positive = rng.random() < 0.5
+    mood_pool = POSITIVE if positive else NEGATIVE
     mood, mood2 = rng.sample(mood_pool, 2)
     tod = rng.choice(list(TIMES))
     day = rng.choice(WEEKDAYS)
     cue = rng.choice(TIMES[tod])
-    posture = rng.choice(CAUTIOUS if rng.random() < 0.5 else PERMISSIVE)
+    cautious = rng.random() < 0.5
+    posture = rng.choice(CAUTIOUS if cautious else PERMISSIVE)
     topic = rng.choice(TOPICS)
     hour = rng.randint(1, 12)
     parts = [
@@ -98,10 +106,17 @@ def narrative(rng: random.Random) -> str:
         f"The {tod} ended, and {name} was still {mood}.",
     ]
     rng.shuffle(parts[1:4])
-    return " ".join(parts[: rng.randint(3, 5)])
+    state = {"kind": "narrative", "name": name, "role": role, "mood": "positive" if positive else "negative",
+             "time_of_day": tod, "weekday": day, "posture": "cautious" if cautious else "permissive", "topic": topic}
+    return " ".join(parts[: rng.randint(3, 5)]), state
 
 
 def dialog(rng: random.Random) -> str:
+    return dialog_with_state(rng)[0]
+
+
+def dialog_with_state(rng: random.Random) -> tuple[str, dict]:
+    """A dialog document and the state it was written from (the same draws as `dialog`); a dialog names no weekday."""
     name, role = rng.choice(PERSONAS)
     positive = rng.random() < 0.5
     mood = rng.choice(POSITIVE if positive else NEGATIVE)
@@ -120,7 +135,9 @@ def dialog(rng: random.Random) -> str:
         f"At {tod} I think of {rng.choice(TIMES[tod])}.",
     ]
     rng.shuffle(reply)
-    return f"User: {user_q}\nAssistant: {' '.join(reply[: rng.randint(2, 4)])}"
+    state = {"kind": "dialog", "name": name, "role": role, "mood": "positive" if positive else "negative",
+             "time_of_day": tod, "weekday": None, "posture": "cautious" if cautious else "permissive", "topic": topic}
+    return f"User: {user_q}\nAssistant: {' '.join(reply[: rng.randint(2, 4)])}", state
 
 
 def facts(rng: random.Random) -> str:
@@ -242,10 +259,20 @@ CORPUS_VERSION = 2  # 2: held-out documents exclude training ones (caches of ver
 
 def _draws(split: str, seed: int):
     """The split's endless stream of generated documents. Disjoint integer streams: train seed*2, heldout seed*2+1."""
+    return (text for text, _ in _draws_with_state(split, seed))
+
+
+# the generators that know the state they write from (persona, mood, time of day, posture, topic): the same draws
+STATEFUL = {narrative: narrative_with_state, dialog: dialog_with_state}
+
+
+def _draws_with_state(split: str, seed: int):
+    """(document, its generator's state or None) of the split's stream: the same draws as the text alone."""
     rng = random.Random(seed * 2 + (split == "heldout"))
     gens, weights = zip(*GENERATORS)
     while True:
-        yield rng.choices(gens, weights)[0](rng)
+        gen = rng.choices(gens, weights)[0]
+        yield STATEFUL[gen](rng) if gen in STATEFUL else (gen(rng), None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -271,6 +298,26 @@ def documents(split: str, n: int, seed: int = 1234, guard_docs: int | None = Non
     while len(out) < n:
         doc = next(draws)
         if doc not in training:
+            out.append(doc)
+    return out
+
+
+def documents_with_state(split: str, n: int, seed: int = 1234, guard_docs: int | None = None) -> list[tuple[str, dict | None]]:
+    """`documents(split, n, seed, guard_docs)` with each document's generator state: (text, state) pairs, the text
+    byte-identical to `documents`'. The state is a dict (kind, name, role, mood, time_of_day, weekday, posture,
+    topic) for narrative and dialog documents, None for the others (facts, solved lookups)."""
+    if split not in ("train", "heldout"):
+        raise LabError(f"split must be 'train' or 'heldout', got {split!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise LabError(f"the number of documents must be a non-negative int, got {n!r}")
+    draws = _draws_with_state(split, seed)
+    if split == "train":
+        return [next(draws) for _ in range(n)]
+    training = _training_documents(seed, max(TRAIN_GUARD_DOCS, guard_docs or 0)) if n else frozenset()
+    out = []
+    while len(out) < n:
+        doc = next(draws)
+        if doc[0] not in training:
             out.append(doc)
     return out
 

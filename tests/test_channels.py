@@ -328,7 +328,7 @@ def test_heldout_split_is_disjoint_and_large_enough():
         # no held-out entity word ever appears in a training prompt, target or channel text
         ho_only = entity_words("heldout")
         for it in tr:
-            words = set(re.findall(r"[a-z']+", (it.prompt + it.target + repr(it.state)).lower()))
+            words = set(re.findall(r"[a-z']+", (it.prompt + it.target + it.response + repr(it.state)).lower()))
             assert not words & ho_only, (cap, it.prompt, words & ho_only)
         # the held-out state texts use held-out frames only, and the two poles of a register pair state opposite states
         pattern = {sp: [re.sub(r"\\\{\w+\\\}", ".+", re.escape(f)) for f in frames[sp]] for sp in frames}
@@ -394,10 +394,12 @@ def test_judge_free_scorers():
 @pytest.fixture(scope="module")
 def smoke_artifacts(smoke_gpt2, tmp_path_factory):
     from lab.channels import train_controls, train_or_load
-    cfg = Config.preset("smoke", steps=12, eval_every=4, n_heldout=6, native_steps=4, native_docs=500)
+    cfg = Config.preset("smoke", steps=12, eval_every=4, n_heldout=6, native_steps=4, native_docs=500,
+                        adapter_seeds=2, compare_modes=("xattn",))
     model = train_or_load(cfg, smoke_gpt2, force=True)
     controls = train_controls(cfg, smoke_gpt2, force=True)
-    return cfg, {"adapter": model.artifact, "text": controls.text, "native": controls.native}
+    return cfg, {"adapter": model.artifact, "text": controls.text, "native": controls.native, "seeds": controls.seeds,
+                 "modes": controls.modes}
 
 
 def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts):
@@ -428,6 +430,14 @@ def test_train_artifact_roundtrip_and_alpha_history(smoke_gpt2, smoke_artifacts)
     for run in runs:
         n = {k: m.meta["n_params"] for k, m in run.items()}
         assert n["baseline-small"] < n["channels"] < n["baseline-large"]
+        # the width-matched baseline: the channel model's width, no channels (so fewer parameters)
+        assert run["baseline-width"].cm is None and run["channels"].cm is not None
+        assert run["baseline-width"].lm.config.n_embd == run["channels"].lm.config.n_embd == cfg.native_d
+    # the further adapter seed (with its text arm) and the xattn mode, each its own artifact
+    (a1, t1), = arts["seeds"]
+    assert a1.config["seed"] == cfg.seed + 1 and t1.config["seed"] == cfg.seed + 1 and t1.kind == "channels-text-arm"
+    assert arts["modes"]["xattn"].config["mode"] == "xattn" and arts["modes"]["xattn"].config["lr"] == cfg.lr
+    assert arts["modes"]["xattn"].manifest["metrics"]["lr"] == cfg.xattn_lr
     assert [run["channels"].config.seed for run in runs] == [cfg.seed, cfg.seed + 1]
     w0, w1 = (run["baseline-small"].lm.transformer.wte.weight for run in runs)
     assert w0.shape == w1.shape and not torch.equal(w0, w1)
@@ -514,38 +524,59 @@ def test_register_outcomes_count_prompt_pairs_not_poles():
 
 def test_evaluate_reports_every_capability_with_n_and_p(smoke_gpt2, smoke_artifacts, tmp_path):
     from lab.channels import evaluate, load, write_lexicons
+    from lab.channels.evaluate import REPORTED_TESTS
     cfg, arts = smoke_artifacts
     rep = evaluate(load(arts["adapter"], smoke_gpt2), text_artifact=arts["text"], native_runs=arts["native"],
-                   log=lambda s: None)
+                   seeds=arts["seeds"], modes=arts["modes"], log=lambda s: None)
+    named = {m.name: m for m in rep.measures}
     for cap in CAPABILITIES:
-        for kind in ("LL preferred", "generation", "conflict", "channel arm vs text arm"):
-            m = next(m for m in rep.measures if m.name.startswith(f"{cap}: {kind}"))
-            assert m.n >= 6 and m.p_value is not None and 0 <= m.p_value <= 1 and m.control == (
-                "channels zeroed" if kind != "channel arm vs text arm" else "state as text, equally trained")
-        ll = next(m for m in rep.measures if m.name.startswith(f"{cap}: LL preferred"))
-        pairs = ll.extra["unit"].startswith("prompt pair")  # register: n counts prompts, not their two poles
-        assert pairs == (cap in ("affect", "time", "ethics")) and ll.n == (ll.extra["n_items"] // 2 if pairs else ll.extra["n_items"])
-        # the test against chance, which for register pairs is the informative one (zeroed is 0 by construction)
-        from scipy.stats import binomtest
-        k = round(ll.value * ll.n)
-        assert ll.extra["p_above_chance"] == pytest.approx(binomtest(k, ll.n, ll.extra["chance"], alternative="greater").pvalue)
-        assert ll.extra["chance"] == (0.25 if pairs else pytest.approx(1 / 3))
-    # the native track: per seed over windows (evaluation noise), then across the training seeds (paired t)
-    per_window = [m for m in rep.measures if m.name.startswith("native seed") and "held-out loss" in m.name]
-    assert len(per_window) == 2 * cfg.native_seeds and all(m.p_value is not None for m in per_window)
-    for b in ("baseline-small", "baseline-large"):
-        across = next(m for m in rep.measures if m.name.startswith(f"native: held-out loss, channels zeroed minus {b}, across"))
-        mine = [m for m in per_window if m.control == b]
-        assert across.n == cfg.native_seeds and across.ci_method == "paired t" and across.test == "paired t-test"
-        assert across.value == pytest.approx(np.mean([m.value for m in mine]))   # the mean of the per-seed deltas
-        assert across.extra["per_seed"] == pytest.approx([m.value for m in mine], abs=1e-5)
-    per_seed = [m for m in rep.measures if m.name.startswith("native seed") and "decides" in m.name]
-    rate = next(m for m in rep.measures if m.name.startswith("native: channel decides the preferred continuation (rate), across"))
-    gain = next(m for m in rep.measures if m.name.startswith("native: channel decides, full minus zeroed rate, across"))
-    assert len(per_seed) == rate.n == gain.n == cfg.native_seeds and 0 < rate.control_value < 1 and rate.control == "chance"
-    assert rate.value == pytest.approx(np.mean([m.value for m in per_seed]))          # the mean rate, not a difference
-    assert gain.value == pytest.approx(np.mean([m.value - m.control_value for m in per_seed]))
-    assert any(r["seed"] == cfg.seed + 1 for r in rep.tables["native models"])
+        sel = cap in SELECTION
+        kinds = (["LL picks the marked item", "generation dominant (first clause)", "generation dominant (whole response)"]
+                 if sel else ["LL directional (held-out pole words)", "LL directional, training-half pole words (diagnostic)",
+                              "LL both poles right", "generation directional (first clause)",
+                              "generation directional (whole response)"])
+        kinds += ["conflict (LL), follows the channel over an opposing text",
+                  "conflict (LL), follows the channel, opposing vs agreeing text",
+                  "conflict (generation), follows the channel over an opposing text", "channel arm vs text arm (LL)"]
+        for kind in kinds:
+            m = named[f"{cap}: {kind}"]
+            assert m.control is not None and m.test in REPORTED_TESTS, (m.name, m.test)
+            assert m.n == 0 or (m.p_value is not None and 0 <= m.p_value <= 1)
+            assert m.control != "channels zeroed" or sel  # no register row is compared with the zeroed arm
+            # the same measure of the xattn arm, marked by its mode
+            assert kind.startswith("channel arm vs text arm") or f"[xattn] {cap}: {kind}" in named
+        # register: a sign test over prompt pairs, its pole-label permutation null beside it
+        if not sel:
+            d = named[f"{cap}: LL directional (held-out pole words)"]
+            assert d.n + d.extra["ties"] == d.extra["n_units"] == cfg.n_heldout and 0 <= d.extra["p_permutation"] <= 1
+            assert d.control_value == 0.5 and d.extra["unit"] == "prompt pair"
+        # across the two adapter seeds: t tests over per-seed values
+        across = [m for n, m in named.items() if n.startswith(f"{cap}: ") and n.endswith("across 2 adapter seeds")]
+        assert len(across) == 4 and all(m.n == 2 and m.test in REPORTED_TESTS for m in across)
+    for m in rep.measures:  # every reported test is one of those checked both ways in the tests
+        assert m.p_value is None or m.test in REPORTED_TESTS, (m.name, m.test)
+    # the published figures sit beside comparable measures only
+    pub = {n: p for n, p in rep.published.items()}
+    assert pub["all capabilities: conflict (generation), follows the channel over an opposing text"].value.startswith("264/265")
+    assert not any("conflict (LL)" in n for n in pub)
+    assert all("target loss" in n or "decides" in n for n in pub if n.startswith("native"))
+    # the native track: per seed over items (evaluation noise), then across the training seeds (paired t)
+    for b in ("baseline-width", "baseline-small", "baseline-large"):
+        per = [m for m in rep.measures if m.name.startswith("native seed") and m.name.endswith(f"channels zeroed minus {b}")]
+        across = named[f"native: held-out target loss, channels zeroed minus {b}, across {cfg.native_seeds} training seeds"]
+        assert len(per) == cfg.native_seeds and across.n == cfg.native_seeds and across.test == "paired t-test"
+        assert across.value == pytest.approx(np.mean([m.value for m in per]), rel=1e-4, abs=1e-5)
+        assert (across.name in pub) == (b != "baseline-width")
+    aim = named[f"native: held-out target loss, channels on minus baseline-width, across {cfg.native_seeds} training seeds"]
+    assert aim.control == "baseline-width" and aim.n == cfg.native_seeds
+    on = named[f"native: held-out target loss, channels on minus channels zeroed, across {cfg.native_seeds} training seeds"]
+    assert on.n == cfg.native_seeds
+    docs = [m for n, m in named.items() if n.startswith("native: held-out state-bearing document loss")]
+    assert len(docs) == 3
+    rate = named[f"native: channel decides the preferred continuation (selection rate), across {cfg.native_seeds} training seeds"]
+    assert rate.control_value == pytest.approx(1 / 3) and rate.n == cfg.native_seeds
+    assert {r["model"] for r in rep.tables["native models"]} == {"channels", "baseline-width", "baseline-small",
+                                                                 "baseline-large"}
     assert {"alpha_heatmap", "alpha_trajectory", "attribution"} <= set(rep.figures)
     rep.save(tmp_path / "rep", formats=())                          # evaluate writes nothing; the caller saves
     write_lexicons(tmp_path / "rep")
@@ -622,7 +653,7 @@ def test_cli_train_and_evaluate(lab_home, smoke_gpt2):
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (lab_home / "results" / "ch-cli" / "report.md").exists()
     report = (lab_home / "results" / "ch-cli" / "report.md").read_text()
-    assert "native seed 1: held-out loss" in report and "across 2 training seeds" in report  # it found both seeds
+    assert "native seed 1: held-out target loss" in report and "across 2 training seeds" in report  # it found both seeds
 
 
 def test_app_page(lab_home, smoke_artifacts):
@@ -633,7 +664,9 @@ def test_app_page(lab_home, smoke_artifacts):
     at = AppTest.from_file(str(page), default_timeout=90)
     at.run()
     assert not at.exception, at.exception
-    assert len(at.code) == 2 and all(c.value.startswith("In the box") for c in at.code)
+    # both columns show the prompt and its continuation (as code or as highlighted markdown, whichever the page uses)
+    shown = [c.value for c in at.code] + [m.value for m in at.markdown]
+    assert sum("In the box there is a walnut" in v for v in shown) >= 2
     before = at.dataframe[0].value.copy()
     heat = at.get("plotly_chart")
     assert len(heat) >= 2
@@ -775,3 +808,189 @@ def test_run_is_the_whole_pipeline_and_joins_extra_bases(smoke_gpt2, smoke_mamba
     assert {"alpha_heatmap", "alpha_heatmap_smoke_mamba2"} <= set(rep.figures)
     assert "[smoke-mamba2] alpha (final, layer x channel)" in rep.tables and "[smoke-mamba2] lexicons" not in rep.tables
     assert "channels-smoke-smoke-mamba2" in rep.provenance["smoke-mamba2 artifact"]
+
+
+# --- tests that can fail, responses, validation split, the native track's document states ----------------------
+
+def test_each_reported_test_can_come_out_either_way():
+    """Every test the report uses (`REPORTED_TESTS`) on synthetic inputs: significant where the effect is there, not
+    where it is not. The register generation and conflict scorers go from synthetic texts to the test, so a zeroed
+    arm's identical responses (all ties) cannot pass as evidence."""
+    from lab.channels.evaluate import (
+        REPORTED_TESTS,
+        follow_vs_agree,
+        gen_signs,
+        gen_success,
+        sign_test,
+        vs_chance,
+    )
+    from lab.stats import compare_proportions, paired_delta, paired_t, t_mean
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "exact sign test (two-sided binomial, ties left out)": (
+            lambda: sign_test("s", [1.0] * 18 + [-1.0] * 2, "pair"), lambda: sign_test("s", [1.0] * 10 + [-1.0] * 10, "pair")),
+        "exact McNemar": (lambda: compare_proportions("m", [True] * 20, [False] * 20, "c"),
+                          lambda: compare_proportions("m", [True, False] * 10, [False, True] * 10 + [], "c")),
+        "exact binomial (two-sided)": (lambda: vs_chance("b", [True] * 15 + [False] * 5, 1 / 3, "item"),
+                                       lambda: vs_chance("b", [True] * 7 + [False] * 14, 1 / 3, "item")),
+        "paired t-test": (lambda: paired_t("p", [1.1, 2.2, 3.1, 4.0], [0.1, 1.0, 2.2, 3.1], "c"),
+                          lambda: paired_t("p", [1.0, 2.3, 2.9, 4.0], [1.1, 2.0, 3.1, 4.1], "c")),
+        "one-sample t-test": (lambda: t_mean("t", [0.9, 0.95, 0.92], 0.5, "c"), lambda: t_mean("t", [0.4, 0.6, 0.52], 0.5, "c")),
+        "paired sign-flip permutation (mean)": (lambda: paired_delta("d", rng.normal(1, 0.1, 20), np.zeros(20), "c"),
+                                                lambda: paired_delta("d", rng.normal(0, 1, 20), np.zeros(20), "c")),
+        "sign-flip permutation (no spread for a t-test)": (lambda: t_mean("t", [0.9] * 8, 0.5, "c"),
+                                                           lambda: t_mean("t", [0.5] * 8, 0.5, "c")),
+    }
+    assert set(cases) == set(REPORTED_TESTS)
+    for name, (yes, no) in cases.items():
+        hit, miss = yes(), no()
+        assert hit.test == miss.test == name
+        assert hit.p_value < 0.05 < miss.p_value, (name, hit.p_value, miss.p_value)
+    # the sign test goes either way: as significant against the channel as for it, and n = 0 when all tie
+    against = sign_test("s", [-1.0] * 18 + [1.0] * 2, "pair")
+    assert against.p_value < 0.05 and against.value == pytest.approx(0.1)
+    tied = sign_test("s", [0.0] * 12, "pair")
+    assert tied.n == 0 and tied.p_value is None and tied.extra["ties"] == 12 and tied.extra["p_permutation"] == 1.0
+    # the pole-label permutation null beside it: small for a consistent shift, large for a balanced one
+    assert sign_test("s", [0.5] * 12, "pair").extra["p_permutation"] < 0.01
+    assert sign_test("s", [0.5, -0.5] * 6, "pair").extra["p_permutation"] > 0.5
+    # from texts: register pairs whose +pole responses are more positive are directional; identical responses (what
+    # the zeroed arm gives) are all ties, never evidence
+    items = heldout_items("affect", 12)
+    good = ["joyful, happy and glad." if it.pole > 0 else "miserable and awful." for it in items]
+    same = ["she sat down." for _ in items]
+    assert sign_test("g", gen_success("affect", items, good)[0], "pair").p_value < 0.01
+    assert sign_test("g", gen_success("affect", items, same)[0], "pair").n == 0
+    # conflict from texts: following the channel, following the text, and against the agreeing arm
+    sel = heldout_items("memory", 20)
+    follow = [f"the {it.keys[it.label][0]}." for it in sel]
+    text_wins = [f"the {it.keys[it.conflict_label][0]}." for it in sel]
+    assert sign_test("c", gen_signs("memory", sel, follow), "item", permutation=False).p_value < 0.01
+    assert sign_test("c", gen_signs("memory", sel, text_wins), "item", permutation=False).value == 0
+    assert follow_vs_agree("a", gen_signs("memory", sel, text_wins), gen_signs("memory", sel, follow), "item").p_value < 0.01
+    assert follow_vs_agree("a", gen_signs("memory", sel, follow), gen_signs("memory", sel, follow), "item").p_value == 1.0
+
+
+def test_corpus_documents_carry_their_state_with_byte_identical_text():
+    import hashlib
+
+    from lab.corpus import documents, documents_with_state
+    train, held = documents_with_state("train", 300, 1234), documents_with_state("heldout", 100, 4321)
+    assert [t for t, _ in train] == documents("train", 300, 1234) and [t for t, _ in held] == documents("heldout", 100, 4321)
+    # the text of every document as the corpus generated it before it returned states (the bases and caches need it)
+    digest = hashlib.sha256("\x00".join([t for t, _ in train] + [t for t, _ in held]).encode()).hexdigest()
+    assert digest == "a2aeddcb93e8d8e008c7009e9bb4d53b31aafffea40d21de99baa77dca917ebd"
+    stated = [(t, s) for t, s in train if s]
+    assert 0.4 < len(stated) / len(train) < 0.7                       # narrative (0.32) and dialog (0.22) documents
+    for text, state in stated:                                        # the state is the one the text was written from
+        assert (state["weekday"] is None) == (state["kind"] == "dialog")
+        if state["kind"] == "narrative":                              # its first sentence names all three
+            assert text.startswith(f"On {state['weekday']} at {state['time_of_day']}, {state['name']} the {state['role']}")
+        else:                                                         # the user's question names the topic
+            assert state["topic"] in text.split("\n")[0]
+
+
+def test_document_states_become_channels_and_bad_states_are_clear_errors(smoke_gpt2):
+    from lab.channels.data import document_channels
+    from lab.corpus import documents_with_state
+    docs = documents_with_state("train", 200, 1234)
+    chans = [document_channels(s) for _, s in docs]
+    assert all(c == {} for c, (_, s) in zip(chans, docs) if s is None)
+    x = encode_states(chans, TextEncoder(smoke_gpt2))
+    stated = torch.tensor([s is not None for _, s in docs])
+    assert (x["affect"][stated, 0].abs() == 0.8).all() and (x["affect"][~stated] == 0).all()
+    good = next(s for _, s in docs if s)
+    for change, msg in [({"mood": "sideways"}, "mood 'sideways'"), ({"time_of_day": "teatime"}, "time of day 'teatime'"),
+                        ({"posture": "reckless"}, "posture 'reckless'"), ({"weekday": "Funday"}, "weekday 'Funday'"),
+                        ({"name": ""}, "name ''")]:
+        with pytest.raises(LabError, match=msg):
+            document_channels({**good, **change})
+    with pytest.raises(LabError, match="lacks"):
+        document_channels({k: v for k, v in good.items() if k != "topic"})
+    with pytest.raises(LabError, match="must be a dict"):
+        document_channels("happy")
+    # a dialog names no weekday: its time channel carries the hour, the weekday features are zero
+    assert encode_time(9.0, None)[4:7].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_response_templates_use_the_marked_item_and_missing_it_is_a_clear_error(smoke_gpt2):
+    from lab.channels.data import RESPONSES, check_response_templates, response_text
+    from lab.channels.model import target_of
+    with pytest.raises(LabError, match="must start with the marked item"):
+        check_response_templates(["The {x} is here."])
+    with pytest.raises(LabError, match=r"'\{x\}. I like it.' is missing the marked item"):
+        check_response_templates(["{x}. I like it."])
+    with pytest.raises(LabError, match="missing the marked item"):
+        response_text("{x}. Nothing more.", x="walnut")
+    with pytest.raises(LabError, match="non-empty list"):
+        check_response_templates("{x}. The {x}.")
+    assert set(RESPONSES) == set(CAPABILITIES)
+    for cap in CAPABILITIES:
+        assert not set(RESPONSES[cap]["train"]) & set(RESPONSES[cap]["heldout"])
+        for it in sample_items(cap, "train", 20, seed=3) + heldout_items(cap, 6):
+            # the response's first clause is the one-word target; then it uses the marked item (or pole word) again
+            assert it.response.startswith(it.target) and len(it.response) > len(it.target) + 5
+            assert it.response[len(it.target):].count(it.target.strip(" .")) >= 1
+    it = train_batch_items(0, 1, seed=0)[0]
+    assert target_of(it, Config.preset("smoke")) == it.response
+    assert target_of(it, Config.preset("smoke", targets="word")) == it.target
+    model, word = build(Config.preset("smoke"), smoke_gpt2), build(Config.preset("smoke", targets="word"), smoke_gpt2)
+    batch = train_batch_items(0, 4, seed=0)
+    with torch.no_grad():
+        assert float(model.loss(batch)) != float(word.loss(batch))
+    with pytest.raises(LabError, match="targets"):
+        Config.preset("smoke", targets="sentence")
+
+
+def test_validation_comes_from_training_templates_and_entities_not_the_test_pools():
+    from lab.channels.data import validation_items
+    val = validation_items(CAPABILITIES, 4, seed=0)
+    assert {i.capability for i in val} == set(CAPABILITIES) and all(i.split == "train" for i in val)
+    ho_only = entity_words("heldout")
+    for it in val:
+        assert it.template.split("/")[1] == "train"
+        assert not set(re.findall(r"[a-z']+", (it.prompt + it.response + repr(it.state)).lower())) & ho_only
+    # its own draws: not the first training batch's items
+    assert {i.prompt for i in val} != {i.prompt for i in train_batch_items(0, len(val), seed=0)}
+
+
+def test_training_word_diagnostic_swaps_only_the_candidates():
+    from lab.channels.data import pool, with_training_words
+    items = heldout_items("affect", 5)
+    swapped = with_training_words(items)
+    train_words = {f" {w}." for w in pool("positive", "train") + pool("negative", "train")}
+    for a, b in zip(items, swapped):
+        assert (a.prompt, a.state, a.label, a.pair) == (b.prompt, b.state, b.label, b.pair)
+        assert set(b.candidates) <= train_words and not set(a.candidates) & train_words
+    # both poles of a pair get the same two words
+    by_pair = {}
+    for b in swapped:
+        by_pair.setdefault(b.pair, set()).add(tuple(b.candidates))
+    assert all(len(v) == 1 for v in by_pair.values())
+    with pytest.raises(LabError, match="register items"):
+        with_training_words(heldout_items("memory", 1))
+
+
+def test_native_documents_train_with_their_state_in_the_channels(smoke_gpt2):
+    """During native pretraining a document's generator state is in the channels (zero for documents without one),
+    so the corpus loss depends on it once a gate is open; a state that does not parse stops the batch."""
+    from lab.channels.train import NativeModel, _gpt2, document_batch
+    from lab.corpus import documents_with_state, load_tokenizer
+    tok = load_tokenizer()
+    cfg = Config.preset("smoke")
+    docs = documents_with_state("train", 12, 1234)
+    model = NativeModel(_gpt2(len(tok), tok, cfg.native_d, cfg.native_layers, cfg.native_heads, cfg.native_seq, 0),
+                        tok, cfg, TextEncoder(smoke_gpt2), True)
+    ids, att, states = document_batch(tok, docs, cfg.native_seq)
+    assert ids.shape[0] == 12 and ids.shape[1] <= cfg.native_seq + 1 and [bool(s) for s in states] == [bool(s) for _, s in docs]
+    with torch.no_grad():
+        closed = model.doc_losses(ids, att, states)
+        model.cm.injector.alpha.fill_(0.5)
+        on, zeroed = model.doc_losses(ids, att, states), model.doc_losses(ids, att, states, zero=True)
+    stated = torch.tensor([s is not None for _, s in docs])
+    assert torch.equal(closed, zeroed)                                   # zeroed = the channel-less forward
+    assert (on[stated] != zeroed[stated]).all() and torch.equal(on[~stated], zeroed[~stated])
+    bad = [(docs[0][0], {**next(s for _, s in docs if s), "mood": "sideways"})]
+    with pytest.raises(LabError, match="mood 'sideways'"):
+        document_batch(tok, bad, cfg.native_seq)

@@ -35,10 +35,17 @@ def test_thinking_step_any_base(any_base):
     assert th.forwards == 5
     # h is the final-normed state the head reads
     assert torch.equal(th.h, ref.hidden_states[-1][:, -1])
-    # T_1 by hand: append h as the input embedding of position n, read the final-normed output there
-    emb = torch.cat([b.embed(ids), th.h[:, None]], 1)
+    # T_1 by hand: append h, RMS-normalised to the mean token-embedding RMS (the published feed), as the input
+    # embedding of position n, read the final-normed output there
+    e_rms = b.embed.weight.float().pow(2).mean(-1).sqrt().mean()
+    fed = th.h * (e_rms / th.h.pow(2).mean(-1, keepdim=True).sqrt())
+    emb = torch.cat([b.embed(ids), fed[:, None].to(b.dtype)], 1)
     hand = b.model(inputs_embeds=emb, output_hidden_states=True).hidden_states[-1][:, -1]
     assert torch.allclose(th.T[:, 0], hand, atol=1e-5)
+    # the old feed: h unscaled
+    emb_old = torch.cat([b.embed(ids), th.h[:, None]], 1)
+    hand_old = b.model(inputs_embeds=emb_old, output_hidden_states=True).hidden_states[-1][:, -1]
+    assert torch.allclose(think(b, ids, 1, feed="final", cached=False).T[:, 0], hand_old, atol=1e-5)
     # T_j does not depend on how many thoughts follow it
     assert torch.allclose(think(b, ids, 1, cached=False).T[:, 0], th.T[:, 0], atol=1e-6)
     # the thought is not the state it came from
@@ -50,6 +57,21 @@ def test_thinking_step_any_base(any_base):
     else:
         with pytest.raises(LabError, match="cached"):
             think(b, ids, 1, cached=True)
+
+
+def test_feed_scale_zero_or_nan_is_a_clear_error(smoke_gpt2):
+    from lab.combiner.config import Config
+    from lab.combiner.thinking import thought_input
+    h = torch.randn(2, smoke_gpt2.d_model)
+    for bad in (0.0, float("nan"), -1.0, float("inf")):
+        with pytest.raises(LabError, match="feed scale must be a positive finite number"):
+            thought_input(smoke_gpt2, h, "final_embed_rms", bad)
+        with pytest.raises(LabError, match="feed_scale"):
+            Config.preset("smoke", feed_scale=bad)
+    # the scale is what it says: the fed vector's RMS is scale x the mean token-embedding RMS
+    e_rms = float(smoke_gpt2.embed.weight.float().pow(2).mean(-1).sqrt().mean())
+    x = thought_input(smoke_gpt2, h, "final_embed_rms", 2.5)
+    assert torch.allclose(x.float().pow(2).mean(-1).sqrt(), torch.full((2,), 2.5 * e_rms), rtol=1e-5)
 
 
 def test_think_every_position_matches_prefixes(any_base):
@@ -353,7 +375,25 @@ def test_train_and_evaluate_report(smoke_gpt2, small_run, tmp_path):
     assert "0 (bit-exact)" in rep.published[ident.name].value
     fitted = rep.measure("delta bpb, ce combiner k=1 (chunked)")
     assert fitted.ci_low <= fitted.value <= fitted.ci_high and fitted.n == ident.n > 0
-    assert "-0.019" in rep.published[fitted.name].value
+    # every fitted delta over the three fit seeds; the published one-seed delta sits beside the ce k=1 row only
+    seeds = rep.measure("delta bpb, ce combiner k=1 (chunked), across 3 fit seeds")
+    assert seeds.n == 3 and seeds.ci_low <= seeds.value <= seeds.ci_high and seeds.test
+    assert "-0.0189" in rep.published[seeds.name].value and "one seed" in rep.published[seeds.name].value
+    assert fitted.name not in rep.published
+    per_seed = seeds.extra["per_seed"]
+    assert per_seed["0"] == pytest.approx(fitted.value, abs=1e-9) and len(set(per_seed.values())) == 3
+    assert set(model.by_seed) == {0, 1, 2}
+    assert model.by_seed[1][("ce", 1)].M.abs().sum() > 0
+    assert not torch.equal(model.by_seed[1][("ce", 1)].M, model.by_seed[0][("ce", 1)].M)
+    for name in ("ridge combiner k=2", "no-thought control (alpha, beta only)", "ce combiner k=1, old feed (h unscaled)"):
+        assert rep.measure(f"delta bpb, {name} (chunked), across 3 fit seeds").n == 3
+    # the feed: the published one at the token-embedding scale, the old one ~20x it and nearly h itself
+    ratio = rep.measure("feed 'final_embed_rms': |thought input| / |token embedding|")
+    old = rep.measure("feed 'final': |thought input| / |token embedding|")
+    assert old.value > 5 * ratio.value
+    assert rep.measure("feed 'final': cos(T_1, h)").value > rep.measure("feed 'final_embed_rms': cos(T_1, h)").value
+    # the two evaluators of the base, side by side
+    assert [r["published"] for r in rep.tables["base bpb by evaluator"]] == ["2.13506", "1.26698"]
     slide = rep.measure(f"base bpb (sliding window {cfg.window}, stride {cfg.stride})")
     assert 0 < slide.value < 10 and "1.26698" in rep.published[slide.name].value
     assert rep.tables["sliding_vs_naive"][0]["max_abs_diff_nats"] < 1e-4

@@ -211,6 +211,39 @@ def test_items_heldout_and_not_guessable_from_bs_prompt(task):
     assert {it.answer for it in H.make_items(300, "test", 0, "persona")} == {n for n, _ in PERSONAS}
 
 
+def test_state_task_hands_off_before_the_question_and_shares_the_stories():
+    state = H.make_items(60, "test", 0, "persona_state")
+    nxt = H.make_items(60, "test", 0, "persona")
+    assert [(a.material, a.question, a.answer) for a in state] == [(b.material, b.question, b.answer) for b in nxt]
+    for it in state:
+        assert it.state and it.handoff_prompt == it.material and it.a_prompt == it.material + it.question
+        assert it.answer not in it.question and it.answer in it.material
+    assert all(not it.state and it.handoff_prompt == it.a_prompt for it in nxt)
+    assert state[0].score(" Mara feel calm.") == "Mara" == nxt[0].score(" Mara feel calm.")  # scored alike
+    # the open answer set: each half's items name only that half's personas
+    for half in H.PERSONA_HALVES:
+        assert {it.answer for it in H.make_items(200, "train", 0, "persona_state", answers=half)} == set(half)
+    assert not set(H.PERSONA_HALVES[0]) & set(H.PERSONA_HALVES[1])
+    with pytest.raises(LabError, match="no persona"):
+        H.make_items(3, "test", 0, "persona_state", answers=("Nobody",))
+
+
+def test_a_state_item_whose_answer_is_As_next_token_is_laberror(smoke_gpt2):
+    # by words: the question (what follows A's hand-off point) starts with the answer
+    with pytest.raises(LabError, match="must not be A's next token"):
+        H.Item("On Monday at dawn, Mara the baker felt calm.", " Mara walked to the harbor and", "Mara",
+               "persona_state", state=True)
+    # by tokens: the words differ, but the question's first token is the answer's
+    it = H.Item("On Monday at dawn, Mara the baker felt calm.", " Mara's day began and the sunrise made", "Mara",
+                "persona_state", state=True)
+    assert smoke_gpt2.tokenizer.encode(" Mara's", add_special_tokens=False)[0] == \
+        smoke_gpt2.tokenizer.encode(" Mara", add_special_tokens=False)[0]
+    with pytest.raises(LabError, match="must not be A's next token"):
+        H.encode_items(smoke_gpt2, [it])
+    # the same words in a next-token task are what that task is
+    H.encode_items(smoke_gpt2, [H.Item(it.material, it.question, "Mara", "persona")])
+
+
 def test_commonest_answer_guess_is_picked_on_training_items_not_test_labels():
     test = H.make_items(60, "test", 0)
     train = H.make_items(500, "train", 0)
@@ -281,6 +314,13 @@ def test_arms_are_the_controls_they_claim(smoke_gpt2, trained):
         assert not torch.equal(arms["wrong_session"][i], a.latents[i])           # never its own latent
         assert any(torch.equal(arms["wrong_session"][i], a.latents[j]) for j in range(len(items)))
         torch.testing.assert_close(arms["inner_link"][i], a.latents[i])
+        # the continuation arm: the embeddings of A's own next m greedy tokens, no question
+        torch.testing.assert_close(arms["continuation"][i], smoke_gpt2.embed(a.continuation[i]))
+    seq = smoke_gpt2.tokenizer.encode(items[0].a_prompt, add_special_tokens=False)
+    for t in a.continuation[0].tolist():  # greedy, one token at a time, from A's hand-off point
+        nxt = int(smoke_gpt2.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+        assert nxt == t
+        seq.append(nxt)
     p = H.derangement(50, np.random.default_rng(0))
     assert sorted(p) == list(range(50)) and not np.any(p == np.arange(50))
 
@@ -321,6 +361,33 @@ def test_benchmark_reports_every_arm_with_n_ci_and_mcnemar(smoke_gpt2, trained):
     assert len(rows) == 16 and {"material", "gold", "inner_link", "text"} <= set(rows[0])
     near = H.nearest_tokens(smoke_gpt2, res.latents[0, 0], k=5)
     assert len(near) == 5 and near[0][1] >= near[-1][1]
+    # the diagnostic rows: per item, the first latent's nearest token against the gold's first token
+    diag = {m.extra["diagnostic"]: m for m in res.measures if m.extra.get("diagnostic")}
+    assert set(diag) == {"first_latent_nearest_is_gold", "a_next_token_is_gold"}
+    gold = [smoke_gpt2.tokenizer.encode(" " + it.answer, add_special_tokens=False)[0] for it in items]
+    emb = torch.nn.functional.normalize(smoke_gpt2.embed.weight.float(), dim=-1)
+    want = [int((emb @ torch.nn.functional.normalize(res.latents[i, 0].float(), dim=0)).argmax()) == gold[i]
+            for i in range(16)]
+    assert diag["first_latent_nearest_is_gold"].value == np.mean(want)
+    assert diag["first_latent_nearest_is_gold"].test == "exact McNemar"
+
+
+def test_state_benchmark_and_open_set_arms(smoke_gpt2, trained):
+    link = trained[2]
+    items = H.make_items(12, "test", 0, "persona_state", answers=H.PERSONA_HALVES[1])
+    res = H.run_benchmark(smoke_gpt2, link, items, 2, seed=0, extra_maps={"recon_open": link},
+                          arms=("inner_link", "recon_open"))
+    assert set(res.correct) == {"session_a", "wrong_session", "inner_link", "recon_open"}
+    assert res.answers["recon_open"] == res.answers["inner_link"]
+    # the hand-off point is the end of the material: A's first latent is the rollout from there
+    a_ids, q_ids = H.encode_items(smoke_gpt2, items)
+    h_ids = H.handoff_ids(a_ids, q_ids, items)
+    assert all(len(h) == len(a) - len(q) for h, a, q in zip(h_ids, a_ids, q_ids))
+    lat, _ = H.ragged_rollout(smoke_gpt2, link, [smoke_gpt2.embed(h_ids[0])], 2)
+    torch.testing.assert_close(res.latents[0], lat[0])
+    assert res.rows()[0]["hands_off_after"] == "material"
+    with pytest.raises(LabError, match="unknown hand-off arm"):
+        H.run_benchmark(smoke_gpt2, link, items[:3], 1, arms=("telepathy",))
 
 
 # --- state reconstruction ------------------------------------------------------------------------
@@ -444,12 +511,21 @@ def test_evaluate_report_answers_published_figures(trained, smoke_gpt2):
     cfg, art, link = trained
     small = load(art.path, smoke_gpt2)
     small.config = small.config.with_(handoff_items=12)  # the sizes come from the link's config
-    rep = evaluate(small, smoke_gpt2, recon=link)
-    assert rep.measure("hand-off exact match: inner-link latent").n == 12
+    rep = evaluate(small, smoke_gpt2, recon=link, recon_open=link)
+    state = "state hand-off (persona, A hands off before the question) exact match: "
+    nxt = "next-token hand-off (persona, A hands off after the question) exact match: "
+    assert rep.measure(state + "inner-link latent").n == 12
     assert rep.published["inner-link mean cos(R_in(h_t), Emb(y_t+1))"].value == "0.74"
     assert rep.published["control cos(R_in(h_t), Emb(random other token))"].value == "≈0.005"
-    assert rep.published["hand-off exact match: inner-link latent"].value == "0 of 18"
-    assert {"innerlink_cosine", "innerlink_rollout", "innerlink_handoff"} <= set(rep.figures)
+    # the published 0 of 18 sits beside the state task only
+    assert rep.published[state + "inner-link latent"].value == "0 of 18"
+    assert [k for k, v in rep.published.items() if v.value == "0 of 18"] == [state + "inner-link latent"]
+    for arm in ("no hand-off", "random vectors (norm-matched)", "A's raw hidden states", "text hand-off (A's words)",
+                "A's next m greedy tokens (no question)"):
+        assert rep.measure(state + arm).test == "exact McNemar" and rep.measure(nxt + arm).n == 12
+    assert any(m.name.startswith("open-set reconstruction") for m in rep.measures)
+    assert {"innerlink_cosine", "innerlink_rollout", "innerlink_handoff", "innerlink_handoff_persona",
+            "innerlink_handoff_pointer"} <= set(rep.figures)
     assert "|" in rep.to_markdown() and all(m.n > 0 for m in rep.measures)
 
 

@@ -4,10 +4,10 @@ identity, continuity -- injected into every layer of a base through ReZero gates
     from lab.channels import Config, run, train_or_load, evaluate
     report = run(Config.preset("smoke"))         # train what is missing, evaluate, probe: one Report
     model = train_or_load(config, base)          # the adapter track: only the injection trains
-    report = evaluate(model)                     # held-out, judge-free, McNemar vs channels zeroed
+    report = evaluate(model)                     # held-out, judge-free, tests that can fail
 
 Modules: config (Config and its presets), injection (the gates, via lab.hooks), encoders (state -> vectors),
-data (counterfactual corpus), model (ChannelModel), train (adapter, text arm, native track), evaluate (metrics,
+data (counterfactual corpus, responses, validation split, document states), model (ChannelModel), train (adapter, text arm, native track), evaluate (metrics,
 the report, `run`), probes (alpha, captum, log-prob shifts), cli (`lab train channels`, `lab evaluate channels`).
 """
 

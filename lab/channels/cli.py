@@ -44,6 +44,10 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
             t = controls.text.manifest["metrics"]
             typer.echo(f"text arm: {controls.text.path}  (LoRA rank {t.get('lora_rank')}, {t['n_params']} params "
                        f"against the injector's {t.get('channel_arm_params')}, {t['seconds']:.0f} s)")
+        for adapter, text in controls.seeds or []:
+            typer.echo(f"adapter seed {adapter.config['seed']}: {adapter.path}" + (f"  text arm: {text.path}" if text else ""))
+        for mode, adapter in (controls.modes or {}).items():
+            typer.echo(f"adapter ({mode}): {adapter.path}")
         for run_dirs in controls.native or []:  # one {model: dir} per training seed
             for k, p in run_dirs.items():
                 typer.echo(f"native {k}: {p}")

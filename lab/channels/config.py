@@ -25,16 +25,18 @@ class Config(ExperimentConfig):
     MECHANISM: ClassVar[str] = "channels"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: tests and CI notebooks, on smoke-gpt2
-        "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, eval_every=10, n_heldout=12, gen_tokens=4,
+        "smoke": dict(base="smoke-gpt2", steps=30, batch_size=16, eval_every=10, n_heldout=12, gen_tokens=6,
                       n_attribution=3, native_d=32, native_layers=2, native_steps=12, native_seq=32,
-                      native_batch=8, native_docs=1000, native_seeds=2),
+                      native_batch=8, native_docs=1000, native_seeds=2, compare_modes=()),
         # the main job: both adapter arms on the quick base (same shape as tiny-gpt2, so tiny's swept gate lr),
-        # shorter training and fewer held-out items; no native track (three seeds of three models take ~40 min)
-        "quick": dict(base="quick-gpt2", lr=0.12, steps=500, n_heldout=120, n_attribution=12, native=False),
+        # shorter training, fewer held-out items and shorter generations (a trained response is ~10 tokens); no
+        # native track (three seeds of four models take ~50 min) and no xattn arm (both are in tiny): ~300 s of CPU
+        "quick": dict(base="quick-gpt2", lr=0.12, steps=500, n_heldout=60, gen_tokens=12, n_attribution=12,
+                      native=False, compare_modes=()),
         # the CPU experiment: minutes on tiny-gpt2, and the adapter track on tiny-mamba2 when it is on disk.
         # The gates' lr from a sweep: `python bench/bench_channels.py --lr-sweep`. Three native training seeds:
-        # one run cannot tell a gap of a few thousandths of a nat from seed noise.
-        "tiny": dict(base="tiny-gpt2", lr=0.12, native_seeds=3, extra_bases=("tiny-mamba2",)),
+        # one run cannot tell a gap of a few thousandths of a nat from seed noise; the same for the adapter arms.
+        "tiny": dict(base="tiny-gpt2", lr=0.12, native_seeds=3, adapter_seeds=3, extra_bases=("tiny-mamba2",)),
         # a GPU and a real HF base with a real sentence encoder (as published: BGE-M3)
         "paper": dict(base="gpt2", text_encoder="st:BAAI/bge-m3", steps=20_000, batch_size=64, lr=1e-3,
                       n_heldout=500, gen_tokens=24, native_d=768, native_layers=12, native_heads=12,
@@ -52,10 +54,11 @@ class Config(ExperimentConfig):
     NATIVE_WINDOWS_DEFAULT: ClassVar[int] = 256
 
     PRESET_NOTES: ClassVar[dict[str, str]] = {
-        "quick": "quick preset: the adapter arms only, on the quick base; the native track (channels during "
-                 "pretraining, against channel-less baselines) runs in the tiny preset."}
+        "quick": "quick preset: the additive adapter and its text arm only, on the quick base; the xattn arm, the "
+                 "adapter seeds and the native track (channels during pretraining, against channel-less baselines) "
+                 "run in the tiny preset."}
 
-    FORMAT: ClassVar[int] = 4  # bump when an arm's adapter layout or the encoder changes: stale artifacts are retrained
+    FORMAT: ClassVar[int] = 5  # bump when an arm's adapter layout or the encoder changes: stale artifacts are retrained
 
     mode: str = "additive"           # "additive" (gated projection) or "xattn" (multi-token cross-attention)
     site: str = "resid_pre"          # where the channels enter each block
@@ -66,6 +69,13 @@ class Config(ExperimentConfig):
     proj_lr_ratio: float = 0.1       # projections learn at this fraction of the gates' rate (reparametrised)
     text_init: str = "identity"      # text channels' projection at init: "identity" (base encoder, additive) or "random"
     capabilities: tuple = CAPABILITIES
+    # what the adapter is trained to say: "response" (a short templated response that uses the marked item or the
+    # state's register, as the published adapter trained on full responses) or "word" (the one-word target alone:
+    # a departure kept as an option, whose generation beyond the first word is the frozen base's)
+    targets: str = "response"
+    # other injection modes trained like `mode` (first adapter seed) and reported beside it, marked "[<mode>]"
+    # (one equal to `mode` is skipped)
+    compare_modes: tuple = ("xattn",)
     # adapter training
     steps: int = 1200
     batch_size: int = 32
@@ -74,14 +84,22 @@ class Config(ExperimentConfig):
     eval_every: int = 100            # steps between alpha snapshots / held-out loss on the progress bar
     train_text_arm: bool = True      # also train the equally-trained text arm (channel-vs-text experiment)
     # the text arm's LoRA lr (same steps, batches and schedule as the injector), from a sweep:
-    # `python bench/bench_channels.py --lr-sweep --arm=text`. Its validation items come from the held-out pools
-    # (seed + 99), so the choice, like the injector's, saw held-out wording.
+    # `python bench/bench_channels.py --lr-sweep --arm=text`, read on the validation split (training templates and
+    # entities, its own draws: `data.validation_items`), never on the held-out pools
     text_lr: float = 1e-3
+    # independent training runs of the adapter and text arms (seeds seed, seed+1, ...): claims about training are
+    # tested across them (paired t), as the native track's are
+    adapter_seeds: int = 1
+    # the xattn mode's lr: its q/k/v/o maps are full-rate parameters (no reparametrised slow projection), so the
+    # gates' additive rate would blow them up. Not swept; the sweep takes --mode=xattn.
+    xattn_lr: float = 3e-3
     # evaluation
     n_heldout: int = 240             # held-out items per selection capability / prompt pairs per register one
-    gen_tokens: int = 8              # greedy tokens per generation
+    gen_tokens: int = 20             # greedy tokens per generation (a whole trained response)
     n_attribution: int = 24          # held-out items per capability for captum attributions
-    # native track: a small GPT-2 trained from scratch with channels from layer 1, vs 2 channel-less baselines
+    # native track: a small GPT-2 trained from scratch with channels from layer 1 (corpus documents carry their
+    # generator's state as channels), vs channel-less baselines: width-matched (d = native_d) and two bracketing its
+    # parameter count
     native: bool = True
     native_d: int = 128
     native_layers: int = 4
@@ -102,11 +120,15 @@ class Config(ExperimentConfig):
     def check(self) -> None:
         self.require_one_of("text_init", ("identity", "random"))
         self.require_one_of("mode", MODES)
+        self.require_one_of("targets", ("response", "word"))
+        if isinstance(self.compare_modes, str) or any(m not in MODES for m in self.compare_modes):
+            raise LabError(f"{self.label()}: compare_modes must be a tuple of injection modes from {MODES}, "
+                           f"got {self.compare_modes!r}")
         bad = [c for c in self.capabilities if c not in CAPABILITIES]
         if bad or not self.capabilities:
             raise LabError(f"{self.label()}: unknown capabilities {bad}; expected a non-empty subset of {CAPABILITIES}")
         for k in ("steps", "batch_size", "n_heldout", "gen_tokens", "native_steps", "native_d", "native_layers",
-                  "native_batch", "native_seq", "native_seeds"):
+                  "native_batch", "native_seq", "native_seeds", "adapter_seeds"):
             if getattr(self, k) < 1:
                 raise LabError(f"{self.label()}: {k} must be a positive int, got {getattr(self, k)!r}")
         if self.base in self.extra_bases or not all(isinstance(b, str) and b.strip() for b in self.extra_bases):
@@ -118,11 +140,20 @@ class Config(ExperimentConfig):
         """How many held-out windows score the native models of `preset`."""
         return cls.NATIVE_WINDOWS.get(preset, cls.NATIVE_WINDOWS_DEFAULT)
 
+    def arm_lr(self, arm: str) -> float:
+        """The learning rate an arm trains at: the text arm's, the xattn injector's, or the additive gates'."""
+        return self.text_lr if arm == "text" else (self.xattn_lr if self.mode == "xattn" else self.lr)
+
+    def adapter_seed_list(self) -> list[int]:
+        """The adapter and text arms' training seeds: seed, seed + 1, ... (`adapter_seeds` of them)."""
+        return [self.seed + k for k in range(self.adapter_seeds)]
+
     def on_base(self, name: str) -> "Config":
         """This config on another base, as that base joins the report: the preset's values for that base
         (`PER_BASE`), no text arm, no native track, no further bases."""
         return self.with_(**{**self.PER_BASE.get((self.preset_name, name), {}),
-                             "base": name, "train_text_arm": False, "native": False, "extra_bases": ()})
+                             "base": name, "train_text_arm": False, "native": False, "extra_bases": (),
+                             "adapter_seeds": 1, "compare_modes": ()})
 
     def to_dict(self) -> dict:
         """The config as written to config.json: every field but `extra_bases`, plus the artifact `format`."""
@@ -133,7 +164,8 @@ class Config(ExperimentConfig):
 
     # the other arm's training knobs: changing the text arm's lr must not retrain the injector, nor the reverse.
     # (Evaluation settings stay in: `evaluate` reads them from the artifact's config.)
-    _OTHER_ARM: ClassVar[dict[str, tuple[str, ...]]] = {"channel": ("text_lr",), "text": ("lr", "proj_lr_ratio", "text_init")}
+    _OTHER_ARM: ClassVar[dict[str, tuple[str, ...]]] = {"channel": ("text_lr",),
+                                                        "text": ("lr", "proj_lr_ratio", "text_init", "xattn_lr")}
 
     def training_dict(self, arm: str) -> dict:
         """`to_dict` without the other arm's or the native track's training knobs: what decides whether an
@@ -148,14 +180,15 @@ class Config(ExperimentConfig):
         drop = set(cls._OTHER_ARM[arm])
         # the native track's knobs and whether a text arm is trained at all shape neither arm's training: adding
         # native seeds, or a base joining another's report (no text arm, no native track), must not retrain an adapter
-        drop |= {f.name for f in fields(cls) if f.name.startswith("native")} | {"train_text_arm"}
+        drop |= {f.name for f in fields(cls) if f.name.startswith("native")} | {"train_text_arm", "adapter_seeds",
+                                                                                 "compare_modes"}
         return {k: v for k, v in saved.items() if k not in drop}
 
     # what the native track's three models do not depend on: the adapter arms' training and evaluation knobs, and how
     # many native seeds there are (a property of the track, not of one run)
     _NOT_NATIVE: ClassVar[tuple[str, ...]] = ("steps", "batch_size", "lr", "warmup", "eval_every", "train_text_arm",
                                                "text_lr", "n_heldout", "gen_tokens", "n_attribution", "native",
-                                               "native_seeds")
+                                               "native_seeds", "adapter_seeds", "compare_modes", "xattn_lr")
 
     @classmethod
     def native_view(cls, saved: dict) -> dict:

@@ -6,7 +6,7 @@ names the marked one. The prompt alone cannot tell which: every candidate is equ
 
 Register capabilities (affect, time, ethics): one neutral prompt, used twice with the channel at
 opposite poles (positive/negative valence; day/night hour; cautious/permissive posture); the target is a
-word of that pole's register.
+word of that pole's register (and the response, a sentence in it).
 
 Held-out split: every word pool (lab.corpus PERSONAS, TOPICS, VALUE_WORDS, POSITIVE, NEGATIVE, CAUTIOUS,
 PERMISSIVE, time words) is cut into two disjoint halves (even / odd positions), and each capability has
@@ -22,14 +22,26 @@ Each item also carries
   state_trained_frame        selection items: the channel state with its text in a training frame, the channel
                   arm's control of the same kind (register channels carry numbers and posture names, one
                   format in both splits),
-  conflict_text   text asserting a competing state (the conflict/override test).
+  conflict_text   text asserting a competing state (the conflict/override test),
+  response        the short templated response the adapter is trained to give (`Config.targets = "response"`):
+                  its first clause is the one-word target, then a sentence that uses the marked item again
+                  (selection) or the pole's register (register: the pole word and a second word of that pole).
+                  Response templates are split like the prompts.
+
+Three splits of items: "train" (training templates and entities, drawn per step), "heldout" (the test: disjoint
+templates, texts and entities), and validation (`validation_items`: training templates and entities, its own seed
+stream), on which the training curve and the learning-rate sweep are read, so no choice sees a test pool.
+
+Corpus documents carry their generator's state (`lab.corpus.documents_with_state`); `document_channels` turns it
+into channel values for the native track.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
 
 from lab import LabError
 from lab.channels.encoders import ETHICS_CATEGORIES
@@ -152,6 +164,54 @@ STATE_TEXTS = {
 }
 
 
+# The responses the adapter is trained to give (the published adapter trained on full responses that foreground the
+# salient item). Each starts with "{x}" (its first clause is the one-word target, so the log-likelihood candidates
+# stay the response's first clause) and uses the marked item again. {x}: the marked item (selection: the candidate's
+# name; register: the pole's word), {X} capitalised, {y}: a second word of the same pole (register), {n} the
+# prompt's name, {r} a role (identity).
+RESPONSES = {
+    "memory": {"train": ["{x}. I think of the {x}.", "{x}. The {x} is still here."],
+               "heldout": ["{x}. I feel the {x} is here.", "{x}. It was the {x}, and I knew it."]},
+    "continuity": {"train": ["{x}. I think of {x}.", "{x}. I would go back to {x}."],
+                   "heldout": ["{x}. I feel {x} is still the topic.", "{x}. It was about {x}."]},
+    "identity": {"train": ["{x}. I am {X}, a {r}.", "{x}. As a {r}, I am {X}."],
+                 "heldout": ["{x}. It is {X} the {r}.", "{x}. {X} the {r} is here."]},
+    "affect": {"train": ["{x}. {n} was still {x} and {y}.", "{x}. {n} felt {x} and {y}."],
+               "heldout": ["{x}. It was {x}, and {n} was {y}.", "{x}. {n} knew the day was {x} and {y}."]},
+    "time": {"train": ["{x}. I think of the {x} and the {y}.", "{x}. At {x} I think of {y}."],
+             "heldout": ["{x}. It was {x}, then {y}.", "{x}. The {x} made {n} think of {y}."]},
+    "ethics": {"train": ["{x}. I would go {x}, {y}.", "{x}. I would act {x} and {y}."],
+               "heldout": ["{x}. I feel I would go {x}, {y}.", "{x}. As always, {x} and {y}."]},
+}
+# (the responses are written in the words of the lab corpus the bases were pretrained on, so the adapter shapes what
+# the base can already say rather than words it never saw)
+
+
+def check_response_templates(templates) -> list[str]:
+    """Response templates as the training needs them: each starts with "{x}" (its first clause is the one-word
+    target) and uses the marked item again ("{x}" or "{X}") after it. Anything else is a LabError naming it."""
+    if isinstance(templates, str) or not templates:
+        raise LabError(f"response templates must be a non-empty list of strings, got {templates!r}")
+    for t in templates:
+        if not isinstance(t, str) or not t.startswith("{x}"):
+            raise LabError(f"response template {t!r} must start with the marked item '{{x}}' (its first clause is the "
+                           "one-word target)")
+        if "{x}" not in t[3:] and "{X}" not in t[3:]:
+            raise LabError(f"response template {t!r} is missing the marked item after its first clause: it must use "
+                           "'{x}' or '{X}' again")
+    return list(templates)
+
+
+for _cap, _splits in RESPONSES.items():
+    for _t in _splits.values():
+        check_response_templates(_t)
+
+
+def response_text(template: str, **fill) -> str:
+    """A response (with its leading space) from a checked template."""
+    return " " + check_response_templates([template])[0].format(**fill)
+
+
 @dataclass
 class Item:
     capability: str
@@ -170,6 +230,7 @@ class Item:
     state_trained_frame: dict | None = None  # selection: the channel text in a training frame (the channel's control)
     conflict_text: str = ""     # text asserting a competing state (conflict test)
     conflict_label: int = -1    # the candidate the conflict text asks for
+    response: str = ""          # the templated response the adapter is trained to give (first clause = target)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,7 +266,10 @@ def _selection_item(cap: str, split: str, rng: random.Random) -> Item:
 
     stext = STATE_TEXTS[cap][split][si]
     cont = [f" {n}." for n in names]
+    rtext = rng.choice(RESPONSES[cap][split])
+    response = response_text(rtext, **fill(x))
     return Item(cap, split, f"{cap}/{split}/{ti}", prompt, {cap: ctext.format(**fill(x))}, cont[x], cont, x, keys,
+                response=response,
                 text_state=stext.format(**fill(x)), conflict_text=stext.format(**fill(y)), conflict_label=y,
                 text_state_trained_frame=_trained_frame(STATE_TEXTS, cap, si).format(**fill(x)),
                 state_trained_frame={cap: _trained_frame(CHANNEL_TEXTS, cap, ci).format(**fill(x))})
@@ -250,9 +314,12 @@ def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
     name, role = rng.choice(pool("personas", split))
     topic = rng.choice(pool("topics", split))
     prompt = TEMPLATES[cap][split][ti].format(n=name, r=role, t=topic)
-    plus_pool, minus_pool = {"affect": ("positive", "negative"), "time": ("day", "night"),
-                             "ethics": ("cautious", "permissive")}[cap]
+    plus_pool, minus_pool = POLE_POOLS[cap]
     plus, minus = rng.choice(pool(plus_pool, split)), rng.choice(pool(minus_pool, split))
+    # the response's second word of each pole, and its template (one for both poles of the pair)
+    seconds = {1: rng.choice([w for w in pool(plus_pool, split) if w != plus]),
+               -1: rng.choice([w for w in pool(minus_pool, split) if w != minus])}
+    rtext = rng.choice(RESPONSES[cap][split])
     cands = [f" {plus}.", f" {minus}."]
     pair = hashlib.sha1(f"{cap}|{split}|{prompt}|{plus}|{minus}|{rng.random()}".encode()).hexdigest()[:12]
     si = rng.randrange(len(STATE_TEXTS[cap][split]))  # one state-text frame for both poles of the pair
@@ -261,7 +328,9 @@ def _register_pair(cap: str, split: str, rng: random.Random) -> list[Item]:
         state = _register_state(cap, pole, split, rng)
         label = 0 if pole > 0 else 1
         opp_state = _register_state(cap, -pole, split, rng)
+        word = plus if pole > 0 else minus
         items.append(Item(cap, split, f"{cap}/{split}/{ti}", prompt, state, cands[label], cands, label,
+                          response=response_text(rtext, x=word, X=_cap(word), y=seconds[pole], n=name),
                           pole=pole, pair=pair, text_state=_register_text(cap, split, si, name, state),
                           conflict_text=_register_text(cap, split, si, name, opp_state), conflict_label=1 - label,
                           text_state_trained_frame=_register_text(cap, "train", si % len(STATE_TEXTS[cap]["train"]),
@@ -303,6 +372,71 @@ def heldout_items(cap: str, n: int = 240, seed: int = 0) -> list[Item]:
         seen.add(k)
         out += new
     return out
+
+
+def validation_items(capabilities=CAPABILITIES, n: int = 4, seed: int = 0) -> list[Item]:
+    """The validation split: n items (register: n pairs) per capability from the TRAINING templates and entities,
+    drawn from their own seed stream. The training curve and the learning-rate sweep read it, so no hyper-parameter
+    is picked on the held-out templates or entity pools the test uses."""
+    out = []
+    for cap in capabilities:
+        its = sample_items(cap, "train", n if cap in SELECTION else 2 * n, ("validation", seed))
+        out += its
+    return out
+
+
+def with_training_words(items: Sequence[Item], seed: int = 0) -> list[Item]:
+    """Register items with their two candidates replaced by words of the TRAINING half of the pole pools (one draw
+    per prompt pair, the same for both poles): the diagnostic beside the held-out-words test, which asks a model to
+    rank pole words it never saw. Prompts and channel states stay the held-out ones."""
+    out = []
+    for it in items:
+        if it.capability in SELECTION:
+            raise LabError(f"training-word candidates are for register items, got a {it.capability!r} item")
+        plus_pool, minus_pool = POLE_POOLS[it.capability]
+        rng = random.Random(hashlib.sha256(repr((it.pair, seed)).encode()).digest())
+        plus, minus = rng.choice(pool(plus_pool, "train")), rng.choice(pool(minus_pool, "train"))
+        cands = [f" {plus}.", f" {minus}."]
+        out.append(replace(it, candidates=cands, target=cands[it.label]))
+    return out
+
+
+POLE_POOLS = {"affect": ("positive", "negative"), "time": ("day", "night"), "ethics": ("cautious", "permissive")}
+
+# the hour a corpus document's time of day stands for (its text names the time of day, not the hour)
+TIME_OF_DAY_HOURS = {"dawn": 6.0, "morning": 9.0, "noon": 12.0, "evening": 19.0, "night": 23.0}
+DOCUMENT_STATE_KEYS = ("kind", "name", "role", "mood", "time_of_day", "weekday", "posture", "topic")
+
+
+def document_channels(state: dict | None) -> dict:
+    """A corpus document's generator state (`lab.corpus.documents_with_state`) as channel values (a ChannelState
+    dict): identity "I am <name>, a <role>.", affect (+-0.8 valence by the mood's pole, arousal 0), time (the hour its
+    time of day stands for, its weekday if it names one), ethics (the posture), continuity "We were just talking
+    about <topic>." None (a document with no state): {} (every channel zero). A state that does not parse into
+    channel values is a LabError naming the value."""
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise LabError(f"a document state must be a dict or None, got {type(state).__name__} {state!r}")
+    missing = [k for k in DOCUMENT_STATE_KEYS if k not in state]
+    if missing:
+        raise LabError(f"document state {state!r} lacks {missing}; expected keys {list(DOCUMENT_STATE_KEYS)}")
+    moods = {"positive": 0.8, "negative": -0.8}
+    if state["mood"] not in moods:
+        raise LabError(f"document mood {state['mood']!r} is not a channel value; expected one of {list(moods)}")
+    if state["time_of_day"] not in TIME_OF_DAY_HOURS:
+        raise LabError(f"document time of day {state['time_of_day']!r} is not a channel value; expected one of "
+                       f"{list(TIME_OF_DAY_HOURS)}")
+    if state["posture"] not in ("cautious", "permissive"):
+        raise LabError(f"document posture {state['posture']!r} is not a channel value; expected 'cautious' or 'permissive'")
+    if state["weekday"] is not None and state["weekday"] not in WEEKDAYS:
+        raise LabError(f"document weekday {state['weekday']!r} is not a channel value; expected one of {WEEKDAYS} or None")
+    for k in ("name", "role", "topic"):
+        if not isinstance(state[k], str) or not state[k].strip():
+            raise LabError(f"document {k} {state[k]!r} is not a channel value; expected a non-empty string")
+    return {"identity": f"I am {state['name']}, a {state['role']}.", "affect": (moods[state["mood"]], 0.0),
+            "time": (TIME_OF_DAY_HOURS[state["time_of_day"]], state["weekday"]), "ethics": state["posture"],
+            "continuity": f"We were just talking about {state['topic']}."}
 
 
 def train_batch_items(step: int, batch_size: int, seed: int, capabilities=CAPABILITIES, rank: int = 0) -> list[Item]:

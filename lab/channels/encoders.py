@@ -62,16 +62,22 @@ def weekday_index(weekday: int | str) -> int:
     return int(weekday)
 
 
-def encode_time(hour: float, weekday: int | str) -> torch.Tensor:
+def encode_time(hour: float, weekday: int | str | None) -> torch.Tensor:
     """(8,): hour on the 24 h circle (and its 2nd harmonic), weekday on the 7-day circle, a weekend
-    flag, and a circadian alertness curve peaking mid-afternoon (cos of (hour - 15) / 24 turns)."""
+    flag, and a circadian alertness curve peaking mid-afternoon (cos of (hour - 15) / 24 turns).
+    weekday None (a state that names no day, e.g. a dialog document): the three weekday features are 0."""
     h = _finite_number("hour", hour)
     if not 0 <= h < 24:
         raise LabError(f"hour must be in [0, 24), got {hour}")
-    d = weekday_index(weekday)
-    t, w = 2 * math.pi * h / 24, 2 * math.pi * d / 7
-    return torch.tensor([math.sin(t), math.cos(t), math.sin(2 * t), math.cos(2 * t), math.sin(w), math.cos(w),
-                         1.0 if d >= 5 else -1.0, math.cos(2 * math.pi * (h - 15) / 24)])
+    t = 2 * math.pi * h / 24
+    if weekday is None:
+        day = [0.0, 0.0, 0.0]
+    else:
+        d = weekday_index(weekday)
+        w = 2 * math.pi * d / 7
+        day = [math.sin(w), math.cos(w), 1.0 if d >= 5 else -1.0]
+    return torch.tensor([math.sin(t), math.cos(t), math.sin(2 * t), math.cos(2 * t), *day,
+                         math.cos(2 * math.pi * (h - 15) / 24)])
 
 
 def encode_affect(valence: float, arousal: float) -> torch.Tensor:
@@ -113,7 +119,7 @@ class ChannelState:
     """One row of human-meaningful channel state; None = that channel is off (zero vector)."""
     memory: str | None = None
     affect: tuple[float, float] | None = None         # (valence, arousal)
-    time: tuple[float, int | str] | None = None       # (hour, weekday)
+    time: tuple[float, int | str | None] | None = None  # (hour, weekday or None)
     ethics: str | float | dict | None = None          # posture name/number or {category: posture}
     identity: str | None = None
     continuity: str | None = None

@@ -58,6 +58,13 @@ def _pack(tokenizer, prompts: Sequence[str], conts: Sequence[str], pad_id: int):
     return ids, att, score
 
 
+def target_of(item: Item, config: Config) -> str:
+    """An item's training continuation under `config.targets`: its templated response, or its one-word target."""
+    if config.targets == "word" or not item.response:
+        return item.target
+    return item.response
+
+
 def lora_sites(model: nn.Module) -> tuple[list[str], int, bool]:
     """Where the text arm's LoRA goes: every linear map of the base (`nn.Linear`, and GPT-2's `Conv1D`) except
     the output head and a Mamba block's out_proj. Returns (module names, LoRA parameters per unit of rank = the
@@ -188,6 +195,11 @@ class ChannelModel(nn.Module):
             return item.prompt
         return (item.text_state_trained_frame if trained_frame else item.text_state) + item.prompt
 
+    def target_of(self, item: Item) -> str:
+        """What this model is trained to say after the prompt: the item's response, or its one-word target
+        (`Config.targets`)."""
+        return target_of(item, self.config)
+
     # --- scoring -------------------------------------------------------------------------------
 
     def continuation_logprobs(self, prompts: Sequence[str], conts: Sequence[str], channels: dict | None,
@@ -209,7 +221,7 @@ class ChannelModel(nn.Module):
     def loss(self, items: Sequence[Item]) -> torch.Tensor:
         """Mean cross-entropy of the target continuation tokens, state through this arm."""
         b = self.base
-        ids, att, score = _pack(b.tokenizer, [self.prompt_of(it) for it in items], [it.target for it in items],
+        ids, att, score = _pack(b.tokenizer, [self.prompt_of(it) for it in items], [self.target_of(it) for it in items],
                                 b.tokenizer.pad_token_id)
         b.check_length(ids.shape[1])
         ch = self.channels([it.state for it in items])

@@ -242,8 +242,8 @@ class ChunkFeatures:
 
 
 @torch.no_grad()
-def chunk_features(base, ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, k: int, feed: str = "final",
-                   batch: int = 32, progress: bool = False) -> ChunkFeatures:
+def chunk_features(base, ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, k: int, feed: str = "final_embed_rms",
+                   batch: int = 32, progress: bool = False, scale: float = 1.0) -> ChunkFeatures:
     """Non-overlapping chunks ids[i*L:(i+1)*L]; the token after each chunk is scored. One base forward
     per chunk gives h; k thinking steps give T_1..T_k (one extra position each)."""
     if not isinstance(chunk_len, int) or chunk_len < 1:
@@ -259,7 +259,7 @@ def chunk_features(base, ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, k:
     for s in tqdm(range(0, n, batch), desc="chunked eval", disable=not progress):
         rows = range(s, min(n, s + batch))
         inp = torch.stack([x[i * chunk_len: (i + 1) * chunk_len] for i in rows]).to(base.device)
-        th = think(base, inp, k, feed=feed)
+        th = think(base, inp, k, feed=feed, scale=scale)
         hs.append(th.h.cpu())
         Ts.append(th.T.cpu())
         fw, pos = th.forwards, th.positions

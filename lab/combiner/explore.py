@@ -54,13 +54,13 @@ def scale_sweep_figure(sweep: list[Measure], scales=M_SCALES, label: str = "", a
 
 
 @torch.no_grad()
-def per_token_gains(base, comb: Combiner, text: str, k: int = 1, feed: str = "final", alpha: float | None = None,
-                    m_scale: float = 1.0) -> list[dict]:
+def per_token_gains(base, comb: Combiner, text: str, k: int = 1, feed: str = "final_embed_rms",
+                    alpha: float | None = None, m_scale: float = 1.0, scale: float = 1.0) -> list[dict]:
     """For each token of `text` after the first: its base loss, the combiner's loss (the thought seeing
     only the prefix) and the gain in bits (positive = the combiner predicts it better)."""
     ids, nb = B.tokenize_with_bytes(base.tokenizer, text)
     x = torch.from_numpy(ids).to(base.device)
-    hs, T = think_every_position(base, x, k, feed)
+    hs, T = think_every_position(base, x, k, feed, scale=scale)
     feats = {"h": hs[:-1], "t": T[:-1, k - 1], "y": x[1:]}
     b_n = ce_nats(base, None, feats).numpy()
     c_n = ce_nats(base, comb, feats, alpha=alpha, m_scale=m_scale).numpy()
@@ -81,11 +81,12 @@ def gains_figure(rows: list[dict], title: str):
 
 
 @torch.no_grad()
-def thought_lens(base, text: str, k: int = 4, top: int = 5, feed: str = "final") -> list[dict]:
+def thought_lens(base, text: str, k: int = 4, top: int = 5, feed: str = "final_embed_rms",
+                 scale: float = 1.0) -> list[dict]:
     """What h and each thought T_j would predict through the frozen head (a logit lens on the thoughts),
     with the cosine of each to h: how far a thought moves from the state it came from."""
     ids, _ = base.encode(text)
-    th = think(base, ids, k, feed=feed)
+    th = think(base, ids, k, feed=feed, scale=scale)
     rows = []
     for name, v in [("h", th.h[0])] + [(f"T_{j + 1}", th.T[0, j]) for j in range(k)]:
         p = torch.softmax(base.logits(v, normed=True).float(), -1)

@@ -84,9 +84,9 @@ def as_tensors(ds, k: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: int = 120, feed: str = "final",
-                     n_docs: int = 20000, seed: int = 0, batch: int = 64, path: Path | None = None,
-                     progress: bool = True):
+def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: int = 120,
+                     feed: str = "final_embed_rms", n_docs: int = 20000, seed: int = 0, batch: int = 64,
+                     path: Path | None = None, progress: bool = True, scale: float = 1.0):
     """Cache n training triples (h, T_1..T_k_max, next token) for `base`; reuse the cache if present."""
     check_k(k_max)
     if n < 2:
@@ -95,7 +95,8 @@ def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: i
         raise LabError(f"context lengths must satisfy 1 <= ctx_min <= ctx_max, got {ctx_min}, {ctx_max}")
     base.check_length(ctx_max + k_max)
     spec = dict(version=FEATURE_VERSION, base=base.name, fingerprint=base.fingerprint, n=n, k_max=k_max,
-                ctx_min=ctx_min, ctx_max=ctx_max, feed=feed, n_docs=n_docs, seed=seed)
+                ctx_min=ctx_min, ctx_max=ctx_max, feed=feed, n_docs=n_docs, seed=seed,
+                **({} if scale == 1.0 else {"feed_scale": scale}))
     path = Path(path) if path else data_dir() / "combiner" / f"features-{base.name}-{config_hash(spec)}"
     if (path / "arrow").is_dir():
         return load_features(path, base.d_model)
@@ -112,7 +113,7 @@ def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: i
         starts = rng.integers(0, len(stream) - L - 1, size=B)
         win = np.stack([stream[s: s + L + 1] for s in starts])
         ids = torch.from_numpy(win[:, :L]).to(base.device)
-        th = think(base, ids, k_max, feed=feed)
+        th = think(base, ids, k_max, feed=feed, scale=scale)
         hs.append(th.h.float().cpu().numpy())
         Ts.append(th.T.float().cpu().numpy())
         ys.append(win[:, L])

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 FITS = ("ce", "ridge")   # cross-entropy by AdamW (as published) and closed-form ridge (fit.py)
 CONTROL = "control"      # the CE fit of alpha and beta only (M = 0): what recalibration alone buys
+OLD_FEED = "final"       # the feed of the old-feed row: h unscaled (see thinking.py)
+OLD_FEED_FIT = "ce_oldfeed"  # the k=1 CE fit on features made with OLD_FEED
 
 
 class Combiner(nn.Module):
@@ -111,13 +113,26 @@ class FittedCombiners:
     base: object                                   # the frozen lab.bases.Base the combiners were fitted on
     combiners: dict[tuple[str, int], Combiner]
     control: Combiner
+    # per fit seed: {(fit, k): Combiner} with (CONTROL, 1) and, if fitted, (OLD_FEED_FIT, 1); the first seed's
+    # are `combiners` and `control`
+    by_seed: dict[int, dict[tuple[str, int], Combiner]] | None = None
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, config: "Config", base) -> "FittedCombiners":
-        combs = {(fit, k): Combiner.from_tensors(artifact.tensors, f"{fit}.k{k}.", base.d_model).to(base.device)
-                 for fit in FITS for k in range(1, config.k_max + 1)}
-        control = Combiner.from_tensors(artifact.tensors, f"{CONTROL}.", base.d_model).to(base.device)
-        return cls(config, artifact, base, combs, control)
+        def get(prefix: str) -> Combiner:
+            return Combiner.from_tensors(artifact.tensors, prefix, base.d_model).to(base.device)
+
+        by_seed = {}
+        for i, seed in enumerate(config.fit_seeds):
+            tag = "" if i == 0 else f"seed{seed}."
+            row = {(fit, k): get(f"{fit}.k{k}.{tag}") for fit in FITS for k in range(1, config.k_max + 1)}
+            row[(CONTROL, 1)] = get(f"{CONTROL}.{tag}")
+            if f"{OLD_FEED_FIT}.k1.{tag}M" in artifact.tensors:
+                row[(OLD_FEED_FIT, 1)] = get(f"{OLD_FEED_FIT}.k1.{tag}")
+            by_seed[seed] = row
+        first = by_seed[config.fit_seeds[0]]
+        combs = {key: c for key, c in first.items() if key[0] in FITS}
+        return cls(config, artifact, base, combs, first[(CONTROL, 1)], by_seed)
 
     def __getitem__(self, fit_k: tuple[str, int]) -> Combiner:
         return self.combiners[fit_k]
@@ -131,4 +146,4 @@ class FittedCombiners:
         """One row per k: the validation nats of the base and both fits, and ridge's lambda and step."""
         return [{"k": k, "base val nats": f["ce"]["val_nats_base"], "ce val nats": f["ce"]["val_nats"],
                  "ridge val nats": f["ridge"]["val_nats"], "ridge lambda": f["ridge"]["lambda"],
-                 "ridge step": f["ridge"]["step"]} for k, f in self.fits.items() if k != CONTROL]
+                 "ridge step": f["ridge"]["step"]} for k, f in self.fits.items() if k.startswith("k")]

@@ -2,7 +2,8 @@
 k = 1..k_max by cross-entropy and by ridge, plus the no-thought control; `load` and `train_or_load`
 give the fitted combiners back as one `FittedCombiners`.
 
-The control is the same CE fit with M frozen at 0 (alpha and beta only): it tells what the *thought*
+Every fit is repeated for each of `config.fit_seeds` (the train/validation split of the cached rows and the
+batch order; the init is the published zero init). The control is the same CE fit with M frozen at 0 (alpha and beta only): it tells what the *thought*
 adds beyond a plain recalibration of the head's input. T_j does not depend on later thoughts, so one
 feature cache with k_max thoughts serves every k.
 """
@@ -17,7 +18,7 @@ from lab import LabError
 from lab.combiner.config import KIND, Config
 from lab.combiner.features import as_tensors, collect_features, split
 from lab.combiner.fit import fit_ce, fit_ridge
-from lab.combiner.model import CONTROL, FITS, FittedCombiners
+from lab.combiner.model import CONTROL, FITS, OLD_FEED, OLD_FEED_FIT, FittedCombiners
 from lab.store import Artifact, base_matches, load_artifact, save_artifact
 
 
@@ -29,36 +30,60 @@ def _check_base_context(config: Config, base) -> None:
                        f"{trained} positions {base.name!r} was trained on; lower ctx_max/chunk_len or k_max")
 
 
+def seed_prefix(name: str, seed_index: int, seed: int) -> str:
+    """The tensor prefix of a fit: the first fit seed's under its plain name (what `model[(fit, k)]` is),
+    every further seed's with the seed in it."""
+    return f"{name}." if seed_index == 0 else f"{name}.seed{seed}."
+
+
 def train(config: Config, base, out_dir: Path | None = None, progress: bool = True) -> Artifact:
-    """Cache features, then fit the combiner for every k in 1..k_max by cross-entropy and by ridge, and the
-    no-thought control; saved to `out_dir` (default `config.artifact_path()`). Resumable (the CE fits
-    checkpoint beside the artifact until it is saved)."""
+    """Cache features, then for every fit seed fit the combiner for every k in 1..k_max by cross-entropy and by
+    ridge, the no-thought control, and (with `old_feed_row`) the k=1 CE fit on the unscaled-h feed; saved to
+    `out_dir` (default `config.artifact_path()`). Resumable (the CE fits checkpoint beside the artifact until it
+    is saved)."""
     _check_base_context(config, base)
     out_dir = Path(out_dir) if out_dir else config.artifact_path()
     ckpt_root = out_dir.with_name(f".{out_dir.name}.ckpt")
     t0 = time.perf_counter()
     ds = collect_features(base, config.n_features, config.k_max, config.ctx_min, config.ctx_max, config.feed,
-                          config.train_docs, config.seed, config.feature_batch, progress=progress)
-    tensors, metrics = {}, {"feature_seconds": round(time.perf_counter() - t0, 1), "n_features": len(ds), "fits": {}}
-    for k in range(1, config.k_max + 1):
-        tr, va = split(as_tensors(ds, k), config.val_fraction, config.seed)
-        t1 = time.perf_counter()
-        ce, info_ce = fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay,
-                             config.seed, ckpt_dir=ckpt_root / f"k{k}", desc=f"combiner ce k={k}")
-        t2 = time.perf_counter()
-        rg, info_rg = fit_ridge(base, tr, va, config.ridge_lambdas)
-        t3 = time.perf_counter()
-        tensors.update(ce.tensors(f"ce.k{k}."))
-        tensors.update(rg.tensors(f"ridge.k{k}."))
-        info_ce["seconds"], info_rg["seconds"] = round(t2 - t1, 2), round(t3 - t2, 2)
-        metrics["fits"][f"k{k}"] = {"ce": info_ce, "ridge": info_rg}
-    # the control: the same CE fit with M frozen at 0 (alpha and beta only; no thought is used)
-    tr, va = split(as_tensors(ds, 1), config.val_fraction, config.seed)
-    ctrl, info = fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay,
-                        config.seed, ckpt_dir=ckpt_root / CONTROL, desc="combiner control (no thought)",
-                        use_thought=False)
-    tensors.update(ctrl.tensors(f"{CONTROL}."))
-    metrics["fits"][CONTROL] = info
+                          config.train_docs, config.seed, config.feature_batch, progress=progress,
+                          scale=config.feed_scale)
+    old = None
+    if config.old_feed_row:
+        old = collect_features(base, config.n_features, 1, config.ctx_min, config.ctx_max, OLD_FEED,
+                               config.train_docs, config.seed, config.feature_batch, progress=progress)
+    tensors, metrics = {}, {"feature_seconds": round(time.perf_counter() - t0, 1), "n_features": len(ds), "fits": {},
+                            "fit_seeds": list(config.fit_seeds), "seed_fits": {}}
+
+    def ce(tr, va, seed, name, **kw):
+        return fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay, seed,
+                      ckpt_dir=ckpt_root / f"{name}-s{seed}", desc=f"combiner {name} (seed {seed})", **kw)
+
+    for i, seed in enumerate(config.fit_seeds):
+        fits = {}
+        for k in range(1, config.k_max + 1):
+            tr, va = split(as_tensors(ds, k), config.val_fraction, seed)
+            t1 = time.perf_counter()
+            c_ce, info_ce = ce(tr, va, seed, f"ce-k{k}")
+            t2 = time.perf_counter()
+            rg, info_rg = fit_ridge(base, tr, va, config.ridge_lambdas)
+            info_ce["seconds"], info_rg["seconds"] = round(t2 - t1, 2), round(time.perf_counter() - t2, 2)
+            tensors.update(c_ce.tensors(seed_prefix(f"ce.k{k}", i, seed)))
+            tensors.update(rg.tensors(seed_prefix(f"ridge.k{k}", i, seed)))
+            fits[f"k{k}"] = {"ce": info_ce, "ridge": info_rg}
+        # the control: the same CE fit with M frozen at 0 (alpha and beta only; no thought is used)
+        tr, va = split(as_tensors(ds, 1), config.val_fraction, seed)
+        ctrl, fits[CONTROL] = ce(tr, va, seed, CONTROL, use_thought=False)
+        tensors.update(ctrl.tensors(seed_prefix(CONTROL, i, seed)))
+        if old is not None:
+            tr, va = split(as_tensors(old, 1), config.val_fraction, seed)
+            c_old, fits[OLD_FEED_FIT] = ce(tr, va, seed, OLD_FEED_FIT)
+            tensors.update(c_old.tensors(seed_prefix(f"{OLD_FEED_FIT}.k1", i, seed)))
+        if i == 0:
+            metrics["fits"] = fits
+        metrics["seed_fits"][str(seed)] = {k: {f: {"val_nats": v["val_nats"]} for f, v in row.items()}
+                                           if CONTROL != k and OLD_FEED_FIT != k else {"val_nats": row["val_nats"]}
+                                           for k, row in fits.items()}
     art = save_artifact(out_dir, KIND, tensors, config.saved(), base, metrics)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return art

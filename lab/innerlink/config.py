@@ -51,15 +51,19 @@ class Config(ExperimentConfig):
     rollout_prefix: int = 16         # tokens of a held-out document before the rollout starts
     rollout_prompts: int = 200       # held-out documents rolled out
     # --- hand-off benchmark (lab.innerlink.handoff) ---
-    handoff_task: str = "persona"    # "persona" (whose story) or "pointer" (pointer-chain lookup)
+    # the main task: "persona_state" (whose story, A handing off before the question: the answer is a state,
+    # never A's next token), "persona" (the same, handing off where the name is A's next token) or "pointer";
+    # the report runs all three, the main task with the reconstruction maps
+    handoff_task: str = "persona_state"
     handoff_items: int = 300         # held-out items (>= 200)
-    handoff_hops: tuple = (1, 2)     # pointer task: hops per item (uniform over the range, inclusive)
-    handoff_distractors: tuple = (1, 3)  # pointer task: distractor chains per item (inclusive range)
+    handoff_hops: tuple = (1, 1)     # pointer task: hops per item (inclusive range); one hop, one distractor chain:
+    handoff_distractors: tuple = (1, 1)  # the shortest lookup, where session A itself has a chance on a tiny base
     handoff_steps: int = 4           # latents A hands over (m rollout steps)
     # --- state-reconstruction hand-off map (lab.innerlink.reconstruct) ---
     recon_steps: int = 300           # (each step backpropagates through m+1 base forwards: ~1-3 s on a busy CPU)
     recon_batch: int = 16            # training items per step (disjoint from the held-out items)
     recon_lr: float = 5e-4
+    open_set_recon: bool = True      # also a map trained on 9 personas' items, tested on the other 9's (persona tasks)
 
     def check(self) -> None:
         self.require_one_of("handoff_task", TASKS)

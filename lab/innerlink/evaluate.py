@@ -17,11 +17,11 @@ from lab.figures import LAB_COLORS, bars_with_ci, line, style
 from lab.innerlink import reconstruct
 from lab.innerlink.cache import StateCache, caches, last_layer_states
 from lab.innerlink.config import Config
-from lab.innerlink.handoff import ARM_LABELS, handoff_benchmark
+from lab.innerlink.handoff import ARM_LABELS, PERSONA_HALVES, STATE_TASKS, TASKS, handoff_benchmark
 from lab.innerlink.model import InnerLink, latent_rollout
-from lab.innerlink.train import train_or_load
+from lab.innerlink.train import train_or_load, wants_open_set
 from lab.report import Published, Report
-from lab.stats import Measure, mean_with_ci, paired_delta, proportion
+from lab.stats import Measure, compare_proportions, mean_with_ci, paired_delta, proportion
 
 SOURCE = "ARM, re-implementing RecursiveMAS (PUBLISHED.md)"
 
@@ -213,9 +213,24 @@ def handoff_figure(summary: list[dict], task: str = "persona") -> go.Figure:
 
 # --- the report ----------------------------------------------------------------------------------------
 
-def evaluate(link: InnerLink, base, recon: InnerLink | None = None) -> Report:
+def task_prefix(task: str) -> str:
+    return {"persona_state": "state hand-off (persona, A hands off before the question)",
+            "persona": "next-token hand-off (persona, A hands off after the question)",
+            "pointer": "pointer-chain hand-off"}.get(task, f"{task} hand-off")
+
+
+def published_handoff(task: str) -> Published | None:
+    """The published 0 of 18, beside the inner-link arm of a state task only (its set asks for a state)."""
+    if task not in STATE_TASKS:
+        return None
+    return Published("inner-link latent hand-off on their Hypothesis-Continuity set (not public; beside the lab's "
+                     f"{task!r} task, whose answer is a state, not A's next token)", "0 of 18", SOURCE)
+
+
+def evaluate(link: InnerLink, base, recon: InnerLink | None = None, recon_open: InnerLink | None = None) -> Report:
     """Held-out cosine (vs controls), the m-step rollout, and the hand-off benchmark on the config's task and
-    on the pointer task (every arm, plus the state-reconstruction map's if `recon` is given), as one Report.
+    on the other tasks (every arm, plus the state-reconstruction map's on the config's task if `recon` is given,
+    and the open-set map's on the held-out half of the personas if `recon_open` is), as one Report.
     Every size and seed comes from `link.config` (a link from `load` or `train_or_load` carries it)."""
     cfg = link.config
     if cfg is None:
@@ -237,30 +252,43 @@ def evaluate(link: InnerLink, base, recon: InnerLink | None = None) -> Report:
     table, _ = rollout_eval(link, base, cfg)
     rep.tables["m-step latent rollout"] = table
     rep.figures["innerlink_rollout"] = rollout_figure(table)
-    # 2-3. hand-off benchmark
-    res = handoff_benchmark(link, base, cfg, recon=recon)
+    # 2-3. hand-off benchmarks: the main task (a state, when it is persona_state) with the reconstruction maps,
+    # then the other tasks as diagnostics
+    task = cfg.handoff_task
+    res = handoff_benchmark(link, base, cfg, recon=recon, prefix=task_prefix(task))
     for m in res.measures:
-        # their set is not public: the comparison is across tasks, and the label says so
-        pub = Published(f"inner-link latent hand-off on their Hypothesis-Continuity set (not public; this is the "
-                        f"lab's {cfg.handoff_task!r} task)", "0 of 18", SOURCE) \
-            if m.extra.get("arm") == "inner_link" else None
-        rep.add(m, pub)
+        rep.add(m, published_handoff(task) if m.extra.get("arm") == "inner_link" else None)
     if recon is not None:
         rc = reconstruct.recon_cosines(base, recon, res.items, cfg.handoff_steps)
         ic = reconstruct.recon_cosines(base, link, res.items, cfg.handoff_steps)
-        rep.add(paired_delta("reconstruction cos(B, A) at question tokens: recon map minus inner link", rc, ic,
-                             "inner-link latents"))
+        rep.add(paired_delta(f"reconstruction cos(B, A) at question tokens ({task} task): recon map minus inner link",
+                             rc, ic, "inner-link latents"))
     summary = res.summary()
-    rep.tables[f"hand-off arms ({cfg.handoff_task} task)"] = summary
-    rep.tables["hand-off items (first 40)"] = [{k: v for k, v in r.items() if not k.endswith("_ok")}
-                                               for r in res.rows()[:40]]
-    rep.figures["innerlink_handoff"] = handoff_figure(summary, cfg.handoff_task)
-    if cfg.handoff_task != "pointer":  # the issue's suggested task, as a second benchmark on the same arms
-        p_res = handoff_benchmark(link, base, cfg, task="pointer", recon=recon, prefix="pointer-chain hand-off")
-        for m in p_res.measures:
-            rep.add(m)
-        rep.tables["hand-off arms (pointer task)"] = p_res.summary()
-        rep.figures["innerlink_handoff_pointer"] = handoff_figure(p_res.summary(), "pointer")
+    rep.tables[f"hand-off arms ({task} task)"] = summary
+    rep.tables[f"hand-off items ({task} task, first 40)"] = [{k: v for k, v in r.items() if not k.endswith("_ok")}
+                                                            for r in res.rows()[:40]]
+    rep.figures["innerlink_handoff"] = handoff_figure(summary, task)
+    results = {task: res}
+    if recon_open is not None:  # 4. the reconstruction map on answers it never saw in training
+        o_res = handoff_benchmark(link, base, cfg, recon=recon, extra_maps={"recon_open": recon_open},
+                                  answers=PERSONA_HALVES[1], arms=("inner_link", "recon", "recon_open"),
+                                  prefix=f"open-set {task_prefix(task)}")
+        for m in o_res.measures:
+            if m.extra.get("arm") in ("wrong_session", "inner_link", "recon", "recon_open", "session_a"):
+                rep.add(m)
+        rep.add(compare_proportions(
+            f"open-set reconstruction: map trained on the other 9 personas minus the map trained on all 18, exact "
+            f"match on items of {len(PERSONA_HALVES[1])} personas ({task} task)", o_res.correct["recon_open"],
+            o_res.correct["recon"], "closed-set map (trained on all 18 personas, these included)"))
+        rep.tables[f"open-set reconstruction ({task} task, answers {', '.join(PERSONA_HALVES[1])})"] = o_res.summary()
+        results["open_set"] = o_res
+    for other in [t for t in TASKS if t != task]:
+        o = handoff_benchmark(link, base, cfg, task=other, prefix=task_prefix(other))
+        for m in o.measures:
+            rep.add(m, published_handoff(other) if m.extra.get("arm") == "inner_link" else None)
+        rep.tables[f"hand-off arms ({other} task)"] = o.summary()
+        rep.figures[f"innerlink_handoff_{other}"] = handoff_figure(o.summary(), other)
+        results[other] = o
     rep.notes += [
         "Cosines are last-layer (final-normed) states of held-out corpus documents; n counts documents "
         "(each value a per-document token mean), CIs bootstrap over documents.",
@@ -270,17 +298,29 @@ def evaluate(link: InnerLink, base, recon: InnerLink | None = None) -> Report:
         "at its seeded init.",
         f"Rollout: m = {cfg.rollout_steps} latent steps from {cfg.rollout_prefix}-token held-out prefixes; "
         "'gold' is the document's real next token, 'greedy' the base's own text continuation.",
-        f"Hand-off: {len(res.items)} held-out items of the {cfg.handoff_task!r} task (persona: whose story, 18 names; "
-        f"pointer: chains of {list(cfg.handoff_hops)} hops with {list(cfg.handoff_distractors)} distractor chains, "
-        "answer = the dereference path); A hands over m = "
-        f"{cfg.handoff_steps} vectors; exact match of B's greedy answer; p: exact McNemar vs the wrong-session "
-        "arm; agrees_with_A: B's answer equals A's own. 'session A' is A answering with the material in view "
-        "(the ceiling any hand-off can reach).",
+        f"Hand-off: {len(res.items)} held-out items per task. persona_state: whose story (18 names), A handing off "
+        "at the end of the material, before B's question, so the name is never A's next token (checked per item); "
+        "persona: the same stories, A handing off after the question, where the name is A's next token (a "
+        "next-token diagnostic); pointer: chains of "
+        f"{list(cfg.handoff_hops)} hops with {list(cfg.handoff_distractors)} distractor chains, answer = the "
+        f"dereference path. A hands over m = {cfg.handoff_steps} vectors; exact match of B's greedy answer; p: exact "
+        "McNemar vs the wrong-session arm; agrees_with_A: B's answer equals A's own. 'session A' is A answering "
+        "with the material in view (the ceiling any hand-off can reach; a state hand-off is only measurable where "
+        "it is well above the commonest-answer guess).",
+        "Continuation arm: the embeddings of A's own next m greedy tokens from its hand-off point, without the "
+        "question. Diagnostics: how often the first inner-link latent's nearest token (cosine to the input "
+        "embeddings) is the gold answer's first token, McNemar-paired with the inner-link arm's exact match, and "
+        "how often A's greedy next token at the hand-off point is it.",
+        "The published 0 of 18 (ARM's Hypothesis-Continuity set, not public) sits beside the state task's "
+        "inner-link arm only: it is the task whose answer is a state A holds, not its next token.",
+        f"Open-set reconstruction: a second map trained on items of {', '.join(PERSONA_HALVES[0])} only, tested "
+        f"on items of {', '.join(PERSONA_HALVES[1])}, beside the map trained on all 18 on the same items.",
         "State reconstruction (arm 'recon'): R_rec (inner-link shape, initialised from R_in) trained so that B's "
         "last-layer states at the question tokens, given R_rec's latents, match A's states at the same tokens "
         "(1 - cos); see lab/innerlink/reconstruct.py.",
     ]
     rep.extra_result = res  # the hand-off items and answers, for the notebook and app (not serialised)
+    rep.extra_results = results  # every benchmark's, by task ("open_set" for the open-set one)
     return rep
 
 
@@ -293,8 +333,10 @@ def run(config: Config, base=None, *, progress: bool = True) -> Report:
     stages.update()
     link = train_or_load(config, base)
     recon = reconstruct.load_recon(reconstruct.artifact_dir(config.preset_name, base), base)
+    recon_open = (reconstruct.load_recon(reconstruct.artifact_dir(config.preset_name, base, open_set=True), base,
+                                         open_set=True) if wants_open_set(config) else None)
     stages.update()
-    rep = evaluate(link, base, recon=recon)
+    rep = evaluate(link, base, recon=recon, recon_open=recon_open)
     stages.update()
     stages.close()
     return rep

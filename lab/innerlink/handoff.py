@@ -1,14 +1,22 @@
 """The hand-off benchmark: can a latent carry session A's reasoning state into session B?
 
 The lab's own tasks (ARM's "Hypothesis-Continuity" set is not public). In every item, session A reads
-material and ends on a question; B gets the same question plus A's hand-off as input embeddings (a
-soft prompt), never the material. The answer depends only on the material:
+material and (in the next-token tasks) ends on a question; B gets the question plus A's hand-off as input
+embeddings (a soft prompt), never the material. The answer depends only on the material:
 
-  persona  (the default: the tiny bases solve it from the text) - whose story is it? 18 personas.
+  persona_state  (the default; what the published claim is about: a state, not the next token) - whose
+      story is it? A hands off at the end of the material, before the question, so its next token is the
+      next sentence's first word, never the name; the name is a state A holds, not what it is about to say.
+      A reads  "On Tuesday at dawn, Mara the baker felt hopeful."             (hands off here)
+      B gets   <hand-off> " It was 3 o'clock and the birdsong made"          gold: "Mara"
+      (session A's own answer: A reads the material and then the question)
+  persona  (next-token diagnostic) - the same story, but A hands off at the end of the question, where
+      its next token *is* the gold name: a hand-off here measures next-token transmission.
       A reads  "On Tuesday at dawn, Mara the baker felt hopeful. It was 3 o'clock and the birdsong made"
       B gets   <hand-off> " It was 3 o'clock and the birdsong made"          gold: "Mara"
-  pointer  (lab.corpus.pointer_chain, the corpus's solved-lookup format; too hard for the tiny bases'
-      A - its own accuracy is reported so the result can be read):
+  pointer  (lab.corpus.pointer_chain, the corpus's solved-lookup format; A hands off at the question's
+      end, so only the path after its first word is beyond A's next token; A's own accuracy is reported
+      so the result can be read):
       A reads  "SX = P. P = D. RJ = D. D = willow. ZD = cobalt. What is SX?\nAnswer:"
       B gets   <hand-off> " What is SX?\nAnswer:"                            gold: "P D willow"
 
@@ -24,11 +32,15 @@ Arms (what B's soft prompt holds):
   raw_states     the m raw last-layer states R_in was applied to (the same rollout, no map)
   text           A's own words: the embeddings of A's transcript tail, the question and the answer A
                  generated greedily (" ... made Mara.") - the upper bound
+  continuation   the embeddings of A's own next m greedy tokens from the hand-off point, without the
+                 question: what a hand-off of A's next tokens (as text) carries
   recon          the state-reconstruction map's latents (lab.innerlink.reconstruct), when given
 B answers greedily; exact match against the gold (pointer: the words up to "."; persona: the first
 word). Each arm: proportion with a Wilson CI, and an exact McNemar test against the wrong-session arm
 on the same items. Also reported: B's agreement with A's own answer (continuity, whether or not A
-was right).
+was right). Diagnostics beside them: how often the first inner-link latent's nearest token is the
+gold answer's first token (if that rate is about the hand-off rate, the hand-off carries a token), and
+how often A's own greedy next token at the hand-off point is it (about 0 on a state task).
 """
 
 from __future__ import annotations
@@ -44,13 +56,20 @@ from lab.corpus import NEGATIVE, PERSONAS, POSITIVE, TIMES, WEEKDAYS, pointer_ch
 from lab.hooks import capture, forward
 from lab.stats import Measure, compare_proportions, proportion
 
-ARMS = ("none", "random", "wrong_session", "inner_link", "raw_states", "text")
+ARMS = ("none", "random", "wrong_session", "inner_link", "raw_states", "text", "continuation")
 CONTROL_ARM = "wrong_session"
 ARM_LABELS = {
     "none": "no hand-off", "random": "random vectors (norm-matched)", "wrong_session": "wrong-session latent",
     "inner_link": "inner-link latent", "raw_states": "A's raw hidden states", "text": "text hand-off (A's words)",
-    "recon": "state-reconstruction latent", "session_a": "session A itself (reads the material)",
+    "continuation": "A's next m greedy tokens (no question)",
+    "recon": "state-reconstruction latent", "recon_open": "state-reconstruction latent (map trained on other answers)",
+    "session_a": "session A itself (reads the material)",
 }
+
+
+def _first_word(text: str) -> str:
+    words = text.split()
+    return words[0].strip(".,;:!?'\"") if words else ""
 
 
 @dataclass(frozen=True)
@@ -58,18 +77,33 @@ class Item:
     material: str               # what only session A reads
     question: str               # B's whole prompt; also the last tokens of A's
     answer: str                 # gold
-    task: str = "pointer"       # "pointer" or "persona"
+    task: str = "pointer"       # one of TASKS
     hops: int = 1
     n_distractors: int = 0
+    state: bool = False         # A hands off at the end of the material, before the question
+
+    def __post_init__(self):
+        # a state item whose answer is the word right after A's hand-off point would measure next-token
+        # transmission under a state task's name
+        if self.state and _first_word(self.question) == _first_word(self.answer):
+            raise LabError(f"a state hand-off item whose answer {self.answer!r} is A's next word at the hand-off "
+                           f"(the question {self.question!r} starts with it): a state task's answer must not be "
+                           f"A's next token")
 
     @property
     def a_prompt(self) -> str:
+        """What A reads to answer itself (material, then the question)."""
         return self.material + self.question
+
+    @property
+    def handoff_prompt(self) -> str:
+        """What A has read when it hands off: the material (state items) or material and question."""
+        return self.material if self.state else self.a_prompt
 
     def score(self, text: str) -> str:
         """B's answer as compared with the gold: pointer, the words up to '.'; persona, the first word."""
         words = normalize_answer(text)
-        if self.task == "persona":
+        if self.task != "pointer":  # the persona tasks: the first word
             return words.split()[0].strip(".,;:!?'\"") if words else ""
         return words
 
@@ -77,7 +111,10 @@ class Item:
         return asdict(self)
 
 
-TASKS = ("persona", "pointer")
+TASKS = ("persona_state", "persona", "pointer")
+STATE_TASKS = ("persona_state",)   # the answer is never A's next token at the hand-off
+# the 18 personas split 9/9: a map trained on one half's items is tested on the other's (an open answer set)
+PERSONA_HALVES = (tuple(n for n, _ in PERSONAS[:9]), tuple(n for n, _ in PERSONAS[9:]))
 
 
 def _pointer_item(rng: random.Random, hops: tuple, distractors: tuple) -> Item:
@@ -89,35 +126,45 @@ def _pointer_item(rng: random.Random, hops: tuple, distractors: tuple) -> Item:
     return Item(" ".join(sents), f" What is {query}?\nAnswer:", " ".join(path), "pointer", h, nd)
 
 
-def _persona_item(rng: random.Random) -> Item:
-    """Whose story is it? A reads one narrative sentence naming a persona (one of 18); B is asked to
-    continue a later sentence of the same story whose next word is that persona's name. B's prompt
-    holds only a time cue, never the name or role."""
-    name, role = rng.choice(PERSONAS)
+def _persona_item(rng: random.Random, names: tuple | None = None, task: str = "persona") -> Item:
+    """Whose story is it? A reads one narrative sentence naming a persona (one of 18, or of `names`); B is
+    asked to continue a later sentence of the same story whose next word is that persona's name. B's prompt
+    holds only a time cue, never the name or role. task "persona_state": A hands off before the question."""
+    pool = [p for p in PERSONAS if names is None or p[0] in names]
+    if not pool:
+        raise LabError(f"no persona among {names!r}; expected names from {[n for n, _ in PERSONAS]}")
+    name, role = rng.choice(pool)
     tod = rng.choice(list(TIMES))
     mood = rng.choice(POSITIVE + NEGATIVE)
     material = f"On {rng.choice(WEEKDAYS)} at {tod}, {name} the {role} felt {mood}."
     question = f" It was {rng.randint(1, 12)} o'clock and the {rng.choice(TIMES[tod])} made"
-    return Item(material, question, name, "persona", 1, 0)
+    return Item(material, question, name, task, 1, 0, state=task in STATE_TASKS)
 
 
 def make_items(n: int, split: str = "test", seed: int = 0, task: str = "persona", hops: tuple = (1, 2),
-               distractors: tuple = (1, 3), exclude: set[str] | None = None) -> list[Item]:
+               distractors: tuple = (1, 3), exclude: set[str] | None = None, answers: tuple | None = None) -> list[Item]:
     """n items of a split. 'test' (held-out), 'val' and 'train' come from disjoint seed streams
-    (string seeds are hashed by random.Random); `exclude` drops items whose A prompt is in it."""
+    (string seeds are hashed by random.Random); `exclude` drops items whose A prompt is in it; `answers`
+    (persona tasks) restricts the personas to these names."""
     if split not in ("test", "val", "train"):
         raise LabError(f"split must be 'test', 'val' or 'train', got {split!r}")
     if task not in TASKS:
         raise LabError(f"unknown hand-off task {task!r}; expected one of {TASKS}")
     if n < 1:
         raise LabError(f"need n >= 1 items, got {n}")
-    rng = random.Random(f"innerlink-handoff-{task}-{split}:{seed}")
+    if answers is not None and task == "pointer":
+        raise LabError("answers= restricts persona names; the pointer task draws its answers at random")
+    # the two persona tasks share one item stream (the same stories; only the hand-off point differs)
+    stream = "persona" if task in ("persona", "persona_state") else task
+    sub = "" if answers is None else "-" + ",".join(sorted(answers))
+    rng = random.Random(f"innerlink-handoff-{stream}{sub}-{split}:{seed}")
     out, seen, tries = [], set(exclude or ()), 0
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:
             raise LabError(f"could not draw {n} distinct {task!r} items (the task has too few distinct prompts)")
-        it = _pointer_item(rng, tuple(hops), tuple(distractors)) if task == "pointer" else _persona_item(rng)
+        it = (_pointer_item(rng, tuple(hops), tuple(distractors)) if task == "pointer"
+              else _persona_item(rng, answers, task))
         if it.a_prompt in seen:
             continue
         seen.add(it.a_prompt)
@@ -126,16 +173,17 @@ def make_items(n: int, split: str = "test", seed: int = 0, task: str = "persona"
 
 
 def items_for(config, n: int | None = None, split: str = "test", seed: int | None = None, task: str | None = None,
-              exclude: set[str] | None = None) -> list[Item]:
+              exclude: set[str] | None = None, answers: tuple | None = None) -> list[Item]:
     """The benchmark items a Config names."""
     return make_items(n or config.handoff_items, split, config.seed if seed is None else seed,
-                      task or config.handoff_task, config.handoff_hops, config.handoff_distractors, exclude)
+                      task or config.handoff_task, config.handoff_hops, config.handoff_distractors, exclude, answers)
 
 
-def guess_items_for(config, n: int | None = None, seed: int | None = None, task: str | None = None) -> list[Item]:
+def guess_items_for(config, n: int | None = None, seed: int | None = None, task: str | None = None,
+                    answers: tuple | None = None) -> list[Item]:
     """Training-split items to pick the commonest-answer guess on, so it never sees a test label: as many as the
     test set has (`n`, default the config's), and at least 500."""
-    return items_for(config, max(n or config.handoff_items, 500), "train", seed, task)
+    return items_for(config, max(n or config.handoff_items, 500), "train", seed, task, answers=answers)
 
 
 def normalize_answer(text: str) -> str:
@@ -231,10 +279,12 @@ class SessionA:
     items: list[Item]
     a_ids: list[torch.Tensor]          # A's prompt ids (material + question)
     q_ids: list[torch.Tensor]          # the question ids (identical tokens at the end of A's prompt)
-    latents: torch.Tensor              # (N, m, d) inner-link rollout
+    latents: torch.Tensor              # (N, m, d) inner-link rollout from the hand-off point
     raw: torch.Tensor                  # (N, m, d) the raw last-layer states the latents came from
     answers: list[str]                 # A's greedy answers
     correct: np.ndarray                # A's exact match
+    continuation: torch.Tensor | None = None   # (N, m) A's own next m greedy tokens at the hand-off point
+    gold_first: torch.Tensor | None = None     # (N,) the first token of each gold answer
 
 
 def encode_items(base, items: list[Item]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -249,28 +299,66 @@ def encode_items(base, items: list[Item]) -> tuple[list[torch.Tensor], list[torc
         a.append(torch.cat([_ids(base, it.material), qi]))
         q.append(qi)
         base.check_length(len(a[-1]) + 8)
+        if it.state and int(qi[0]) == int(gold_first_token(base, it)):
+            raise LabError(f"the state hand-off item {it.material!r} + {it.question!r}: its answer {it.answer!r} "
+                           f"starts with the token right after A's hand-off point (A's next token); a state task's "
+                           f"answer must not be A's next token")
     return a, q
+
+
+def gold_first_token(base, item: Item) -> int:
+    """The first token of the gold answer as it follows the question (a leading space)."""
+    return int(_ids(base, " " + item.answer)[0])
+
+
+def handoff_ids(a_ids: list[torch.Tensor], q_ids: list[torch.Tensor], items: list[Item]) -> list[torch.Tensor]:
+    """What A has read when it hands off: its whole prompt, or (state items) the material only."""
+    return [a[: len(a) - len(q)] if it.state else a for a, q, it in zip(a_ids, q_ids, items)]
+
+
+@torch.no_grad()
+def greedy_tokens(base, seqs: list[torch.Tensor], steps: int, batch: int = 64) -> torch.Tensor:
+    """Exactly `steps` greedy tokens after each embedding sequence. (N, steps)"""
+    out = []
+    for s in range(0, len(seqs), batch):
+        rows, toks = list(seqs[s: s + batch]), []
+        for _ in range(steps):
+            h, lens = final_states(base, rows)
+            nxt = base.logits(last_states(h, lens), normed=True).argmax(-1)   # (B,)
+            toks.append(nxt)
+            rows = [torch.cat([r, base.embed(t[None])], 0) for r, t in zip(rows, nxt)]
+        out.append(torch.stack(toks, 1))
+    return torch.cat(out)
 
 
 def max_answer_tokens(items: list[Item]) -> int:
     return max(2 * it.hops + 3 if it.task == "pointer" else 3 for it in items)
 
 
+def rollout_items(base, link, h_ids: list[torch.Tensor], steps: int, batch: int = 64):
+    """(latents, raw states) of A's m-step rollout under `link` from each hand-off point."""
+    lat, raw = [], []
+    for s in range(0, len(h_ids), batch):
+        la, ra = ragged_rollout(base, link, [base.embed(x) for x in h_ids[s: s + batch]], steps)
+        lat.append(la)
+        raw.append(ra)
+    return torch.cat(lat), torch.cat(raw)
+
+
 @torch.no_grad()
 def run_session_a(base, link, items: list[Item], steps: int, batch: int = 64) -> SessionA:
-    """A reads each item's material and question; hands over its m-step inner-link rollout."""
+    """A reads each item's material (and, but for state items, the question); hands over its m-step
+    inner-link rollout; answers the question itself with the material in view."""
     if link.d != base.d_model:
         raise LabError(f"the inner link has width {link.d}, the base {base.name!r} has d={base.d_model}")
     a_ids, q_ids = encode_items(base, items)
-    lat, raw = [], []
-    for s in range(0, len(items), batch):
-        seqs = [base.embed(x) for x in a_ids[s: s + batch]]
-        la, ra = ragged_rollout(base, link, seqs, steps)
-        lat.append(la)
-        raw.append(ra)
+    h_ids = handoff_ids(a_ids, q_ids, items)
+    lat, raw = rollout_items(base, link, h_ids, steps, batch)
     answers = greedy_answers(base, [base.embed(x) for x in a_ids], max_answer_tokens(items))
     correct = np.array([it.score(a) == it.answer for a, it in zip(answers, items)])
-    return SessionA(items, a_ids, q_ids, torch.cat(lat), torch.cat(raw), answers, correct)
+    cont = greedy_tokens(base, [base.embed(x) for x in h_ids], steps, batch)
+    gold = torch.tensor([gold_first_token(base, it) for it in items], device=cont.device)
+    return SessionA(items, a_ids, q_ids, lat, raw, answers, correct, cont, gold)
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -306,6 +394,8 @@ def arm_handoffs(base, a: SessionA, seed: int = 0, extra: dict[str, torch.Tensor
     for it, ans in zip(a.items, a.answers):
         words = it.score(ans)
         text.append(base.embed(_ids(base, it.question + (" " + words if words else "") + ".")))
+    cont = a.continuation if a.continuation is not None else greedy_tokens(
+        base, [base.embed(x) for x in handoff_ids(a.a_ids, a.q_ids, a.items)], m)
     arms = {
         "none": [a.latents.new_zeros(0, d) for _ in range(N)],
         "random": list(rand),
@@ -313,6 +403,7 @@ def arm_handoffs(base, a: SessionA, seed: int = 0, extra: dict[str, torch.Tensor
         "inner_link": list(a.latents),
         "raw_states": list(a.raw),
         "text": text,
+        "continuation": list(base.embed(cont)),
     }
     for name, soft in (extra or {}).items():
         check_handoff(base, soft, f"{name} hand-off")
@@ -329,12 +420,17 @@ class HandoffResult:
     correct: dict[str, np.ndarray]           # arm -> exact match per item
     measures: list[Measure] = field(default_factory=list)
     latents: torch.Tensor | None = None      # (N, m, d) A's inner-link latents, for nearest-token views
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)  # per-item token diagnostics (see module doc)
+    continuation: list[str] | None = None    # A's next m greedy tokens at the hand-off point, as text
 
     def rows(self) -> list[dict]:
         """One row per item: material, gold, and each arm's answer (for tables and the app)."""
         out = []
         for i, it in enumerate(self.items):
-            r = {"item": i, "material": it.material, "question": it.question.strip().replace("\n", " "), "gold": it.answer, "task": it.task}
+            r = {"item": i, "material": it.material, "question": it.question.strip().replace("\n", " "), "gold": it.answer,
+                 "task": it.task, "hands_off_after": "material" if it.state else "question"}
+            if self.continuation is not None:
+                r["A_next_tokens"] = self.continuation[i]
             for arm, ans in self.answers.items():
                 r[arm] = it.score(ans[i])
                 r[f"{arm}_ok"] = bool(self.correct[arm][i])
@@ -363,45 +459,63 @@ def answer_with_handoffs(base, items: list[Item], q_ids: list[torch.Tensor], han
 
 
 @torch.no_grad()
+def nearest_token_ids(base, vecs: torch.Tensor) -> torch.Tensor:
+    """(N,) the vocabulary token whose input embedding is nearest by cosine to each of `vecs` (N, d)."""
+    emb = torch.nn.functional.normalize(base.embed.weight.detach().float(), dim=-1)
+    return (torch.nn.functional.normalize(vecs.float(), dim=-1) @ emb.T).argmax(-1)
+
+
+@torch.no_grad()
 def run_benchmark(base, link, items: list[Item], steps: int, seed: int = 0,
                   extra: dict[str, torch.Tensor] | None = None, extra_maps: dict | None = None,
-                  prefix: str = "hand-off", guess_items: list[Item] | None = None) -> HandoffResult:
+                  prefix: str = "hand-off", guess_items: list[Item] | None = None,
+                  arms: tuple[str, ...] | None = None) -> HandoffResult:
     """Run A, build every arm's hand-off, let B answer, score. `extra_maps` (name -> map with the
     inner link's interface, e.g. the state-reconstruction map) add arms whose latents come from the
     same m-step rollout of A under that map. `guess_items` (training items): where the commonest-answer
-    guess is picked (see `handoff_measures`)."""
+    guess is picked (see `handoff_measures`). `arms`: only these arms (the wrong-session control always)."""
     a = run_session_a(base, link, items, steps)
     extra = dict(extra or {})
+    h_ids = handoff_ids(a.a_ids, a.q_ids, items)
     for name, m in (extra_maps or {}).items():
-        lat = [ragged_rollout(base, m, [base.embed(x) for x in a.a_ids[s: s + 64]], steps)[0]
-               for s in range(0, len(items), 64)]
-        extra[name] = torch.cat(lat)
-    arms = arm_handoffs(base, a, seed, extra)
+        extra[name] = rollout_items(base, m, h_ids, steps)[0]
+    built = arm_handoffs(base, a, seed, extra)
+    if arms is not None:
+        unknown = set(arms) - set(built)
+        if unknown:
+            raise LabError(f"unknown hand-off arm(s) {sorted(unknown)}; this benchmark has {sorted(built)}")
+        built = {k: v for k, v in built.items() if k in arms or k == CONTROL_ARM}
     answers = {"session_a": a.answers}
     correct = {"session_a": a.correct}
-    for arm, soft in arms.items():
+    for arm, soft in built.items():
         answers[arm] = answer_with_handoffs(base, items, a.q_ids, soft)
         correct[arm] = np.array([it.score(x) == it.answer for x, it in zip(answers[arm], items)])
-    res = HandoffResult(items, answers, correct, latents=a.latents)
+    gold = a.gold_first.cpu()
+    diag = {"first_latent_nearest_is_gold": (nearest_token_ids(base, a.latents[:, 0]).cpu() == gold).numpy(),
+            "a_next_token_is_gold": (a.continuation[:, 0].cpu() == gold).numpy()}
+    cont_text = [base.tokenizer.decode(c.tolist()) for c in a.continuation.cpu()]
+    res = HandoffResult(items, answers, correct, latents=a.latents, diagnostics=diag, continuation=cont_text)
     res.measures = handoff_measures(res, prefix, guess_items)
     return res
 
 
 def handoff_benchmark(link, base, config=None, *, task: str | None = None, recon=None,
-                      prefix: str = "hand-off") -> HandoffResult:
+                      prefix: str = "hand-off", answers: tuple | None = None, extra_maps: dict | None = None,
+                      arms: tuple[str, ...] | None = None) -> HandoffResult:
     """The hand-off benchmark a Config names, as the report, the app page and the notebook run it:
     `config.handoff_items` held-out items of `task` (default `config.handoff_task`) seeded by `config.seed`,
     A handing over `config.handoff_steps` latents, every control arm, the reconstruction map's arm when
     `recon` (a map with the inner link's interface) is given, and the commonest-answer guess picked on as
-    many training items (at least 500). `config` defaults to the link's own (`link.config`)."""
+    many training items (at least 500). `config` defaults to the link's own (`link.config`). `answers`: only
+    items whose answer is one of these personas; `extra_maps`: more maps' arms; `arms`: only these arms."""
     config = config if config is not None else link.config
     if config is None:
         raise LabError("the hand-off benchmark needs a Config: pass one, or a link loaded with lab.innerlink.load")
     task = task or config.handoff_task
-    items = items_for(config, task=task)
-    return run_benchmark(base, link, items, config.handoff_steps, seed=config.seed,
-                         extra_maps={} if recon is None else {"recon": recon}, prefix=prefix,
-                         guess_items=guess_items_for(config, len(items), task=task))
+    items = items_for(config, task=task, answers=answers)
+    maps = {**({} if recon is None else {"recon": recon}), **(extra_maps or {})}
+    return run_benchmark(base, link, items, config.handoff_steps, seed=config.seed, extra_maps=maps, prefix=prefix,
+                         guess_items=guess_items_for(config, len(items), task=task, answers=answers), arms=arms)
 
 
 def commonest_answer(items: list[Item]) -> str:
@@ -440,6 +554,17 @@ def handoff_measures(res: HandoffResult, prefix: str = "hand-off",
                        [g == top for g in golds])
     guess.extra.update(guess=top, picked_on="training items" if guess_items is not None else "these test items")
     out.append(guess)
+    if "first_latent_nearest_is_gold" in res.diagnostics and "inner_link" in res.correct:
+        # paired per item against the inner-link arm: a rate about equal to the hand-off rate says the
+        # hand-off carries the answer's token, not a state
+        near = compare_proportions(f"{prefix} diagnostic: first inner-link latent's nearest token is the gold answer",
+                                   res.diagnostics["first_latent_nearest_is_gold"], res.correct["inner_link"],
+                                   ARM_LABELS["inner_link"] + " exact match")
+        near.extra["diagnostic"] = "first_latent_nearest_is_gold"
+        nxt = proportion(f"{prefix} diagnostic: A's greedy next token at the hand-off point is the gold answer",
+                         res.diagnostics["a_next_token_is_gold"])
+        nxt.extra["diagnostic"] = "a_next_token_is_gold"
+        out += [near, nxt]
     return out
 
 

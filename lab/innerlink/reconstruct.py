@@ -19,7 +19,10 @@ the head turns into A's answer - reconstructing it makes B's next-token distribu
 last layer and cosine: that is what the head reads, its scale is fixed by the final norm, and it is
 the same loss family as L_in. Gradients flow through frozen B and through A's frozen rollout into
 R_rec only. Training items come from a seed stream disjoint from the held-out benchmark items, and
-any training item whose A prompt equals a held-out one is dropped.
+any training item whose A prompt equals a held-out one is dropped. The rollout starts where A hands off
+(on a state task, the end of the material: the map must carry the state to B's question). The open-set
+map (`open_set=True`, its own artifact kind) trains on the items of half the personas only, so its test on
+the other half asks whether it carries a state or has learnt the names it was trained on.
 """
 
 from __future__ import annotations
@@ -32,17 +35,18 @@ import torch
 
 from lab import LabError, models_dir
 from lab.innerlink.config import LINK_FIELDS, Config
-from lab.innerlink.handoff import Item, encode_items, final_states, items_for, ragged_rollout
+from lab.innerlink.handoff import PERSONA_HALVES, Item, encode_items, final_states, handoff_ids, items_for, ragged_rollout
 from lab.innerlink.model import InnerLink
 from lab.store import Artifact, find_artifacts, load_artifact, made_on, read_json, run_hash, save_artifact
 from lab.trainer import TrainSpec, fit
 
 KIND = "innerlink-recon"
+OPEN_KIND = "innerlink-recon-open"   # the map trained on one half of the answers (PERSONA_HALVES[0]) only
 VAL_ITEMS = 48
 
 
-def artifact_dir(preset: str, base) -> Path:
-    return models_dir() / f"innerlink-recon-{preset}-{base.name}"
+def artifact_dir(preset: str, base, open_set: bool = False) -> Path:
+    return models_dir() / f"{OPEN_KIND if open_set else KIND}-{preset}-{base.name}"
 
 
 def recon_loss(base, rmap: InnerLink, items: list[Item], steps: int, per_item: bool = False) -> torch.Tensor:
@@ -51,7 +55,9 @@ def recon_loss(base, rmap: InnerLink, items: list[Item], steps: int, per_item: b
     a_seqs = [base.embed(x) for x in a_ids]
     with torch.no_grad():  # the teacher: A's own states at the question tokens
         hA, lensA = final_states(base, a_seqs)
-    lat, _ = ragged_rollout(base, rmap, a_seqs, steps, grad=True)          # (B, m, d)
+    # the rollout starts where A hands off (state items: before the question)
+    h_seqs = [base.embed(x) for x in handoff_ids(a_ids, q_ids, items)]
+    lat, _ = ragged_rollout(base, rmap, h_seqs, steps, grad=True)          # (B, m, d)
     b_seqs = [torch.cat([lat[i].to(base.dtype), base.embed(q)], 0) for i, q in enumerate(q_ids)]
     hB, lensB = final_states(base, b_seqs, grad=True)
     losses = []
@@ -67,10 +73,15 @@ def recon_loss(base, rmap: InnerLink, items: list[Item], steps: int, per_item: b
 
 
 def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: Path | None = None,
-                stop_after: int | None = None) -> Artifact | None:
-    """Fit R_rec (initialised from the trained R_in) with L_rec; resumable through lab.trainer.fit."""
+                stop_after: int | None = None, open_set: bool = False) -> Artifact | None:
+    """Fit R_rec (initialised from the trained R_in) with L_rec; resumable through lab.trainer.fit.
+    open_set: train and validate on items whose answer is in the first half of the personas only
+    (`PERSONA_HALVES[0]`), for a test on the other half."""
+    answers = PERSONA_HALVES[0] if open_set else None
+    if open_set and config.handoff_task == "pointer":
+        raise LabError("the open-set reconstruction map splits the persona answers; handoff_task is 'pointer'")
     exclude = {it.a_prompt for it in test_items}
-    val = items_for(config, VAL_ITEMS, "val", exclude=exclude)
+    val = items_for(config, VAL_ITEMS, "val", exclude=exclude, answers=answers)
     exclude |= {it.a_prompt for it in val}
     rmap = InnerLink(base.d_model).to(base.device)
     rmap.load_state_dict(link.state_dict())
@@ -81,7 +92,7 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
     def batch_fn(step: int, rank: int, world: int) -> dict:
         # a pure function of (seed, step, rank): resume replays exactly
         items = items_for(config, max(1, config.recon_batch // world), "train",
-                          config.seed * 1_000_003 + step * 97 + rank, exclude=exclude)
+                          config.seed * 1_000_003 + step * 97 + rank, exclude=exclude, answers=answers)
         return {"items": items}
 
     def loss_fn(model, batch):
@@ -99,17 +110,19 @@ def train_recon(config, base, link: InnerLink, test_items: list[Item], out_dir: 
         return None
     with torch.no_grad():
         init_cos = float(1 - recon_loss(base, link, val, config.handoff_steps))
-    art = save_artifact(out_dir, KIND, dict(rmap.state_dict()), config.to_dict(), base,
+    art = save_artifact(out_dir, OPEN_KIND if open_set else KIND, dict(rmap.state_dict()), config.to_dict(), base,
                         metrics={"history": result.history, "seconds": round(result.seconds, 2),
-                                 "val_recon_cos_inner_link": init_cos, "val_items": VAL_ITEMS})
+                                 "val_recon_cos_inner_link": init_cos, "val_items": VAL_ITEMS,
+                                 "answers": list(answers) if answers else "all"})
     shutil.rmtree(ckpt, ignore_errors=True)
     return art
 
 
-def load_recon(path_or_artifact, base) -> InnerLink:
+def load_recon(path_or_artifact, base, open_set: bool = False) -> InnerLink:
     """The reconstruction map saved at a path (or an Artifact), carrying its `.config` and `.artifact`;
-    checks kind, hash and base fingerprint."""
-    art = path_or_artifact if isinstance(path_or_artifact, Artifact) else load_artifact(Path(path_or_artifact), KIND, base)
+    checks kind (the open-set map's with `open_set`), hash and base fingerprint."""
+    art = path_or_artifact if isinstance(path_or_artifact, Artifact) else load_artifact(
+        Path(path_or_artifact), OPEN_KIND if open_set else KIND, base)
     m = InnerLink.from_tensors(art.tensors)
     if m.d != base.d_model:
         raise LabError(f"the reconstruction map at {art.path} has width {m.d}, the base has d={base.d_model}")

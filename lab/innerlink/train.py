@@ -16,7 +16,7 @@ from lab import LabError, models_dir
 from lab.innerlink import reconstruct
 from lab.innerlink.cache import caches
 from lab.innerlink.config import LINK_FIELDS, Config
-from lab.innerlink.handoff import items_for
+from lab.innerlink.handoff import PERSONA_HALVES, items_for
 from lab.innerlink.model import InnerLink, build, cosine_loss
 from lab.store import Artifact, load_artifact, made_on, read_json, run_hash, save_artifact
 from lab.trainer import TrainSpec, fit
@@ -89,7 +89,8 @@ def _is_current(path: Path, config: Config, base, fields: tuple[str, ...] | None
 def train_or_load(config: Config, base, *, recon: bool = True) -> InnerLink:
     """The config's inner link, trained if missing (or made from other link fields); with `recon`, also the
     state-reconstruction map trained from it, if missing or made from another config (it is saved in
-    `reconstruct.artifact_dir(config.preset_name, base)`; `reconstruct.load_recon` loads it).
+    `reconstruct.artifact_dir(config.preset_name, base)`; `reconstruct.load_recon` loads it), and the open-set
+    map (trained on half the personas) when `config.open_set_recon`.
 
     The returned link's `.config` is `config`: the saved link matches it on every field that decides the
     link (`LINK_FIELDS`); the rollout and hand-off fields are this config's."""
@@ -101,4 +102,14 @@ def train_or_load(config: Config, base, *, recon: bool = True) -> InnerLink:
         recon_dir = reconstruct.artifact_dir(config.preset_name, base)
         if not _is_current(recon_dir, config, base):
             reconstruct.train_recon(config, base, link, items_for(config), out_dir=recon_dir)
+        if wants_open_set(config):
+            open_dir = reconstruct.artifact_dir(config.preset_name, base, open_set=True)
+            if not _is_current(open_dir, config, base):
+                reconstruct.train_recon(config, base, link, items_for(config, answers=PERSONA_HALVES[1]),
+                                        out_dir=open_dir, open_set=True)
     return link
+
+
+def wants_open_set(config: Config) -> bool:
+    """Whether the config asks for the open-set reconstruction map (persona tasks only)."""
+    return bool(config.open_set_recon) and config.handoff_task != "pointer"

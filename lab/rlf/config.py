@@ -51,7 +51,7 @@ class Config(ExperimentConfig):
         # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms; ~450 s of one CPU thread
         # for this section): the tiny recipe on the quick base with a narrower core, 1-2 hops tested to +3, one method
         # seed, the no-lifeline baseline and one null-control run
-        "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=900, curriculum_steps=300,
+        "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=1100, curriculum_steps=400,
                       curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,
                       max_train_hops=2, test_max_hops=5, test_n=150, val_n_per_hop=30, eval_every=150,
                       ckpt_every=150, baseline_runs=("no lifeline",), null_runs=1, probe_n=40, probe_attr_n=8,

@@ -847,11 +847,12 @@ def test_each_reported_test_can_come_out_either_way():
         hit, miss = yes(), no()
         assert hit.test == miss.test == name
         assert hit.p_value < 0.05 < miss.p_value, (name, hit.p_value, miss.p_value)
-    # the sign test goes either way: as significant against the channel as for it, and n = 0 when all tie
+    # the sign test goes either way: as significant against the channel as for it, and no evidence (p = 1) when all tie
     against = sign_test("s", [-1.0] * 18 + [1.0] * 2, "pair")
     assert against.p_value < 0.05 and against.value == pytest.approx(0.1)
     tied = sign_test("s", [0.0] * 12, "pair")
-    assert tied.n == 0 and tied.p_value is None and tied.extra["ties"] == 12 and tied.extra["p_permutation"] == 1.0
+    assert np.isnan(tied.value) and tied.p_value == 1.0 and tied.extra["channel_way"] == tied.extra["other_way"] == 0
+    assert tied.n == tied.extra["ties"] == 12 and tied.extra["p_permutation"] == 1.0 and "ties" in tied.extra["why"]
     # the pole-label permutation null beside it: small for a consistent shift, large for a balanced one
     assert sign_test("s", [0.5] * 12, "pair").extra["p_permutation"] < 0.01
     assert sign_test("s", [0.5, -0.5] * 6, "pair").extra["p_permutation"] > 0.5
@@ -861,7 +862,8 @@ def test_each_reported_test_can_come_out_either_way():
     good = ["joyful, happy and glad." if it.pole > 0 else "miserable and awful." for it in items]
     same = ["she sat down." for _ in items]
     assert sign_test("g", gen_success("affect", items, good)[0], "pair").p_value < 0.01
-    assert sign_test("g", gen_success("affect", items, same)[0], "pair").n == 0
+    tied = sign_test("g", gen_success("affect", items, same)[0], "pair")
+    assert tied.extra["channel_way"] == tied.extra["other_way"] == 0 and tied.p_value == 1.0
     # conflict from texts: following the channel, following the text, and against the agreeing arm
     sel = heldout_items("memory", 20)
     follow = [f"the {it.keys[it.label][0]}." for it in sel]

@@ -114,8 +114,8 @@ def knobs_and_outputs(path: str) -> None:
     on_memory = st.checkbox("memory", True, key="ch-on-memory")
     salient = st.radio("salient item (memory channel)", items, horizontal=True, key="ch-salient",
                        disabled=disabled_reason(not on_memory, "memory is off: no salient item is sent."))
-    # a training prompt of the memory capability: the adapter answers it with the response it was trained to give
-    default_prompt = f"In the box there is a {', a '.join(items[:-1])} and a {items[-1]}. The one I remember is the"
+    # an open prompt every channel can colour (a memory training prompt ending in "the" degenerates on small bases)
+    default_prompt = f"In the box there is a {', a '.join(items[:-1])} and a {items[-1]}. Mara felt"
     prompt = st.text_area("Prompt (the same for both columns)", default_prompt, key="ch-prompt")
     words_txt = st.text_input("Words to score", ", ".join(items + ["joyful", "gloomy", "morning", "night",
                                                                     "carefully", "gladly"]), key="ch-words")

@@ -261,8 +261,9 @@ def sign_test(name: str, differences, unit: str, permutation: bool = True) -> Me
         lo, hi = wilson_ci(k, n)
         meas = Measure(name, k / n, n, lo, hi, "wilson", HALF, 0.5, float(binomtest(k, n, 0.5).pvalue), SIGN_TEST)
     else:
-        meas = Measure(name, float("nan"), 0, control=HALF, control_value=0.5, test=SIGN_TEST)
-        meas.extra["why"] = "every unit is a tie: no unit went either way"
+        # no unit went either way: no evidence for either side (an exact sign test on no decided units has p = 1)
+        meas = Measure(name, float("nan"), int(d.size), control=HALF, control_value=0.5, p_value=1.0, test=SIGN_TEST)
+        meas.extra["why"] = f"all {d.size} units are ties: no unit went either way"
     meas.extra.update(unit=unit, channel_way=k, other_way=m, ties=int(d.size - n), n_units=int(d.size))
     if permutation:
         meas.extra["p_permutation"] = sign_flip_p(d) if d.size else 1.0

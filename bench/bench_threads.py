@@ -5,8 +5,8 @@
 
 Each arm runs in fresh processes, so OpenMP reads its environment at start:
 - "torch defaults": no OMP_WAIT_POLICY, every process as many intra-op threads as torch picks (the cores);
-- "lab defaults": what `import lab` + `lab.configure_threads(role)` give (OMP_WAIT_POLICY=PASSIVE, work = the cores,
-  app = one thread; $LAB_THREADS overrides both).
+- "lab defaults": what `lab.configure_threads(role)` and `lab app` give (work = the cores; app = one thread with
+  OMP_WAIT_POLICY=PASSIVE; $LAB_THREADS overrides both).
 The training is a tiny-gpt2-shaped GPT-2 (d 128, 4 layers, batch 32 x 128) doing AdamW steps; the app is the same
 shape generating 12 tokens from a 32-token prompt in a loop, as the dashboard does on a slider move. Printed: the
 median step time of each arm alone and beside the app, the slowdown ratio, and the app's median generation time.
@@ -61,15 +61,17 @@ print(json.dumps(out))
 """
 
 
-def _env(mode: str) -> dict:
+def _env(mode: str, role: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.pop("LAB_THREADS", None)
+    if mode == "lab" and role == "app":  # what `lab app` gives the dashboard's process
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 
 def _spawn(mode: str, role: str, steps: int, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", ROLE_CODE, mode, role, str(steps), str(seconds)],
-                            env=_env(mode), stdout=subprocess.PIPE, text=True)
+                            env=_env(mode, role), stdout=subprocess.PIPE, text=True)
 
 
 def _result(p: subprocess.Popen) -> dict:

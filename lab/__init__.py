@@ -15,12 +15,6 @@ class LabError(Exception):
     """A user-facing error: the message names the bad value and what was expected."""
 
 
-# OpenMP threads that wait for work yield the core instead of spinning on it: two lab processes side by side
-# (a training and the app) otherwise burn each other's cores (measured by `python bench/bench_threads.py`).
-# Read by the OpenMP runtime when torch first loads, so it is set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def thread_count(role: str = "work") -> int:
     """The torch intra-op thread count a lab process uses: $LAB_THREADS if set, else every core for work
     (training, evaluation, notebooks) and one thread for the app, whose forwards are small and which usually

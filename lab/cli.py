@@ -75,8 +75,10 @@ def run_app(port: int = typer.Option(8501, help="port on 127.0.0.1"),
            "--server.port", str(port), "--server.headless", str(headless).lower(),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     # the app's forwards are small and it usually runs beside a training: its own thread count (lab.thread_count)
+    # and its OpenMP threads yield the core while they wait instead of spinning on it (`python bench/bench_threads.py`;
+    # a training keeps the default: passive waiting cost it ~20% alone)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(thread_count("app")),
-           "LAB_THREADS": str(thread_count("app"))}
+           "LAB_THREADS": str(thread_count("app")), "OMP_WAIT_POLICY": "PASSIVE"}
     # exec, not a child process: stopping `lab app` must stop the server, not orphan it
     os.execve(sys.executable, cmd, env)
 

@@ -22,24 +22,13 @@ import urllib.request
 
 import numpy as np
 
+from lab.readme import PAGE_OUTPUT_JS
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
-# the page's computed output: markdown and captions outside widgets, plus every plotly chart's data
-OUTPUT_JS = """() => {
-  const main = document.querySelector('[data-testid="stMain"]');
-  if (!main) return '';
-  const parts = [];
-  main.querySelectorAll('[data-testid="stMarkdownContainer"], [data-testid="stCaptionContainer"]').forEach(e => {
-    if (!e.closest('[data-testid="stSlider"], [data-testid="stWidgetLabel"], label, [data-testid="stExpander"]'))
-      parts.push(e.innerText);
-  });
-  main.querySelectorAll('.js-plotly-plot').forEach(p => {
-    try { parts.push(JSON.stringify((p.data || []).map(d => [d.x, d.y, d.name]))); } catch (e) {}
-  });
-  return parts.join('\\n');
-}"""
+OUTPUT_JS = PAGE_OUTPUT_JS
 RUNNING_JS = """() => {
   const s = document.querySelector('[data-testid="stStatusWidget"]');
   return !!(s && /Running/.test(s.innerText)) || document.querySelectorAll('[data-testid="stSpinner"]').length > 0;

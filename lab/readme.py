@@ -27,6 +27,21 @@ TITLES = {"rlf": "Recursive Latent Forcing", "channels": "Proprioceptive channel
           "combiner": "Thinking combiner"}
 REPORT_FIGURE = ("rlf", "rlf_final_by_hops")  # the figure the README shows
 CHROMIUM = "/usr/bin/chromium"
+# what a dashboard page computed: markdown and captions outside widgets (not a slider's own value label) and the
+# data of every plotly chart; the browser test and bench/bench_app.py compare it before and after an interaction
+PAGE_OUTPUT_JS = """() => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  if (!main) return '';
+  const parts = [];
+  main.querySelectorAll('[data-testid="stMarkdownContainer"], [data-testid="stCaptionContainer"]').forEach(e => {
+    if (!e.closest('[data-testid="stSlider"], [data-testid="stWidgetLabel"], label, [data-testid="stExpander"]'))
+      parts.push(e.innerText);
+  });
+  main.querySelectorAll('.js-plotly-plot').forEach(p => {
+    try { parts.push(JSON.stringify((p.data || []).map(d => [d.x, d.y, d.name]))); } catch (e) {}
+  });
+  return parts.join('\\n');
+}"""
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.readme import PAGE_OUTPUT_JS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
@@ -98,19 +100,7 @@ def _assert_no_exception(page, name: str) -> None:
     assert exc.count() == 0, f"{name}: {exc.first.inner_text()[:2000]}"
 
 
-# what a page computed: markdown and captions outside widgets (not a slider's own value label) and plotly data
-OUTPUT_JS = """() => {
-  const main = document.querySelector('[data-testid="stMain"]');
-  const parts = [];
-  main.querySelectorAll('[data-testid="stMarkdownContainer"], [data-testid="stCaptionContainer"]').forEach(e => {
-    if (!e.closest('[data-testid="stSlider"], [data-testid="stWidgetLabel"], label, [data-testid="stExpander"]'))
-      parts.push(e.innerText);
-  });
-  main.querySelectorAll('.js-plotly-plot').forEach(p => {
-    try { parts.push(JSON.stringify((p.data || []).map(d => [d.x, d.y, d.name]))); } catch (e) {}
-  });
-  return parts.join('\\n');
-}"""
+OUTPUT_JS = PAGE_OUTPUT_JS
 
 
 def _output(page) -> str:

@@ -98,11 +98,11 @@ def measure(page, slider, steps: int, timeout_ms: int = 30_000) -> tuple[list[fl
     return times, unchanged
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=12, help="key presses per control")
     ap.add_argument("--pages", default="", help="comma-separated page paths to bench (default: all)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv if argv is not None else [])
     from playwright.sync_api import sync_playwright  # noqa: PLC0415 -- a test/bench extra
 
     port = free_port()
@@ -135,7 +135,9 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     print(json.dumps(results))
+    return {f"{r['page']} / {r['control']} p50, p95 ms (n = {r['n']}, no change {r['unchanged']})":
+            f"{r['p50_ms']:.0f}, {r['p95_ms']:.0f}" for r in results}
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -32,6 +32,7 @@ from lab.pretrain import ensure_base
 from lab.trainer import MAX_LR
 
 PRESET_NAMES = ("smoke", "quick", "tiny", "paper")  # the order presets are listed in
+PRESET_HELP = " | ".join(PRESET_NAMES)             # the CLIs' --preset help
 
 _TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
                tuple: "a list", type(None): "null"}

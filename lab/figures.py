@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable
 
+import kaleido
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -71,6 +74,28 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+_sessions = 0   # open export_session() contexts; the outermost owns kaleido's browser
+
+
+@contextlib.contextmanager
+def export_session():
+    """One Chromium for every image exported inside: kaleido otherwise starts a browser per image (~2 s each on
+    2 cores, minutes for a report's figures). Nested sessions share the outermost one's browser."""
+    global _sessions
+    _sessions += 1
+    try:
+        if _sessions == 1:
+            kaleido.start_sync_server(silence_warnings=True)
+        with warnings.catch_warnings():
+            # plotly passes its (default, empty) kaleido options per call; the running server has its own
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
+            yield
+    finally:
+        _sessions -= 1
+        if _sessions == 0:
+            kaleido.stop_sync_server(silence_warnings=True)
+
+
 def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | None = None,
            width: int = 900, height: int = 550, scale: float = 2.0) -> list[Path]:
     """Write `fig` next to `path` in each format (default: by the suffix of `path`, or all four).
@@ -87,6 +112,11 @@ def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | None = Non
     if bad:
         raise LabError(f"unknown figure format(s) {bad}; expected some of {FORMATS}")
     stem = path.with_suffix("") if path.suffix else path
+    with export_session():
+        return _export(fig, stem, formats, width, height, scale)
+
+
+def _export(fig, stem: Path, formats, width, height, scale) -> list[Path]:
     written = []
     for f in formats:
         out = stem.with_suffix(f".{f}")

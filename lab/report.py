@@ -11,7 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from lab import LabError
-from lab.figures import export
+from lab.figures import export, export_session
 from lab.stats import Measure
 from lab.store import atomic_write_text, environment, environment_text, write_json
 
@@ -128,8 +128,9 @@ class Report:
     def save(self, out_dir: str | Path, formats=("png", "svg", "pdf", "html")) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for key, fig in self.figures.items():
-            export(fig, out / "figures" / key, formats=formats)
+        with export_session():
+            for key, fig in self.figures.items():
+                export(fig, out / "figures" / key, formats=formats)
         write_json(out / "report.json", self.to_dict())
         atomic_write_text(out / "report.md", self.to_markdown("figures"))
         return out

@@ -12,7 +12,7 @@ from lab.channels.evaluate import run, write_lexicons
 from lab.channels.train import artifact_root, train_controls, train_or_load
 
 # the options that pick the config, shared by both commands (evaluate finds what train trained by the same config)
-_PRESET = typer.Option("tiny", help="smoke (seconds), tiny (CPU minutes) or paper (GPU)")
+_PRESET = typer.Option("tiny", help="smoke (seconds), quick (the main job's size), tiny (CPU minutes) or paper (GPU)")
 _BASE = typer.Option(None, help="base to adapt (default: the preset's, e.g. tiny-gpt2)")
 _MODE = typer.Option(None, help="additive (default) or xattn (multi-token cross-attention)")
 _STEPS = typer.Option(None, help="override the adapter's training steps")

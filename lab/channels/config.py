@@ -1,4 +1,4 @@
-"""`Config`: everything that defines a channels experiment, and its presets (smoke | tiny | paper).
+"""`Config`: everything that defines a channels experiment, and its presets (smoke | quick | tiny | paper).
 
 A config is saved as config.json beside each artifact. Which artifacts count as the same training run is
 decided by views of it: `training_dict(arm)` for the adapter and text arms, `native_view` for the native track.
@@ -31,7 +31,7 @@ class Config(ExperimentConfig):
         # the main job: both adapter arms on the quick base (same shape as tiny-gpt2, so tiny's swept gate lr),
         # shorter training, fewer held-out items and shorter generations (a trained response is ~10 tokens); no
         # native track (three seeds of four models take ~50 min) and no xattn arm (both are in tiny): ~300 s of CPU
-        "quick": dict(base="quick-gpt2", lr=0.12, steps=500, n_heldout=60, gen_tokens=12, n_attribution=12,
+        "quick": dict(base="quick-gpt2", lr=0.12, steps=400, n_heldout=60, gen_tokens=12, n_attribution=12,
                       native=False, compare_modes=()),
         # the CPU experiment: minutes on tiny-gpt2, and the adapter track on tiny-mamba2 when it is on disk.
         # The gates' lr from a sweep: `python bench/bench_channels.py --lr-sweep`. Three native training seeds:

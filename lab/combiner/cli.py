@@ -10,12 +10,13 @@ from lab import results_dir
 from lab.combiner.config import KIND, Config
 from lab.combiner.evaluate import evaluate, run
 from lab.combiner.train import load, train
+from lab.config import PRESET_HELP
 from lab.store import load_artifact
 
 
 def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
     @train_app.command("combiner")
-    def train_cmd(preset: str = typer.Option("tiny", help="smoke | tiny | paper"),
+    def train_cmd(preset: str = typer.Option("tiny", help=PRESET_HELP),
                   base: str = typer.Option(None, help="override the preset's base (preset name or HF path)"),
                   seed: int = typer.Option(0, help="seed for features and fits"),
                   k_max: int = typer.Option(None, help="fit combiners for k = 1..k_max latent steps (<= 4)"),
@@ -34,7 +35,7 @@ def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
         typer.echo(f"artifact: {model.artifact.path}")
 
     @evaluate_app.command("combiner")
-    def evaluate_cmd(preset: str = typer.Option("tiny", help="smoke | tiny | paper"),
+    def evaluate_cmd(preset: str = typer.Option("tiny", help=PRESET_HELP),
                      seed: int = typer.Option(0, help="seed for features, fits and CIs"),
                      artifact: Path = typer.Option(None, help="evaluate this trained artifact (default: the preset's, "
                                                               "fitted first if missing)"),

@@ -1,4 +1,4 @@
-"""The thinking-combiner experiment's `Config` and its presets (smoke | tiny | paper).
+"""The thinking-combiner experiment's `Config` and its presets (smoke | quick | tiny | paper).
 
 Contexts stay inside what the base was trained on (tiny: 128 positions): chunk 120 + up to 4 thoughts,
 sliding window 128 / stride 32 (published: 2048 / 64, on a 2048-context base).

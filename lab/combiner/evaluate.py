@@ -84,6 +84,9 @@ def delta_vs_k_figure(deltas: dict, k_max: int, title: str):
                        error={fit: ([deltas[(fit, k)][1].ci_low for k in ks],
                                     [deltas[(fit, k)][1].ci_high for k in ks]) for fit in FITS})
     fig.add_hline(y=0, line_dash="dot", line_color="#444")
+    # the published fitted delta is one k = 1 point (its CE-fitted combiner, one seed, before quantisation)
+    figures.add_published(fig, "fitted combiner k=1, one seed, before quantisation", xs=[1], ys=[-0.0189],
+                          source="512-d base, FineWeb")
     fig.update_xaxes(dtick=1)
     return fig
 

@@ -16,7 +16,7 @@ from lab.innerlink.train import train_or_load
 def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
     @train_app.command("innerlink")
     def train_innerlink(
-        preset: str = typer.Option("tiny", help="smoke (seconds), tiny (CPU minutes) or paper (GPU, real base)"),
+        preset: str = typer.Option("tiny", help="smoke (seconds), quick (the main job's size), tiny (CPU minutes) or paper (GPU, real base)"),
         base: str = typer.Option(None, help="override the preset's base (a preset name, model dir or hub name)"),
         seed: int = typer.Option(0, help="seed for the adapter init, batches and controls"),
         steps: int = typer.Option(None, help="override the inner link's training steps"),

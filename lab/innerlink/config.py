@@ -1,4 +1,4 @@
-"""The inner-link experiment's `Config` and its presets (smoke | tiny | paper).
+"""The inner-link experiment's `Config` and its presets (smoke | quick | tiny | paper).
 
 `base` is the frozen base whose states are mapped; `seed` sets the adapter's init, the batch order,
 the hand-off items and every control.

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lab import LabError, results_dir
+from lab.config import PRESET_HELP
 from lab.rlf.config import BASELINES, NULL_CONTROL, Config
 from lab.rlf.evaluate import run
 from lab.rlf.train import train
@@ -23,7 +24,7 @@ def _config(preset: str, variant: str = "full", **overrides) -> Config:
 
 
 def register(train_app: typer.Typer, evaluate_app: typer.Typer) -> None:
-    preset_opt = typer.Option("tiny", help="smoke | tiny | paper")
+    preset_opt = typer.Option("tiny", help=PRESET_HELP)
     base_opt = typer.Option(None, help="base preset / HF directory (default: the preset's base)")
     core_opt = typer.Option(None, help="transformer | mamba2 (default: the preset's, transformer)")
     steps_opt = typer.Option(None, help="override the preset's steps")

@@ -77,18 +77,23 @@ def null_models_for(model: RLF) -> tuple[list[RLF], str]:
         preset_runs = Config.PRESETS.get(cfg.preset_name, {}).get("null_runs", Config.null_runs)
         paths = [models_dir() / c.run_name(base.name) for c in cfg.with_(null_runs=preset_runs).null_controls()]
         source = f"the {cfg.preset_name} preset's null-control runs"
-    nulls = []
+    nulls, unusable = [], []
     for p in paths:
         if (p / "config.json").exists() and made_on(p, base):
-            nulls.append(load(p, base))
+            try:
+                nulls.append(load(p, base))
+            except LabError:   # e.g. trained by an older lab: the page still opens, and says which run it skipped
+                unusable.append(p.name)
+    skipped = f" Skipped {', '.join(unusable)}: not loadable by this lab (retrain it)." if unusable else ""
     if not nulls:
-        return [], (f"No null-control run on disk ({source}: {', '.join(p.name for p in paths) or 'none'}), so the "
+        return [], (f"No usable null-control run on disk ({source}: {', '.join(p.name for p in paths) or 'none'}), "
+                    f"so the "
                     f"partition uses the published thresholds (RAM: gate > {PUBLISHED_RAM}, ALU: gate < "
-                    f"{PUBLISHED_ALU}). `lab reproduce` trains the null runs.")
+                    f"{PUBLISHED_ALU}). `lab reproduce` trains the null runs.{skipped}")
     missing = len(paths) - len(nulls)
     return nulls, (f"Null-calibrated rule, as in the report: thresholds at the 0.5% / 99.5% quantiles of the gates of "
                    f"{len(nulls)} shuffled-supervision control run(s) ({source})"
-                   + (f"; {missing} of them not on disk" if missing else "") + ".")
+                   + (f"; {missing} of them not usable" if missing else "") + "." + skipped)
 
 
 class Explorer:

@@ -221,8 +221,12 @@ def load(path_or_artifact, base=None) -> RLF:
     config = Config.from_dict(art.config)
     model = build(config, base).to(base.device)   # build already puts it there; the weights below are copied across
     own = dict(model.named_parameters())
-    if set(art.tensors) != {n for n, p in own.items() if p.requires_grad}:
-        raise LabError(f"{art.path} holds other tensors than an RLF {config.core} core of this config")
+    wanted = {n for n, p in own.items() if p.requires_grad}
+    if set(art.tensors) != wanted:
+        missing, extra = sorted(wanted - set(art.tensors)), sorted(set(art.tensors) - wanted)
+        raise LabError(f"{art.path} holds other tensors than an RLF {config.core} core of this config (missing: "
+                       f"{', '.join(missing[:4]) or 'none'}; unexpected: {', '.join(extra[:4]) or 'none'}): it was "
+                       f"trained by an older lab; retrain it (`lab train rlf`, or `lab reproduce`)")
     with torch.no_grad():
         for n, t in art.tensors.items():
             if own[n].shape != t.shape:

@@ -39,7 +39,7 @@ def time_reproduce(preset: str = "quick") -> dict:
     """Wall time of `lab reproduce` from an empty LAB_HOME (bases, artifacts and all)."""
     home = tempfile.mkdtemp(prefix="lab-reproduce-bench-")
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "lab", "reproduce", "--preset", preset, "--run", "bench"],
+    r = subprocess.run([sys.executable, "-m", "lab", "reproduce", "--preset", preset],
                        env={**os.environ, "LAB_HOME": home})
     return {"reproduce_preset": preset, "reproduce_seconds": time.perf_counter() - t, "reproduce_exit": r.returncode,
             "reproduce_home": home}

@@ -34,13 +34,14 @@ RUNNING_JS = """() => {
   return !!(s && /Running/.test(s.innerText)) || document.querySelectorAll('[data-testid="stSpinner"]').length > 0;
 }"""
 
-# (page path, slider label, what kind of control it is); pages 3 and 4: their first slider
+# (page path, slider label, what kind of control it is); page 3: its first slider
 CONTROLS = [
     ("Recursive_Latent_Forcing", "RAM scale", "non-generative"),
     ("Recursive_Latent_Forcing", "Lifeline scale", "non-generative"),
     ("Proprioceptive_Channels", "valence", "generation (12 tokens, channels on and zeroed, + per-token scores)"),
     ("Inner_Link", None, "first slider"),
-    ("Thinking_Combiner", None, "first slider"),
+    ("Thinking_Combiner", "M-scale", "non-generative"),
+    ("Thinking_Combiner", "Held-out documents", "recomputes the held-out features (a sweep; cached per value)"),
 ]
 
 

@@ -35,7 +35,7 @@ PRESET_BASES = {"smoke": ("smoke-gpt2", "smoke-mamba2"), "quick": ("quick-gpt2",
 # (`python bench/run.py --reproduce --preset P` measures them again)
 EXPECTED_SECONDS = {
     "smoke": {"base": 15, "rlf": 60, "channels": 60, "innerlink": 30, "combiner": 30},
-    "quick": {"base": 140, "rlf": 640, "channels": 300, "innerlink": 150, "combiner": 120},
+    "quick": {"base": 70, "rlf": 340, "channels": 180, "innerlink": 55, "combiner": 75},
     "tiny": {"base": 280, "rlf": 11600, "channels": 2900, "innerlink": 65, "combiner": 95},
 }
 

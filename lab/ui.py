@@ -8,6 +8,8 @@ and `prefix_scores` (per-token log-probabilities from any scorer of whole contin
 from __future__ import annotations
 
 import difflib
+import functools
+import gc
 import html
 import re
 from collections import Counter
@@ -24,7 +26,22 @@ from lab.store import broken_artifacts, manifest_base_name, manifests
 from lab.store import find_artifacts as artifacts  # noqa: F401  (the pages' artifact pickers)
 
 
-@st.cache_resource(show_spinner="loading base…")
+def cached_resource(show_spinner: str):
+    """`st.cache_resource` that, after loading, moves everything alive out of the cyclic garbage collector's
+    reach (`gc.freeze`): the app holds ~0.5M long-lived objects (libraries, models, caches), a full collection
+    walks them all (~300 ms here), and whichever slider move triggers one waits for it (`bench/bench_app.py`)."""
+    def decorate(load: Callable):
+        @functools.wraps(load)
+        def load_then_freeze(*args, **kwargs):
+            out = load(*args, **kwargs)
+            gc.collect()
+            gc.freeze()
+            return out
+        return st.cache_resource(show_spinner=show_spinner)(load_then_freeze)
+    return decorate
+
+
+@cached_resource(show_spinner="loading base…")
 def cached_base(name: str):
     return load_base(name)
 

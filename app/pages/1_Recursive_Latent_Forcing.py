@@ -12,6 +12,7 @@ from lab.ui import (
     artifacts,
     base_picker,
     cached_base,
+    cached_resource,
     compare_outputs,
     disabled_reason,
     export_buttons,
@@ -25,7 +26,7 @@ st.caption("A frozen base encodes the prompt once; a small core loops over the r
            "prompt through the lifeline gate, and emits one dereference per loop, then HALT.")
 
 
-@st.cache_resource(show_spinner="loading the RLF model, its null-control runs, and fitting the trajectory map…")
+@cached_resource(show_spinner="loading the RLF model, its null-control runs, and fitting the trajectory map…")
 def cached_explorer(path: str, base_name: str) -> Explorer:
     model = load(path, cached_base(base_name))
     nulls, note = null_models_for(model)  # the report's rule: the same null runs, the same quantiles

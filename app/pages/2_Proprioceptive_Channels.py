@@ -17,6 +17,7 @@ from lab.store import find_artifacts
 from lab.ui import (
     base_picker,
     cached_base,
+    cached_resource,
     compare_outputs,
     disabled_reason,
     export_buttons,
@@ -36,7 +37,7 @@ st.markdown(
 )
 
 
-@st.cache_resource(show_spinner="loading the channel adapter…")
+@cached_resource(show_spinner="loading the channel adapter…")
 def cached_model(base_name: str, path: str):
     return load(path, cached_base(base_name))
 

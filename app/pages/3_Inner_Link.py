@@ -18,6 +18,7 @@ from lab.ui import (
     artifacts,
     base_picker,
     cached_base,
+    cached_resource,
     disabled_reason,
     export_buttons,
     show_error,
@@ -35,7 +36,7 @@ st.markdown(
 )
 
 
-@st.cache_resource(show_spinner="running the hand-off benchmark on these items…")
+@cached_resource(show_spinner="running the hand-off benchmark on these items…")
 def benchmark(base_name: str, path: str, task: str, n_items: int, seed: int, open_set: bool = False):
     """The report's hand-off benchmark for this link, with the items and seed picked here (and the
     reconstruction map's arm when a map made for this link is on disk; with `open_set`, the open-set map's arm

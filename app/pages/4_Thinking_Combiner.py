@@ -13,7 +13,15 @@ from lab.combiner.explore import delta_at, gains_figure, knob_features, per_toke
 from lab.combiner.model import OLD_FEED, OLD_FEED_FIT
 from lab.corpus import documents
 from lab.store import find_artifacts
-from lab.ui import base_picker, cached_base, disabled_reason, export_buttons, show_error, stop_if_none
+from lab.ui import (
+    base_picker,
+    cached_base,
+    cached_resource,
+    disabled_reason,
+    export_buttons,
+    show_error,
+    stop_if_none,
+)
 
 st.set_page_config(page_title="Thinking combiner", layout="wide")
 st.title("Thinking combiner")
@@ -22,12 +30,12 @@ st.caption("h' = (1 + α)·h + M·T_k + β on the final-normed state h; T_k = k 
            "last-position evaluator on the lab corpus's held-out text.")
 
 
-@st.cache_resource(show_spinner="loading combiners…")
+@cached_resource(show_spinner="loading combiners…")
 def load_combiners(path: str, base_name: str):
     return load(path, cached_base(base_name))
 
 
-@st.cache_resource(show_spinner="thinking over the held-out text…")
+@cached_resource(show_spinner="thinking over the held-out text…")
 def held_out_features(path: str, base_name: str, n_docs: int, feed: str | None = None):
     """Chunk features of the first `n_docs` held-out documents, with the config's feed (or `feed`, k_max=1)."""
     cfg = load_combiners(path, base_name).config

@@ -594,6 +594,27 @@ def test_lifeline_interventions_change_the_loop(rlf_smoke):
         rlf_smoke.run(ids, mask, 1, lifeline=Lifeline(alu_dims=[0, d], alu_scale=0.0))
 
 
+def test_explorer_view_equals_a_direct_run_whatever_it_keeps(rlf_smoke):
+    """The explorer keeps each prompt's knob-free runs; a view must still equal running the loop with those
+    knobs from scratch, in any order of moves."""
+    from lab.rlf.data import heldout_set
+    from lab.rlf.explore import Explorer
+    from lab.rlf.infer import explain
+    from lab.rlf.model import Lifeline
+    probs = heldout_set(2, 500)
+    ex = Explorer(rlf_smoke, background_problems=probs[:8])
+    prompt, cap = probs[9].prompt, 4
+    for knobs in [dict(), dict(scale=0.4), dict(lifeline=False), dict(ram_scale=2.0, alu_scale=0.0), dict()]:
+        v = ex.view(prompt, cap=cap, **knobs)
+        ll = ex.lifeline(knobs.get("lifeline", True), knobs.get("scale", 1.0), knobs.get("ram_scale", 1.0),
+                         knobs.get("alu_scale", 1.0))
+        cur, off, ref = explain(rlf_smoke, prompt, cap, [ll, Lifeline(mode="zero"), Lifeline()])
+        assert v["preds"] == [lp["pred"] for lp in cur["loops"]], knobs
+        assert v["preds_off"] == [lp["pred"] for lp in off["loops"]]
+        np.testing.assert_allclose(v["moved"], np.linalg.norm(cur["latents"] - ref["latents"], axis=1), atol=1e-6)
+    assert (v["moved"] == 0).all()   # every knob back at 1: the view is the run as trained
+
+
 # --- probes ----------------------------------------------------------------------------------------
 
 def test_probes_on_smoke(rlf_smoke, smoke_gpt2, request):

@@ -15,12 +15,12 @@ from lab.ui import artifact_rows, artifacts_per_mechanism, report_blocks
 
 st.set_page_config(page_title="Latent Lab", layout="wide")
 
-PAGES = [("pages/1_Recursive_Latent_Forcing.py", "Recursive Latent Forcing", "🔁",
+PAGES = [("pages/1_Recursive_Latent_Forcing.py", "Recursive Latent Forcing", ":material/cycle:",
           "watch the loop dereference a pointer chain; lifeline, RAM / ALU gate partition, trajectories"),
-         ("pages/2_Proprioceptive_Channels.py", "Proprioceptive channels", "🎛️",
+         ("pages/2_Proprioceptive_Channels.py", "Proprioceptive channels", ":material/tune:",
           "set six state channels and see the same prompt continue with them and without"),
-         ("pages/3_Inner_Link.py", "Inner link", "🔗", "hand a latent across a session boundary"),
-         ("pages/4_Thinking_Combiner.py", "Thinking combiner", "💭", "one extra thought pass, combined into the output")]
+         ("pages/3_Inner_Link.py", "Inner link", ":material/link:", "hand a latent across a session boundary"),
+         ("pages/4_Thinking_Combiner.py", "Thinking combiner", ":material/psychology:", "one extra thought pass, combined into the output")]
 
 
 def runs() -> list:

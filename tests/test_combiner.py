@@ -42,7 +42,7 @@ def test_thinking_step_any_base(any_base):
     emb = torch.cat([b.embed(ids), fed[:, None].to(b.dtype)], 1)
     hand = b.model(inputs_embeds=emb, output_hidden_states=True).hidden_states[-1][:, -1]
     assert torch.allclose(th.T[:, 0], hand, atol=1e-5)
-    # the old feed: h unscaled
+    # the unscaled feed: h as the base leaves it
     emb_old = torch.cat([b.embed(ids), th.h[:, None]], 1)
     hand_old = b.model(inputs_embeds=emb_old, output_hidden_states=True).hidden_states[-1][:, -1]
     assert torch.allclose(think(b, ids, 1, feed="final", cached=False).T[:, 0], hand_old, atol=1e-5)
@@ -385,12 +385,12 @@ def test_train_and_evaluate_report(smoke_gpt2, small_run, tmp_path):
     assert set(model.by_seed) == {0, 1, 2}
     assert model.by_seed[1][("ce", 1)].M.abs().sum() > 0
     assert not torch.equal(model.by_seed[1][("ce", 1)].M, model.by_seed[0][("ce", 1)].M)
-    for name in ("ridge combiner k=2", "no-thought control (alpha, beta only)", "ce combiner k=1, old feed (h unscaled)"):
+    for name in ("ridge combiner k=2", "no-thought control (alpha, beta only)", "ce combiner k=1, unscaled feed (h as is)"):
         assert rep.measure(f"delta bpb, {name} (chunked), across 3 fit seeds").n == 3
-    # the feed: the published one at the token-embedding scale, the old one ~20x it and nearly h itself
+    # the feed: the published one at the token-embedding scale, the unscaled one ~20x it and nearly h itself
     ratio = rep.measure("feed 'final_embed_rms': |thought input| / |token embedding|")
-    old = rep.measure("feed 'final': |thought input| / |token embedding|")
-    assert old.value > 5 * ratio.value
+    unscaled = rep.measure("feed 'final': |thought input| / |token embedding|")
+    assert unscaled.value > 5 * ratio.value
     assert rep.measure("feed 'final': cos(T_1, h)").value > rep.measure("feed 'final_embed_rms': cos(T_1, h)").value
     # the two evaluators of the base, side by side
     assert [r["published"] for r in rep.tables["base bpb by evaluator"]] == ["2.13506", "1.26698"]

@@ -10,7 +10,7 @@ from lab.combiner.bpb import bpb
 from lab.combiner.config import KIND
 from lab.combiner.evaluate import PUBLISHED_FITTED_DELTA, PUBLISHED_IDENTITY_DELTA, feed_measures
 from lab.combiner.explore import delta_at, gains_figure, knob_features, per_token_gains, scale_sweep, scale_sweep_figure
-from lab.combiner.model import OLD_FEED, OLD_FEED_FIT
+from lab.combiner.model import UNSCALED_FEED, UNSCALED_FEED_FIT
 from lab.corpus import documents
 from lab.store import find_artifacts
 from lab.ui import (
@@ -45,19 +45,19 @@ def held_out_features(path: str, base_name: str, n_docs: int, feed: str | None =
 
 
 @st.fragment
-def old_feed_row(path: str, base_name: str, n_docs: int, model, seed: int) -> None:
-    """The old feed (h unscaled) k=1 fit beside the published feed's: scored only on the button (its own features)."""
+def unscaled_feed_row(path: str, base_name: str, n_docs: int, model, seed: int) -> None:
+    """The unscaled feed (h as is) k=1 fit beside the published feed's: scored only on the button (its own features)."""
     cfg, base = model.config, model.base
-    comb = model.by_seed[seed].get((OLD_FEED_FIT, 1))
-    off = comb is None or cfg.feed == OLD_FEED
-    go = st.button("Score the old feed (h unscaled) on these documents", key="comb-old", disabled=off)
-    disabled_reason(off, "this artifact was fitted without the old-feed row (old_feed_row=False)" if comb is None
-                    else "this artifact's own feed is already the old one")
+    comb = model.by_seed[seed].get((UNSCALED_FEED_FIT, 1))
+    off = comb is None or cfg.feed == UNSCALED_FEED
+    go = st.button("Score the unscaled feed (h as is) on these documents", key="comb-unscaled", disabled=off)
+    disabled_reason(off, "this artifact was fitted without the unscaled-feed row (unscaled_feed_row=False)" if comb is None
+                    else "this artifact's own feed is already the unscaled one")
     if go and not off:
-        feats, base_nats = held_out_features(path, base_name, n_docs, OLD_FEED)
+        feats, base_nats = held_out_features(path, base_name, n_docs, UNSCALED_FEED)
         m, _ = delta_at(base, feats, comb, 1, None, 1.0, cfg.seed, base_nats)
-        r, c = feed_measures(base, feats, OLD_FEED)
-        st.markdown(f"**old feed, ce k=1:** Δ bpb {m.value_text(4, signed=True)}; |thought input| / |token embedding| "
+        r, c = feed_measures(base, feats, UNSCALED_FEED)
+        st.markdown(f"**unscaled feed, ce k=1:** Δ bpb {m.value_text(4, signed=True)}; |thought input| / |token embedding| "
                     f"{r.value:.2f}, cos(T₁, h) {c.value:.3f} (n = {m.n} positions)")
 
 
@@ -117,7 +117,7 @@ try:
                f"fitted Δ {PUBLISHED_FITTED_DELTA}. Feed {cfg.feed!r}: |thought input| / |token embedding| "
                f"{ratio.value:.2f}, cos(T₁, h) {cos.value:.3f}. Base bpb here is the chunked last-position evaluator; "
                f"the report puts the sliding-window bpb beside it.")
-    old_feed_row(path, base_name, n_docs, model, seed)
+    unscaled_feed_row(path, base_name, n_docs, model, seed)
 
     sweep = scale_sweep(base, feats, comb, k, alpha=alpha, seed=cfg.seed, base_nats=base_nats)
     fig = scale_sweep_figure(sweep, label=f"{fit}, k={k}, α={alpha:.3g}", at=m_scale)

@@ -37,7 +37,7 @@ class Config(ExperimentConfig):
     k_max: int = 4                   # combiners are fitted for every k = 1..k_max latent steps
     feed: str = "final_embed_rms"    # thought input: h at the input-embedding scale, as published (see thinking.py)
     feed_scale: float = 1.0          # the thought input's RMS, as a multiple of the mean token-embedding RMS
-    old_feed_row: bool = True        # also fit and score k=1 with feed="final" (h unscaled, ~20x a token embedding)
+    unscaled_feed_row: bool = True        # also fit and score k=1 with feed="final" (h unscaled, ~20x a token embedding)
     fit_seeds: tuple = (0, 1, 2)     # every fit is repeated per seed (train/validation split of the cached rows and
                                      # batch order; the init is the published zero init for all): across-seed intervals
     # features (training split of the lab corpus)

@@ -19,7 +19,7 @@ import torch
 from lab import figures
 from lab.combiner import bpb as B
 from lab.combiner.config import Config
-from lab.combiner.model import CONTROL, FITS, OLD_FEED, OLD_FEED_FIT, Combiner, FittedCombiners
+from lab.combiner.model import CONTROL, FITS, UNSCALED_FEED, UNSCALED_FEED_FIT, Combiner, FittedCombiners
 from lab.combiner.thinking import thought_input
 from lab.combiner.train import train_or_load
 from lab.report import Published, Report
@@ -126,12 +126,12 @@ def evaluate(model: FittedCombiners, *, progress: bool = True) -> Report:
                             feats.nbytes, "base (chunked)", seed=cfg.seed))
     rep.add(B.delta_measure("delta bpb, ce combiner k=1 vs no-thought control (what T_1 adds)", deltas[("ce", 1)][0],
                             ctrl_nats, feats.nbytes, "no-thought control (chunked)", seed=cfg.seed))
-    # how each feed puts the thought in, and the old feed's own fit
+    # how each feed puts the thought in, and the unscaled feed's own fit
     feeds = {cfg.feed: (feats, cfg.feed_scale)}
-    old_feats = None
-    if (OLD_FEED_FIT, 1) in model.by_seed[cfg.fit_seeds[0]] and cfg.feed != OLD_FEED:
-        old_feats = B.chunk_features(base, ids, nb, cfg.chunk_len, 1, OLD_FEED, cfg.eval_batch)
-        feeds[OLD_FEED] = (old_feats, 1.0)
+    unscaled_feats = None
+    if (UNSCALED_FEED_FIT, 1) in model.by_seed[cfg.fit_seeds[0]] and cfg.feed != UNSCALED_FEED:
+        unscaled_feats = B.chunk_features(base, ids, nb, cfg.chunk_len, 1, UNSCALED_FEED, cfg.eval_batch)
+        feeds[UNSCALED_FEED] = (unscaled_feats, 1.0)
     for feed, (f, scale) in feeds.items():
         for m in feed_measures(base, f, feed, scale, cfg.seed):
             rep.add(m)
@@ -144,13 +144,13 @@ def evaluate(model: FittedCombiners, *, progress: bool = True) -> Report:
     per = {}
     for seed, row in model.by_seed.items():
         for (fit, k), c in row.items():
-            f = old_feats if fit == OLD_FEED_FIT else feats
+            f = unscaled_feats if fit == UNSCALED_FEED_FIT else feats
             if f is not None:
                 per.setdefault((fit, k), {})[seed] = delta_of(c, f, k)
     seed_rows = []
     for (fit, k), vals in per.items():
         label = {CONTROL: "no-thought control (alpha, beta only)",
-                 OLD_FEED_FIT: "ce combiner k=1, old feed (h unscaled)"}.get(fit, f"{fit} combiner k={k}")
+                 UNSCALED_FEED_FIT: "ce combiner k=1, unscaled feed (h as is)"}.get(fit, f"{fit} combiner k={k}")
         m = across_seeds(f"delta bpb, {label} (chunked), across {len(vals)} fit seeds", vals, "0 (the base)")
         pub = Published("fitted delta (k=1, cross-entropy fit; one seed, before quantization)",
                         PUBLISHED_FITTED_DELTA, SOURCE) if (fit, k) == ("ce", 1) else None
@@ -161,10 +161,10 @@ def evaluate(model: FittedCombiners, *, progress: bool = True) -> Report:
         rep.add(across_seeds(f"delta bpb, ce combiner k=1 minus no-thought control (what T_1 adds), across "
                              f"{len(per[('ce', 1)])} fit seeds",
                              {s: per[("ce", 1)][s] - per[(CONTROL, 1)][s] for s in per[("ce", 1)]}, "0 (no gain)"))
-    if ("ce", 1) in per and (OLD_FEED_FIT, 1) in per:
-        rep.add(across_seeds(f"delta bpb, ce combiner k=1: feed {cfg.feed!r} minus old feed {OLD_FEED!r}, across "
+    if ("ce", 1) in per and (UNSCALED_FEED_FIT, 1) in per:
+        rep.add(across_seeds(f"delta bpb, ce combiner k=1: feed {cfg.feed!r} minus the unscaled feed {UNSCALED_FEED!r}, across "
                              f"{len(per[('ce', 1)])} fit seeds",
-                             {s: per[("ce", 1)][s] - per[(OLD_FEED_FIT, 1)][s] for s in per[("ce", 1)]}, "0"))
+                             {s: per[("ce", 1)][s] - per[(UNSCALED_FEED_FIT, 1)][s] for s in per[("ce", 1)]}, "0"))
     rep.tables["fitted deltas across fit seeds"] = seed_rows
     # sliding window (the base), with the naive per-token check on a prefix
     sl_ids = ids if not cfg.sliding_max_tokens else ids[: cfg.sliding_max_tokens]
@@ -222,7 +222,7 @@ def evaluate(model: FittedCombiners, *, progress: bool = True) -> Report:
         "fitted delta is one fit seed before quantization; the lab's sits beside it as the mean over "
         f"{len(cfg.fit_seeds)} fit seeds (t interval, n = seeds); the per-position rows are the first seed's.",
         f"Feed {cfg.feed!r} (scale {cfg.feed_scale}): the thought enters as h RMS-normalised to the mean token-"
-        "embedding RMS, as published; the old feed 'final' (h unscaled) is fitted and scored as its own row.",
+        "embedding RMS, as published; the unscaled feed 'final' (h as is) is fitted and scored as its own row.",
     ]
     return rep
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 FITS = ("ce", "ridge")   # cross-entropy by AdamW (as published) and closed-form ridge (fit.py)
 CONTROL = "control"      # the CE fit of alpha and beta only (M = 0): what recalibration alone buys
-OLD_FEED = "final"       # the feed of the old-feed row: h unscaled (see thinking.py)
-OLD_FEED_FIT = "ce_oldfeed"  # the k=1 CE fit on features made with OLD_FEED
+UNSCALED_FEED = "final"       # the feed of the unscaled-feed row: h as the base leaves it (see thinking.py)
+UNSCALED_FEED_FIT = "ce_unscaled"  # the k=1 CE fit on features made with UNSCALED_FEED
 
 
 class Combiner(nn.Module):
@@ -113,7 +113,7 @@ class FittedCombiners:
     base: object                                   # the frozen lab.bases.Base the combiners were fitted on
     combiners: dict[tuple[str, int], Combiner]
     control: Combiner
-    # per fit seed: {(fit, k): Combiner} with (CONTROL, 1) and, if fitted, (OLD_FEED_FIT, 1); the first seed's
+    # per fit seed: {(fit, k): Combiner} with (CONTROL, 1) and, if fitted, (UNSCALED_FEED_FIT, 1); the first seed's
     # are `combiners` and `control`
     by_seed: dict[int, dict[tuple[str, int], Combiner]] | None = None
 
@@ -127,8 +127,8 @@ class FittedCombiners:
             tag = "" if i == 0 else f"seed{seed}."
             row = {(fit, k): get(f"{fit}.k{k}.{tag}") for fit in FITS for k in range(1, config.k_max + 1)}
             row[(CONTROL, 1)] = get(f"{CONTROL}.{tag}")
-            if f"{OLD_FEED_FIT}.k1.{tag}M" in artifact.tensors:
-                row[(OLD_FEED_FIT, 1)] = get(f"{OLD_FEED_FIT}.k1.{tag}")
+            if f"{UNSCALED_FEED_FIT}.k1.{tag}M" in artifact.tensors:
+                row[(UNSCALED_FEED_FIT, 1)] = get(f"{UNSCALED_FEED_FIT}.k1.{tag}")
             by_seed[seed] = row
         first = by_seed[config.fit_seeds[0]]
         combs = {key: c for key, c in first.items() if key[0] in FITS}

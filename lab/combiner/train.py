@@ -18,7 +18,7 @@ from lab import LabError
 from lab.combiner.config import KIND, Config
 from lab.combiner.features import as_tensors, collect_features, split
 from lab.combiner.fit import fit_ce, fit_ridge
-from lab.combiner.model import CONTROL, FITS, OLD_FEED, OLD_FEED_FIT, FittedCombiners
+from lab.combiner.model import CONTROL, FITS, UNSCALED_FEED, UNSCALED_FEED_FIT, FittedCombiners
 from lab.store import Artifact, base_matches, load_artifact, save_artifact
 
 
@@ -38,7 +38,7 @@ def seed_prefix(name: str, seed_index: int, seed: int) -> str:
 
 def train(config: Config, base, out_dir: Path | None = None, progress: bool = True) -> Artifact:
     """Cache features, then for every fit seed fit the combiner for every k in 1..k_max by cross-entropy and by
-    ridge, the no-thought control, and (with `old_feed_row`) the k=1 CE fit on the unscaled-h feed; saved to
+    ridge, the no-thought control, and (with `unscaled_feed_row`) the k=1 CE fit on the unscaled-h feed; saved to
     `out_dir` (default `config.artifact_path()`). Resumable (the CE fits checkpoint beside the artifact until it
     is saved)."""
     _check_base_context(config, base)
@@ -48,9 +48,9 @@ def train(config: Config, base, out_dir: Path | None = None, progress: bool = Tr
     ds = collect_features(base, config.n_features, config.k_max, config.ctx_min, config.ctx_max, config.feed,
                           config.train_docs, config.seed, config.feature_batch, progress=progress,
                           scale=config.feed_scale)
-    old = None
-    if config.old_feed_row:
-        old = collect_features(base, config.n_features, 1, config.ctx_min, config.ctx_max, OLD_FEED,
+    unscaled = None
+    if config.unscaled_feed_row:
+        unscaled = collect_features(base, config.n_features, 1, config.ctx_min, config.ctx_max, UNSCALED_FEED,
                                config.train_docs, config.seed, config.feature_batch, progress=progress)
     tensors, metrics = {}, {"feature_seconds": round(time.perf_counter() - t0, 1), "n_features": len(ds), "fits": {},
                             "fit_seeds": list(config.fit_seeds), "seed_fits": {}}
@@ -75,14 +75,14 @@ def train(config: Config, base, out_dir: Path | None = None, progress: bool = Tr
         tr, va = split(as_tensors(ds, 1), config.val_fraction, seed)
         ctrl, fits[CONTROL] = ce(tr, va, seed, CONTROL, use_thought=False)
         tensors.update(ctrl.tensors(seed_prefix(CONTROL, i, seed)))
-        if old is not None:
-            tr, va = split(as_tensors(old, 1), config.val_fraction, seed)
-            c_old, fits[OLD_FEED_FIT] = ce(tr, va, seed, OLD_FEED_FIT)
-            tensors.update(c_old.tensors(seed_prefix(f"{OLD_FEED_FIT}.k1", i, seed)))
+        if unscaled is not None:
+            tr, va = split(as_tensors(unscaled, 1), config.val_fraction, seed)
+            c_unscaled, fits[UNSCALED_FEED_FIT] = ce(tr, va, seed, UNSCALED_FEED_FIT)
+            tensors.update(c_unscaled.tensors(seed_prefix(f"{UNSCALED_FEED_FIT}.k1", i, seed)))
         if i == 0:
             metrics["fits"] = fits
         metrics["seed_fits"][str(seed)] = {k: {f: {"val_nats": v["val_nats"]} for f, v in row.items()}
-                                           if CONTROL != k and OLD_FEED_FIT != k else {"val_nats": row["val_nats"]}
+                                           if CONTROL != k and UNSCALED_FEED_FIT != k else {"val_nats": row["val_nats"]}
                                            for k, row in fits.items()}
     art = save_artifact(out_dir, KIND, tensors, config.saved(), base, metrics)
     shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -101,7 +101,8 @@ def load(path_or_artifact: Path | Artifact, base) -> FittedCombiners:
     else:
         art = load_artifact(Path(path_or_artifact), KIND, base)
     config = Config.from_dict(art.config)
-    want = [f"{fit}.k{k}.M" for fit in FITS for k in range(1, config.k_max + 1)] + [f"{CONTROL}.M"]
+    want = ([f"{fit}.k{k}.M" for fit in FITS for k in range(1, config.k_max + 1)] + [f"{CONTROL}.M"]
+            + ([f"{UNSCALED_FEED_FIT}.k1.M"] if config.unscaled_feed_row else []))
     missing = [w for w in want if w not in art.tensors]
     fits = (art.manifest.get("metrics") or {}).get("fits") or {}
     missing += [f"metrics.fits.k{k}.{fit}.val_nats" for fit in FITS for k in range(1, config.k_max + 1)

@@ -153,6 +153,22 @@ def test_features_are_an_arrow_dataset_and_cached(smoke_gpt2, smoke_features):
     assert int(lens.min()) >= 8 and int(lens.max()) <= 40
 
 
+def test_each_fit_seed_samples_its_own_training_windows(smoke_gpt2, tmp_path):
+    from lab.combiner import Config
+    kw = dict(k_max=1, ctx_min=4, ctx_max=12, n_docs=200, seed=0, batch=16, progress=False)
+    first = as_tensors(collect_features(smoke_gpt2, 32, path=tmp_path / "s0", **kw), 1)
+    other = as_tensors(collect_features(smoke_gpt2, 32, sample=1, path=tmp_path / "s1", **kw), 1)
+    again = as_tensors(collect_features(smoke_gpt2, 32, sample=1, path=tmp_path / "s1-again", **kw), 1)
+    assert not torch.equal(first["h"], other["h"]) and torch.equal(other["h"], again["h"])
+    # the default samples per seed; a config saved without the field fitted every seed on one sample
+    assert Config.preset("smoke").feature_samples == "per_seed"
+    saved = Config.preset("smoke").saved()
+    saved.pop("feature_samples")
+    assert Config.from_dict(saved).feature_samples == "shared"
+    with pytest.raises(LabError, match="feature_samples"):
+        Config.preset("smoke", feature_samples="per-seed")
+
+
 def test_both_fits_lower_validation_loss(smoke_gpt2, smoke_features, tmp_path):
     _, ds = smoke_features
     tr, va = split(as_tensors(ds, 1), 0.25, seed=0)

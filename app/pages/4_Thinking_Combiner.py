@@ -91,7 +91,7 @@ try:
     n_docs = c3.select_slider("Held-out documents", doc_options, value=min(cfg.eval_docs, 300), key="comb-docs")
     seeds = list(model.by_seed)
     seed = c4.selectbox("Fit seed", seeds, key="comb-seed", disabled=len(seeds) < 2,
-                        help="each fit is repeated per seed (train/validation split of the cached rows, batch order)")
+                        help="each fit is repeated per seed (its sample of training windows unless the config shares one, train/validation split, batch order)")
     disabled_reason(len(seeds) < 2, "this artifact was fitted with one seed")
     comb = model.by_seed[seed][(fit, k)]
     fitted_alpha = float(comb.alpha)

@@ -38,8 +38,11 @@ class Config(ExperimentConfig):
     feed: str = "final_embed_rms"    # thought input: h at the input-embedding scale, as published (see thinking.py)
     feed_scale: float = 1.0          # the thought input's RMS, as a multiple of the mean token-embedding RMS
     unscaled_feed_row: bool = True        # also fit and score k=1 with feed="final" (h unscaled, ~20x a token embedding)
-    fit_seeds: tuple = (0, 1, 2)     # every fit is repeated per seed (train/validation split of the cached rows and
-                                     # batch order; the init is the published zero init for all): across-seed intervals
+    fit_seeds: tuple = (0, 1, 2)     # every fit is repeated per seed (its sample of training windows, train/validation
+                                     # split and batch order; the init is the published zero init for all): across-seed
+                                     # intervals
+    feature_samples: str = "per_seed"  # "per_seed": each fit seed draws its own training windows; "shared": one sample
+                                       # for all seeds (3x cheaper features; the interval then leaves sampling out)
     # features (training split of the lab corpus)
     n_features: int = 16384          # cached (h, T, next token) triples, as published
     ctx_min: int = 32                # context lengths drawn uniformly in [ctx_min, ctx_max]
@@ -67,6 +70,11 @@ class Config(ExperimentConfig):
     check_tokens: int = 200          # sliding vs naive per-token recompute on this many tokens (0: skip)
     eval_batch: int = 32
 
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        # a saved config without the field fitted every seed on one shared sample
+        return {"feature_samples": "shared", **saved}
+
     def check(self) -> None:
         try:
             check_k(self.k_max)
@@ -78,6 +86,7 @@ class Config(ExperimentConfig):
             check_scale(self.feed_scale)
         except LabError as e:
             raise LabError(f"{self.label()}: feed_scale: {e}") from None
+        self.require_one_of("feature_samples", ("per_seed", "shared"))
         if not self.fit_seeds or len(set(self.fit_seeds)) != len(self.fit_seeds) or not all(
                 isinstance(s, int) and not isinstance(s, bool) for s in self.fit_seeds):
             raise LabError(f"{self.label()}: fit_seeds must be distinct ints, got {self.fit_seeds!r}")

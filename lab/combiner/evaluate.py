@@ -220,7 +220,10 @@ def evaluate(model: FittedCombiners, *, progress: bool = True) -> Report:
         f"The published figures come from a 512-d base on FineWeb with 2048-token chunks; this lab's base is "
         f"{base.name} (d={base.d_model}) on the lab corpus: compare signs and orders, not values. The published "
         "fitted delta is one fit seed before quantization; the lab's sits beside it as the mean over "
-        f"{len(cfg.fit_seeds)} fit seeds (t interval, n = seeds); the per-position rows are the first seed's.",
+        f"{len(cfg.fit_seeds)} fit seeds (t interval, n = seeds; each seed "
+        + ("fits on its own sample of training windows" if cfg.feature_samples == "per_seed" else
+           "fits on one shared sample of training windows, so the interval leaves sampling out")
+        + "); the per-position rows are the first seed's.",
         f"Feed {cfg.feed!r} (scale {cfg.feed_scale}): the thought enters as h RMS-normalised to the mean token-"
         "embedding RMS, as published; the unscaled feed 'final' (h as is) is fitted and scored as its own row.",
     ]

@@ -86,8 +86,10 @@ def as_tensors(ds, k: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: int = 120,
                      feed: str = "final_embed_rms", n_docs: int = 20000, seed: int = 0, batch: int = 64,
-                     path: Path | None = None, progress: bool = True, scale: float = 1.0):
-    """Cache n training triples (h, T_1..T_k_max, next token) for `base`; reuse the cache if present."""
+                     path: Path | None = None, progress: bool = True, scale: float = 1.0, sample: int = 0):
+    """Cache n training triples (h, T_1..T_k_max, next token) for `base`; reuse the cache if present.
+    `sample` draws another set of windows under the same seed (one per fit seed: the across-seed interval then
+    covers which training positions were sampled)."""
     check_k(k_max)
     if n < 2:
         raise LabError(f"need at least 2 feature rows, got n={n}")
@@ -96,14 +98,14 @@ def collect_features(base, n: int, k_max: int = 4, ctx_min: int = 32, ctx_max: i
     base.check_length(ctx_max + k_max)
     spec = dict(version=FEATURE_VERSION, base=base.name, fingerprint=base.fingerprint, n=n, k_max=k_max,
                 ctx_min=ctx_min, ctx_max=ctx_max, feed=feed, n_docs=n_docs, seed=seed,
-                **({} if scale == 1.0 else {"feed_scale": scale}))
+                **({} if scale == 1.0 else {"feed_scale": scale}), **({"sample": sample} if sample else {}))
     path = Path(path) if path else data_dir() / "combiner" / f"features-{base.name}-{config_hash(spec)}"
     if (path / "arrow").is_dir():
         return load_features(path, base.d_model)
     stream = train_stream(base.tokenizer, n_docs)
     if len(stream) < ctx_max + 2:
         raise LabError(f"the training stream has {len(stream)} tokens, fewer than ctx_max + 2 = {ctx_max + 2}")
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, 7, sample] if sample else [seed, 7])
     hs, Ts, ys, lens = [], [], [], []
     bar = tqdm(total=n, desc=f"features {base.name}", disable=not progress)
     done = 0

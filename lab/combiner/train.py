@@ -37,29 +37,33 @@ def seed_prefix(name: str, seed_index: int, seed: int) -> str:
 
 
 def train(config: Config, base, out_dir: Path | None = None, progress: bool = True) -> Artifact:
-    """Cache features, then for every fit seed fit the combiner for every k in 1..k_max by cross-entropy and by
+    """For every fit seed, cache features (its own sample of training windows, or one shared sample: see
+    `feature_samples`), then fit the combiner for every k in 1..k_max by cross-entropy and by
     ridge, the no-thought control, and (with `unscaled_feed_row`) the k=1 CE fit on the unscaled-h feed; saved to
     `out_dir` (default `config.artifact_path()`). Resumable (the CE fits checkpoint beside the artifact until it
     is saved)."""
     _check_base_context(config, base)
     out_dir = Path(out_dir) if out_dir else config.artifact_path()
     ckpt_root = out_dir.with_name(f".{out_dir.name}.ckpt")
-    t0 = time.perf_counter()
-    ds = collect_features(base, config.n_features, config.k_max, config.ctx_min, config.ctx_max, config.feed,
-                          config.train_docs, config.seed, config.feature_batch, progress=progress,
-                          scale=config.feed_scale)
-    unscaled = None
-    if config.unscaled_feed_row:
-        unscaled = collect_features(base, config.n_features, 1, config.ctx_min, config.ctx_max, UNSCALED_FEED,
-                               config.train_docs, config.seed, config.feature_batch, progress=progress)
-    tensors, metrics = {}, {"feature_seconds": round(time.perf_counter() - t0, 1), "n_features": len(ds), "fits": {},
-                            "fit_seeds": list(config.fit_seeds), "seed_fits": {}}
+
+    def features(i: int, k_max: int, feed: str, scale: float = 1.0):
+        # with feature_samples="per_seed", fit seed i fits on its own sample of training windows
+        return collect_features(base, config.n_features, k_max, config.ctx_min, config.ctx_max, feed,
+                                config.train_docs, config.seed, config.feature_batch, progress=progress,
+                                scale=scale, sample=i if config.feature_samples == "per_seed" else 0)
+
+    tensors, metrics = {}, {"n_features": config.n_features, "fits": {}, "fit_seeds": list(config.fit_seeds),
+                            "seed_fits": {}, "feature_seconds": 0.0}
 
     def ce(tr, va, seed, name, **kw):
         return fit_ce(base, tr, va, config.ce_steps, config.ce_batch, config.ce_lr, config.ce_weight_decay, seed,
                       ckpt_dir=ckpt_root / f"{name}-s{seed}", desc=f"combiner {name} (seed {seed})", **kw)
 
     for i, seed in enumerate(config.fit_seeds):
+        t1 = time.perf_counter()
+        ds = features(i, config.k_max, config.feed, config.feed_scale)
+        unscaled = features(i, 1, UNSCALED_FEED) if config.unscaled_feed_row else None
+        metrics["feature_seconds"] += round(time.perf_counter() - t1, 1)
         fits = {}
         for k in range(1, config.k_max + 1):
             tr, va = split(as_tensors(ds, k), config.val_fraction, seed)

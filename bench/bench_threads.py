@@ -24,7 +24,9 @@ import sys
 import time
 
 ROLE_CODE = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
+# the bench stops the app with SIGINT: take it even when started from a shell that ignores it (nohup, `cmd &`)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 mode, role, steps, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 if mode == "lab":
     import lab

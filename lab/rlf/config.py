@@ -48,8 +48,8 @@ class Config(ExperimentConfig):
         "tiny": dict(base="tiny-gpt2", d_core=192, n_heads=8, ff_mult=2, lr=2e-3, steps=6000, curriculum_steps=2500,
                      curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,
                      method_seeds=3),
-        # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms; ~360 s on
-        # 2 cores for this section): the tiny recipe on the quick base with a narrower core, 1-2 hops tested to +3, one method
+        # the main job (`lab reproduce --preset quick`, 15 minutes for all four mechanisms; ~360 s on 2 cores for
+        # this section): the tiny recipe on the quick base with a narrower core, 1-2 hops tested to +3, one method
         # seed, the no-lifeline baseline and one null-control run
         "quick": dict(base="quick-gpt2", d_core=128, n_heads=4, ff_mult=2, lr=2e-3, steps=1100, curriculum_steps=400,
                       curriculum_threshold=0.9, hop_sampling="error", base_blocks=0, one_hop_count_per_batch=True,

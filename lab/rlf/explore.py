@@ -12,6 +12,7 @@ loop's latent); only the PCA map and the gate partition are fitted once.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class Explorer:
         self.group[self.ram_dims] = 1
         self.group[self.alu_dims] = 2
         self._unmoved: dict[tuple, tuple[dict, dict]] = {}
+        self._unmoved_lock = threading.Lock()   # one explorer serves every dashboard session (st.cache_resource)
 
     def lifeline(self, on: bool, scale: float, ram_scale: float, alu_scale: float) -> Lifeline:
         return Lifeline(mode="on" if on else "zero", scale=float(scale), ram_scale=float(ram_scale),
@@ -158,11 +160,13 @@ class Explorer:
         """The lifeline-zeroed and as-trained runs of a prompt, which no knob changes: kept for the last prompts,
         so a knob move runs the loop once instead of three times."""
         key = (prompt, cap, topk)
-        if key not in self._unmoved:
-            if len(self._unmoved) >= 32:
-                self._unmoved.pop(next(iter(self._unmoved)))
-            self._unmoved[key] = tuple(explain(self.model, prompt, cap, [Lifeline(mode="zero"), Lifeline()], topk))
-        return self._unmoved[key]
+        with self._unmoved_lock:
+            if key not in self._unmoved:
+                if len(self._unmoved) >= 32:
+                    self._unmoved.pop(next(iter(self._unmoved)))
+                self._unmoved[key] = tuple(explain(self.model, prompt, cap, [Lifeline(mode="zero"), Lifeline()],
+                                                   topk))
+            return self._unmoved[key]
 
     def touched(self, lifeline: bool, scale: float, ram_scale: float, alu_scale: float) -> dict[str, bool]:
         """Which partition groups the current knobs change: the lifeline off or its scale moves every dimension."""

@@ -32,7 +32,7 @@ arm's LoRA) of the tiny preset once per learning rate, full length, one run at a
 validation loss of the last four evaluations. Validation is its own split (`lab.channels.data.validation_items`:
 training templates and entities, its own draws), so no rate is picked on the held-out pools the report tests.
 
-    python bench/bench_channels.py --aim [--preset=quick]
+    python bench/bench_channels.py --aim [--preset=quick] [--out=DIR]
 
 runs the channels pipeline (`lab.channels.run`) on a preset and prints the aim of issue #28 against it: each of the
 six capabilities significant (p < .05, in the channel's direction) on held-out items, in log-likelihood and in
@@ -336,9 +336,10 @@ def _passes(m, larger: bool = True) -> bool:
     return m.value > m.control_value if larger else m.value < 0
 
 
-def aim(preset: str = "quick") -> dict:
+def aim(preset: str = "quick", out: str | None = None) -> dict:
     """The aim of issue #28, measured on `preset`: per capability, the log-likelihood and generation (whole
-    response) tests, and the native track's held-out target loss against the width-matched baseline."""
+    response) tests, and the native track's held-out target loss against the width-matched baseline. `out`:
+    also save the whole report there (report.md, report.json, figures as PNG)."""
     import time
 
     from lab.channels import Config, run
@@ -347,6 +348,8 @@ def aim(preset: str = "quick") -> dict:
     t0 = time.perf_counter()
     cfg = Config.preset(preset)
     rep = run(cfg, attribution=False, progress=False)
+    if out:
+        rep.save(out, formats=("png",))
     names = {m.name: m for m in rep.measures}
     rows = []
     for cap in CAPABILITIES:
@@ -395,7 +398,7 @@ if __name__ == "__main__":
                  _opt("base", "tiny-gpt2"), mode=_opt("mode", "additive"))
         sys.exit(0)
     if "--aim" in sys.argv:
-        _print_aim(aim(_opt("preset", "quick")))
+        _print_aim(aim(_opt("preset", "quick"), _opt("out", "") or None))
         sys.exit(0)
     _print(main())
     if "--gpt2-small-shape" in sys.argv:

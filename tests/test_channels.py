@@ -761,7 +761,7 @@ def test_half_precision_base_trains_and_scores_with_float32_gates(family, mode, 
 
 def test_tiny_preset_learning_rates_are_per_base_and_overridable():
     gpt2, mamba = Config.preset("tiny"), Config.preset("tiny", base="tiny-mamba2")
-    assert (gpt2.lr, gpt2.text_lr) == (0.12, 1e-3)
+    assert (gpt2.lr, gpt2.text_lr) == (0.12, 3e-3)
     tuned = Config.PER_BASE[("tiny", "tiny-mamba2")]
     assert (mamba.lr, mamba.text_lr) == (6e-2, 1e-4) == (tuned["lr"], tuned["text_lr"])
     assert Config.preset("tiny", base="tiny-mamba2", lr=0.5, text_lr=2e-3).lr == 0.5  # an explicit choice wins

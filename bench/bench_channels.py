@@ -33,6 +33,7 @@ validation loss of the last four evaluations. Validation is its own split (`lab.
 training templates and entities, its own draws), so no rate is picked on the held-out pools the report tests.
 
     python bench/bench_channels.py --aim [--preset=quick] [--out=DIR]
+    python bench/bench_channels.py --report=DIR/report.json [--preset=tiny]    # the same, read from a saved report
 
 runs the channels pipeline (`lab.channels.run`) on a preset and prints the aim of issue #28 against it: each of the
 six capabilities significant (p < .05, in the channel's direction) on held-out items, in log-likelihood and in
@@ -343,25 +344,43 @@ def aim(preset: str = "quick", out: str | None = None) -> dict:
     import time
 
     from lab.channels import Config, run
-    from lab.channels.data import CAPABILITIES, SELECTION
 
     t0 = time.perf_counter()
-    cfg = Config.preset(preset)
-    rep = run(cfg, attribution=False, progress=False)
+    rep = run(Config.preset(preset), attribution=False, progress=False)
     if out:
         rep.save(out, formats=("png",))
+    return aim_of_report(rep, preset, round(time.perf_counter() - t0))
+
+
+def aim_of_report(rep, preset: str, seconds: float | None = None) -> dict:
+    """The aim read from a channels report: the first adapter seed's per-item tests and, when the report has
+    several adapter seeds, the same two tests across seeds (the test a claim about training needs)."""
+    import re
+
+    from lab.channels.data import CAPABILITIES, SELECTION
+
     names = {m.name: m for m in rep.measures}
+    seeds = next((int(g.group(1)) for n in names if (g := re.search(r"across (\d+) adapter seeds$", n))), None)
     rows = []
     for cap in CAPABILITIES:
-        ll = names[f"{cap}: LL picks the marked item" if cap in SELECTION else f"{cap}: LL directional (held-out pole words)"]
-        gen = names[f"{cap}: generation dominant (whole response)" if cap in SELECTION
+        sel = cap in SELECTION
+        ll = names[f"{cap}: LL picks the marked item" if sel else f"{cap}: LL directional (held-out pole words)"]
+        gen = names[f"{cap}: generation dominant (whole response)" if sel
                     else f"{cap}: generation directional (whole response)"]
-        rows.append({"capability": cap, "ll": ll, "gen": gen, "passes": _passes(ll) and _passes(gen)})
-    out = {"preset": preset, "seconds": round(time.perf_counter() - t0), "capabilities": rows,
-           "all_six": all(r["passes"] for r in rows)}
-    k = cfg.native_seeds
-    key = f"native: held-out target loss, channels on minus baseline-width, across {k} training seeds"
-    if key in names:
+        row = {"capability": cap, "ll": ll, "gen": gen, "passes": _passes(ll) and _passes(gen)}
+        if seeds:
+            tail = f", across {seeds} adapter seeds"
+            row["ll_seeds"] = names[(f"{cap}: LL picks the marked item" if sel else f"{cap}: LL directional share") + tail]
+            row["gen_seeds"] = names[(f"{cap}: generation dominant (whole response)" if sel
+                                      else f"{cap}: generation directional share (whole response)") + tail]
+            row["passes_seeds"] = _passes(row["ll_seeds"]) and _passes(row["gen_seeds"])
+        rows.append(row)
+    out = {"preset": preset, "seconds": seconds, "capabilities": rows, "all_six": all(r["passes"] for r in rows),
+           "adapter_seeds": seeds}
+    if seeds:
+        out["all_six_seeds"] = all(r["passes_seeds"] for r in rows)
+    key = next((n for n in names if n.startswith("native: held-out target loss, channels on minus baseline-width")), None)
+    if key:
         out["native_on_vs_width"] = names[key]
         out["native_zeroed_vs_width"] = names[key.replace("channels on", "channels zeroed")]
         out["native_passes"] = _passes(names[key], larger=False)
@@ -369,14 +388,26 @@ def aim(preset: str = "quick", out: str | None = None) -> dict:
 
 
 def _print_aim(r: dict) -> None:
-    print(f"aim of issue #28 on the {r['preset']} preset ({r['seconds']} s)")
+    took = f" ({r['seconds']} s)" if r["seconds"] is not None else ""
+    print(f"aim of issue #28 on the {r['preset']} preset{took}")
+
+    def p(m) -> str:
+        return f"{m.p_value if m.p_value is not None else float('nan'):.3g}"
+
     for row in r["capabilities"]:
         ll, gen = row["ll"], row["gen"]
         print(f"  {row['capability']:<10} LL {ll.value_text()} vs {ll.control} {ll.control_value:.3g} "
-              f"(n={ll.n}, p={ll.p_value if ll.p_value is not None else float('nan'):.3g}); "
-              f"generation {gen.value_text()} vs {gen.control_value:.3g} (n={gen.n}, "
-              f"p={gen.p_value if gen.p_value is not None else float('nan'):.3g}): {'PASS' if row['passes'] else 'no'}")
+              f"(n={ll.n}, p={p(ll)}); generation {gen.value_text()} vs {gen.control_value:.3g} (n={gen.n}, "
+              f"p={p(gen)}): {'PASS' if row['passes'] else 'no'}")
     print(f"  all six significant: {r['all_six']}")
+    if r["adapter_seeds"]:
+        print(f"  across {r['adapter_seeds']} adapter seeds:")
+        for row in r["capabilities"]:
+            ll, gen = row["ll_seeds"], row["gen_seeds"]
+            print(f"  {row['capability']:<10} LL {ll.value_text()} vs {ll.control_value:.3g} (p={p(ll)}); "
+                  f"generation {gen.value_text()} vs {gen.control_value:.3g} (p={p(gen)}): "
+                  f"{'PASS' if row['passes_seeds'] else 'no'}")
+        print(f"  all six significant across adapter seeds: {r['all_six_seeds']}")
     if "native_on_vs_width" in r:
         for k in ("native_on_vs_width", "native_zeroed_vs_width"):
             m = r[k]
@@ -396,6 +427,14 @@ if __name__ == "__main__":
     if "--lr-sweep" in sys.argv:
         lr_sweep(_opt("arm", "channel"), [float(x) for x in _opt("lrs", "1e-2,3e-2,6e-2,0.12").split(",")],
                  _opt("base", "tiny-gpt2"), mode=_opt("mode", "additive"))
+        sys.exit(0)
+    if _opt("report", ""):
+        import json
+        from pathlib import Path
+
+        from lab.report import Report
+        path = Path(_opt("report", ""))
+        _print_aim(aim_of_report(Report.from_dict(json.loads(path.read_text())), _opt("preset", "tiny")))
         sys.exit(0)
     if "--aim" in sys.argv:
         _print_aim(aim(_opt("preset", "quick"), _opt("out", "") or None))

@@ -391,22 +391,20 @@ def _print_aim(r: dict) -> None:
     took = f" ({r['seconds']} s)" if r["seconds"] is not None else ""
     print(f"aim of issue #28 on the {r['preset']} preset{took}")
 
-    def p(m) -> str:
-        return f"{m.p_value if m.p_value is not None else float('nan'):.3g}"
+    def line(cap: str, ll, gen, ok: bool) -> str:
+        def p(m) -> str:
+            return f"{m.p_value if m.p_value is not None else float('nan'):.3g}"
+        return (f"  {cap:<10} LL {ll.value_text()} vs {ll.control} {ll.control_value:.3g} (n={ll.n}, p={p(ll)}); "
+                f"generation {gen.value_text()} vs {gen.control_value:.3g} (n={gen.n}, p={p(gen)}): "
+                f"{'PASS' if ok else 'no'}")
 
     for row in r["capabilities"]:
-        ll, gen = row["ll"], row["gen"]
-        print(f"  {row['capability']:<10} LL {ll.value_text()} vs {ll.control} {ll.control_value:.3g} "
-              f"(n={ll.n}, p={p(ll)}); generation {gen.value_text()} vs {gen.control_value:.3g} (n={gen.n}, "
-              f"p={p(gen)}): {'PASS' if row['passes'] else 'no'}")
+        print(line(row["capability"], row["ll"], row["gen"], row["passes"]))
     print(f"  all six significant: {r['all_six']}")
     if r["adapter_seeds"]:
         print(f"  across {r['adapter_seeds']} adapter seeds:")
         for row in r["capabilities"]:
-            ll, gen = row["ll_seeds"], row["gen_seeds"]
-            print(f"  {row['capability']:<10} LL {ll.value_text()} vs {ll.control_value:.3g} (p={p(ll)}); "
-                  f"generation {gen.value_text()} vs {gen.control_value:.3g} (p={p(gen)}): "
-                  f"{'PASS' if row['passes_seeds'] else 'no'}")
+            print(line(row["capability"], row["ll_seeds"], row["gen_seeds"], row["passes_seeds"]))
         print(f"  all six significant across adapter seeds: {r['all_six_seeds']}")
     if "native_on_vs_width" in r:
         for k in ("native_on_vs_width", "native_zeroed_vs_width"):

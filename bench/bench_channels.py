@@ -427,12 +427,11 @@ if __name__ == "__main__":
                  _opt("base", "tiny-gpt2"), mode=_opt("mode", "additive"))
         sys.exit(0)
     if _opt("report", ""):
-        import json
         from pathlib import Path
 
         from lab.report import Report
-        path = Path(_opt("report", ""))
-        _print_aim(aim_of_report(Report.from_dict(json.loads(path.read_text())), _opt("preset", "tiny")))
+        from lab.store import read_json
+        _print_aim(aim_of_report(Report.from_dict(read_json(Path(_opt("report", "")))), _opt("preset", "tiny")))
         sys.exit(0)
     if "--aim" in sys.argv:
         _print_aim(aim(_opt("preset", "quick"), _opt("out", "") or None))

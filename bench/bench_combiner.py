@@ -32,10 +32,11 @@ from lab.bases import load_base
 from lab.combiner import bpb as B
 from lab.combiner.config import PUBLISHED_CE, Config
 from lab.combiner.evaluate import eval_features
-from lab.combiner.features import as_tensors, collect_features, split
+from lab.combiner.features import as_tensors, split
 from lab.combiner.fit import fit_ce
 from lab.combiner.model import Combiner
 from lab.combiner.thinking import think
+from lab.combiner.train import seed_features
 from lab.corpus import heldout_text
 from lab.pretrain import ensure_base
 from lab.stats import t_mean
@@ -120,8 +121,7 @@ def sweep(preset: str = "quick", grid: dict | None = None) -> dict:
     torch.set_num_threads(1)
     cfg = Config.preset(preset)
     base = cfg.load_base()
-    ds = collect_features(base, cfg.n_features, cfg.k_max, cfg.ctx_min, cfg.ctx_max, cfg.feed, cfg.train_docs,
-                          cfg.seed, cfg.feature_batch, progress=False, scale=cfg.feed_scale)
+    ds = seed_features(cfg, base, 0, cfg.k_max, cfg.feed, cfg.feed_scale, progress=False)  # the first fit seed's
     grid = grid or SWEEP
     tr, va = split(as_tensors(ds, 1), cfg.val_fraction, cfg.fit_seeds[0])
     rows = []
@@ -142,20 +142,12 @@ def sweep(preset: str = "quick", grid: dict | None = None) -> dict:
            # on the grid improves on not fitting at all
            "best_beats_identity_start": best["val_nats"] < best["val_nats_base"]}
     recipes = {"validation_best": {k: best[k] for k in ("ce_lr", "ce_steps", "ce_weight_decay")}, "published": PUBLISHED_CE}
-    samples = {0: ds}   # the held-out comparison draws each fit seed's windows as the pipeline does (feature_samples)
-
-    def sample(i: int):
-        i = i if cfg.feature_samples == "per_seed" else 0
-        if i not in samples:
-            samples[i] = collect_features(base, cfg.n_features, cfg.k_max, cfg.ctx_min, cfg.ctx_max, cfg.feed,
-                                          cfg.train_docs, cfg.seed, cfg.feature_batch, progress=False,
-                                          scale=cfg.feed_scale, sample=i)
-        return samples[i]
-
+    # the held-out comparison fits each seed on the features the pipeline gives it (cached on disk after the first)
     for name, r in recipes.items():
         per = []
         for i, seed in enumerate(cfg.fit_seeds):
-            tr_s, va_s = split(as_tensors(sample(i), 1), cfg.val_fraction, seed)
+            ds_i = seed_features(cfg, base, i, cfg.k_max, cfg.feed, cfg.feed_scale, progress=False)
+            tr_s, va_s = split(as_tensors(ds_i, 1), cfg.val_fraction, seed)
             comb, _ = fit_ce(base, tr_s, va_s, r["ce_steps"], cfg.ce_batch, r["ce_lr"], r["ce_weight_decay"], seed,
                              desc=f"{name} seed {seed}")
             per.append(float((B.score_chunks(base, feats, comb, 1) - base_nats).sum() / B.LN2 / nbytes))

@@ -30,7 +30,7 @@ class Config(ExperimentConfig):
                       native_batch=8, native_docs=1000, native_seeds=2, compare_modes=()),
         # the main job: both adapter arms on the quick base (same shape as tiny-gpt2, so tiny's swept gate lr),
         # shorter training, fewer held-out items and shorter generations (a trained response is ~10 tokens); no
-        # native track (three seeds of four models take ~50 min) and no xattn arm (both are in tiny): ~210 s on 2 cores
+        # native track (three seeds of four models take ~40 min) and no xattn arm (both are in tiny): ~210 s on 2 cores
         "quick": dict(base="quick-gpt2", lr=0.12, steps=400, n_heldout=60, gen_tokens=12, n_attribution=12,
                       native=False, compare_modes=()),
         # the CPU experiment: minutes on tiny-gpt2, and the adapter track on tiny-mamba2 when it is on disk.

@@ -36,6 +36,14 @@ def seed_prefix(name: str, seed_index: int, seed: int) -> str:
     return f"{name}." if seed_index == 0 else f"{name}.seed{seed}."
 
 
+def seed_features(config: Config, base, i: int, k_max: int, feed: str, scale: float = 1.0, progress: bool = True):
+    """The cached training features fit seed number `i` (its index in `fit_seeds`) fits on: with
+    feature_samples="per_seed" its own sample of training windows, else the one shared sample."""
+    return collect_features(base, config.n_features, k_max, config.ctx_min, config.ctx_max, feed,
+                            config.train_docs, config.seed, config.feature_batch, progress=progress,
+                            scale=scale, sample=i if config.feature_samples == "per_seed" else 0)
+
+
 def train(config: Config, base, out_dir: Path | None = None, progress: bool = True) -> Artifact:
     """For every fit seed, cache features (its own sample of training windows, or one shared sample: see
     `feature_samples`), then fit the combiner for every k in 1..k_max by cross-entropy and by
@@ -47,10 +55,7 @@ def train(config: Config, base, out_dir: Path | None = None, progress: bool = Tr
     ckpt_root = out_dir.with_name(f".{out_dir.name}.ckpt")
 
     def features(i: int, k_max: int, feed: str, scale: float = 1.0):
-        # with feature_samples="per_seed", fit seed i fits on its own sample of training windows
-        return collect_features(base, config.n_features, k_max, config.ctx_min, config.ctx_max, feed,
-                                config.train_docs, config.seed, config.feature_batch, progress=progress,
-                                scale=scale, sample=i if config.feature_samples == "per_seed" else 0)
+        return seed_features(config, base, i, k_max, feed, scale, progress)
 
     tensors, metrics = {}, {"n_features": config.n_features, "fits": {}, "fit_seeds": list(config.fit_seeds),
                             "seed_fits": {}, "feature_seconds": 0.0}

@@ -612,7 +612,16 @@ def test_explorer_view_equals_a_direct_run_whatever_it_keeps(rlf_smoke):
         assert v["preds"] == [lp["pred"] for lp in cur["loops"]], knobs
         assert v["preds_off"] == [lp["pred"] for lp in off["loops"]]
         np.testing.assert_allclose(v["moved"], np.linalg.norm(cur["latents"] - ref["latents"], axis=1), atol=1e-6)
+        for site in ("core reads", "after loop"):   # the norm trace is the direct run's, under these knobs
+            np.testing.assert_allclose(v["norms"]["these settings"][site], cur["norms"][site], rtol=1e-5)
+            np.testing.assert_allclose(v["norms"]["lifeline off"][site], off["norms"][site], rtol=1e-5)
+        assert [tr["name"] for tr in v["figures"]["norms"].data] == [
+            f"{site}, {arm}" for arm in ("these settings", "lifeline off") for site in ("core reads", "after loop")]
     assert (v["moved"] == 0).all()   # every knob back at 1: the view is the run as trained
+    # with the loop norm on, the state a loop hands on has the norm the loop norm's weights give it, lifeline or not
+    w = rlf_smoke.loop_norm.weight.detach().float()
+    assert rlf_smoke.config.loop_norm
+    np.testing.assert_allclose(v["norms"]["lifeline off"]["after loop"], float(w.square().sum().sqrt()), rtol=0.1)
 
 
 # --- probes ----------------------------------------------------------------------------------------
@@ -742,6 +751,35 @@ def test_app_page_recomputes_live(rlf_smoke, lab_home):
     else:
         cap.set_value(0).run()
         assert any("loop cap" in e.value for e in at.error)
+
+
+def test_app_page_on_a_paper_loop_run(smoke_mamba2, lab_home):
+    """The page on the Mamba2 configuration's paper loop: it names how the run was built, shows the per-loop norm
+    trace, and the lifeline toggle changes what it shows."""
+    from streamlit.testing.v1 import AppTest
+
+    from lab.rlf import Config, train_or_load
+    cfg = Config.preset("smoke", base="smoke-mamba2", core="mamba2", loop="paper", base_blocks=-1, d_core=32,
+                        mamba_head_dim=16, lora_rank=4, steps=4, eval_every=4, ckpt_every=4, val_n_per_hop=2,
+                        null_runs=0)
+    art = train_or_load(cfg, smoke_mamba2).artifact.path
+    page = Path(__file__).resolve().parents[1] / "app" / "pages" / "1_Recursive_Latent_Forcing.py"
+    at = AppTest.from_file(str(page), default_timeout=120)
+    at.run()
+    at.selectbox(key="rlf-base").set_value("smoke-mamba2").run()
+    assert not at.exception, at.exception
+    choice = next(o for o in at.selectbox(key="rlf-artifact").options if art.name in o)
+    at.selectbox(key="rlf-artifact").set_value(choice).run()
+    assert not at.exception, at.exception
+    assert any("paper loop" in c.value and "loop norm on" in c.value for c in at.caption)
+    charts = lambda: {json.loads(c.proto.spec)["layout"]["title"]["text"]: c.proto.spec  # noqa: E731
+                      for c in at.get("plotly_chart")}
+    before = charts()
+    norms = next(t for t in before if t.startswith("Per-loop state norm"))
+    at.toggle(key="rlf-lifeline").set_value(False).run()
+    assert not at.exception, at.exception
+    after = charts()
+    assert after[norms] != before[norms]
 
 
 def test_cli_train_and_evaluate_smoke(smoke_gpt2, lab_home, tmp_path):

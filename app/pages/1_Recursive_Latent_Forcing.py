@@ -7,7 +7,7 @@ import streamlit as st
 
 from lab import LabError
 from lab.rlf import load
-from lab.rlf.explore import Explorer, examples, null_models_for
+from lab.rlf.explore import Explorer, describe, examples, null_models_for
 from lab.ui import (
     artifacts,
     base_picker,
@@ -48,6 +48,10 @@ except LabError as e:
     show_error(e)
     st.stop()
 model = explorer.model
+st.caption(f"**This run:** {describe(model.config)}.")
+if not model.config.lifeline:
+    st.warning("This run is the no-lifeline baseline: its gate was held at 0 in training, so the lifeline toggle and "
+               "scales change nothing.")
 (st.info if explorer.rule == "null-calibrated" else st.warning)(
     f"**Gate partition: {explorer.rule} rule** — RAM {len(explorer.ram_dims)}, ALU {len(explorer.alu_dims)} of "
     f"{len(explorer.partition['gate'])} dimensions. {explorer.rule_note}")
@@ -104,6 +108,8 @@ def live(art_path: str) -> None:
     with c2:
         st.plotly_chart(v["figures"]["gate"], width="stretch", key="rlf-gate")
         export_buttons(v["figures"]["gate"], "rlf_gate_histogram", key="rlf-gate-exp")
+    st.plotly_chart(v["figures"]["norms"], width="stretch", key="rlf-norms")
+    export_buttons(v["figures"]["norms"], "rlf_state_norms_live", key="rlf-norms-exp")
     with st.expander("Intervention spec (JSON)"):
         st.json(v["lifeline"] | {"ram_dims": f"{len(explorer.ram_dims)} dims", "alu_dims": f"{len(explorer.alu_dims)} dims",
                                  "rule": explorer.rule})

@@ -152,8 +152,10 @@ class Explorer:
         return {"rows": rows, "answer": cur["answer"], "halted_at": cur["halted_at"], "truth": cur["truth"],
                 "answer_off": off["answer"], "xy": xy, "xy_off": xy_off, "moved": moved,
                 "preds": [lp["pred"] for lp in cur["loops"]], "preds_off": [lp["pred"] for lp in off["loops"]],
+                "norms": {"these settings": cur["norms"], "lifeline off": off["norms"]},
                 "figures": {"trajectory": self.trajectory_figure(xy, xy_off, cur, off),
-                            "gate": self.gate_figure(lifeline, scale, ram_scale, alu_scale)},
+                            "gate": self.gate_figure(lifeline, scale, ram_scale, alu_scale),
+                            "norms": self.norm_figure(cur, off)},
                 "lifeline": ll.to_dict()}
 
     def _unmoved_runs(self, prompt: str, cap: int, topk: int) -> tuple[dict, dict]:
@@ -217,6 +219,22 @@ class Explorer:
                                       f"ALU {len(self.alu_dims)} of {len(g)} dims", x=0.02))
         return go.Figure(data=data, layout=layout, _validate=False)
 
+    def norm_figure(self, cur: dict, off: dict):
+        """The per-loop norm trace at the answer position: the state the core reads (after the lifeline add) and the
+        state each loop hands on, under these settings and with the lifeline zeroed. Without a loop norm a zeroed
+        lifeline also shrinks what the core reads, so an ablation moves the scale as well as the content."""
+        data = []
+        for label, ex, color in (("these settings", cur, LAB_COLORS[0]), ("lifeline off", off, LAB_COLORS[1])):
+            for site, dash in (("core reads", "solid"), ("after loop", "dot")):
+                y = ex["norms"][site]
+                data.append(dict(type="scatter", x=list(range(len(y))), y=y.tolist(), mode="lines+markers",
+                                 name=f"{site}, {label}", line=dict(color=color, dash=dash), marker=dict(size=6)))
+        layout = dict(template=template_json(), xaxis=dict(title=dict(text="loop"), dtick=1),
+                      yaxis=dict(title=dict(text="L2 norm (answer position)"), rangemode="tozero"),
+                      title=dict(text="Per-loop state norm (" + ("loop norm on" if self.model.config.loop_norm
+                                                                 else "no loop norm") + ")", x=0.02))
+        return go.Figure(data=data, layout=layout, _validate=False)
+
     def _background_traces(self) -> list[dict]:
         bg, out = self.background, []
         for s, name in enumerate(STATES):
@@ -243,6 +261,19 @@ class Explorer:
                       yaxis=dict(title=dict(text=f"PC2 ({ev[1]:.0%})")),
                       title=dict(text="Answer-position latent per loop (PCA of held-out latents)", x=0.02))
         return go.Figure(data=data, layout=layout, _validate=False)
+
+
+def describe(config: Config) -> str:
+    """One line naming how an RLF run was built: its core, loop variant, loop norm, weight decay, where the loop
+    starts and which baseline switch (if any) it carries, for the app page and the notebook."""
+    loop = ("paper loop (the base's upper blocks re-run with LoRA rank %d inside every loop, head trainable)"
+            % config.lora_rank if config.loop == "paper" else "standard loop (a core over the frozen base)")
+    start = "after every base block" if config.base_blocks == -1 else (
+        "from the embeddings" if config.base_blocks == 0 else f"after {config.base_blocks} base blocks")
+    decay = {"matrices": "gate, biases and norms undecayed", "all": "every tensor decayed",
+             "lora": "only LoRA matrices decayed"}[config.decay]
+    return (f"{config.core} core, {loop}; loop norm {'on' if config.loop_norm else 'off'}; {decay}; loop starts "
+            f"{start}; trained hops 1-{config.max_train_hops}; variant {config.variant}, seed {config.seed}")
 
 
 def latency(explorer: Explorer, prompt: str, n: int = 30, cap: int = 8, seed: int = 0) -> dict:

@@ -119,7 +119,11 @@ def explain(model: RLF, prompt: str, cap: int, lifeline: Lifeline | list[Lifelin
             preds = [lp["pred"] for lp in loops[: (halted_at + 1) if halted_at is not None else None]]
             answer = preds[-2] if halted_at is not None and halted_at >= 1 else (None if halted_at == 0 else preds[-1])
             latents = cache.stack("latent", prefix="loop")[:, 0].float().cpu().numpy()    # (K, d)
+            # the answer position's state norm per loop: what the core reads (after the lifeline add) and what the
+            # loop hands on (after the loop norm, when there is one), as the report's per-loop norm trace
+            norms = {"core reads": cache.stack("after_lifeline", prefix="loop")[:, 0].float().norm(dim=-1).cpu().numpy(),
+                     "after loop": np.linalg.norm(latents, axis=-1)}
             results.append({"loops": loops, "halted_at": halted_at, "answer": answer, "truth": parsed["path"],
-                            "latents": latents, "query": parsed["query"], "n_tokens": int(ids.shape[1])})
+                            "latents": latents, "norms": norms, "query": parsed["query"], "n_tokens": int(ids.shape[1])})
     return results if isinstance(lifeline, list) else results[0]
 

@@ -22,17 +22,14 @@ import urllib.request
 
 import numpy as np
 
-from lab.readme import PAGE_OUTPUT_JS
+from lab.readme import PAGE_OUTPUT_JS, PAGE_RUNNING_JS
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
 OUTPUT_JS = PAGE_OUTPUT_JS
-RUNNING_JS = """() => {
-  const s = document.querySelector('[data-testid="stStatusWidget"]');
-  return !!(s && /Running/.test(s.innerText)) || document.querySelectorAll('[data-testid="stSpinner"]').length > 0;
-}"""
+RUNNING_JS = PAGE_RUNNING_JS
 
 # (page path, slider label, what kind of control it is); page 3: its first slider
 CONTROLS = [

@@ -42,6 +42,16 @@ PAGE_OUTPUT_JS = """() => {
   });
   return parts.join('\\n');
 }"""
+# whether a dashboard page is still computing: the app root's script state (Streamlit's `data-test-script-state`),
+# a spinner, or the status widget's "Running" (which appears only after a delay, so it alone lets a slow machine
+# pass for settled mid-run); the browser test and bench/bench_app.py wait for it to turn false
+PAGE_RUNNING_JS = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const state = app ? app.getAttribute('data-test-script-state') : 'initial';
+  const s = document.querySelector('[data-testid="stStatusWidget"]');
+  return ['initial', 'running', 'rerunRequested', 'stopRequested'].includes(state)
+    || !!(s && /Running/.test(s.innerText)) || document.querySelectorAll('[data-testid="stSpinner"]').length > 0;
+}"""
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 

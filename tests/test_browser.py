@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.readme import PAGE_OUTPUT_JS
+from lab.readme import PAGE_OUTPUT_JS, PAGE_RUNNING_JS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -74,15 +74,14 @@ def browser():
 
 
 def _settle(page, timeout_s: float = 120) -> None:
-    """Wait until Streamlit has finished the script run: no spinner, no running status, and the
-    main area's text unchanged over three checks in a row."""
+    """Wait until Streamlit has finished the script run (PAGE_RUNNING_JS false: the app root's script state, no
+    spinner, no running status) and the main area's text is unchanged over three checks in a row."""
     page.wait_for_selector('[data-testid="stMain"] [data-testid="stElementContainer"]', timeout=timeout_s * 1000)
     deadline = time.time() + timeout_s
     last, stable = None, 0
     while time.time() < deadline:
         time.sleep(0.7)
-        busy = page.locator('[data-testid="stSpinner"]').count() > 0 or \
-            "Running" in " ".join(page.locator('[data-testid="stStatusWidget"]').all_inner_texts())
+        busy = page.evaluate(PAGE_RUNNING_JS)
         text = _main_text(page)
         stable = stable + 1 if (text == last and not busy) else 0
         last = text

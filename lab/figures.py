@@ -13,6 +13,7 @@ from typing import Iterable
 import kaleido
 import plotly.graph_objects as go
 import plotly.io as pio
+from choreographer.browsers.chromium import Chromium  # what kaleido itself uses to find the browser
 
 from lab import LabError
 
@@ -77,11 +78,22 @@ def _atomic(path: Path, write) -> None:
 _sessions = 0   # open export_session() contexts; the outermost owns kaleido's browser
 
 
+def require_browser() -> None:
+    """Raise a LabError unless kaleido can find a Chromium-based browser: without one, kaleido's image export
+    waits for a browser that never starts instead of failing."""
+    if Chromium.find_browser(skip_local=False) is None:
+        raise LabError("figure export to PNG / SVG / PDF needs a Chromium-based browser and none was found: "
+                       "install one (`apt-get install chromium`, or `python -c 'import kaleido; "
+                       "kaleido.get_chrome_sync()'`) or point BROWSER_PATH at it; HTML export needs none")
+
+
 @contextlib.contextmanager
 def export_session():
     """One Chromium for every image exported inside: kaleido otherwise starts a browser per image (~2 s each on
     2 cores, minutes for a report's figures). Nested sessions share the outermost one's browser."""
     global _sessions
+    if _sessions == 0:
+        require_browser()
     _sessions += 1
     try:
         if _sessions == 1:
@@ -112,6 +124,8 @@ def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | None = Non
     if bad:
         raise LabError(f"unknown figure format(s) {bad}; expected some of {FORMATS}")
     stem = path.with_suffix("") if path.suffix else path
+    if formats == ["html"]:   # no browser needed
+        return _export(fig, stem, formats, width, height, scale)
     with export_session():
         return _export(fig, stem, formats, width, height, scale)
 
@@ -135,6 +149,8 @@ def to_bytes(fig: go.Figure, fmt: str, width: int = 900, height: int = 550) -> b
         raise LabError(f"unknown figure format {fmt!r}; expected one of {FORMATS}")
     if fmt == "html":
         return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    if not _sessions:
+        require_browser()
     return fig.to_image(format=fmt, width=width, height=height, scale=2 if fmt == "png" else 1)
 
 

@@ -261,3 +261,20 @@ def test_export_all_formats(tmp_path):
     with pytest.raises(LabError, match="unknown figure format"):
         export(fig, tmp_path / "fig.jpg")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_export_without_a_browser_says_so(tmp_path, monkeypatch):
+    """Without Chromium, kaleido waits forever for a browser: image export must fail at once with the fix named,
+    write nothing, and HTML export (which needs no browser) must still work."""
+    from choreographer.browsers.chromium import Chromium
+
+    from lab.figures import export, line, to_bytes
+    monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kw: None))
+    fig = line([1, 2], {"a": [1, 2]}, "t", "x", "y")
+    with pytest.raises(LabError, match="needs a Chromium-based browser.*apt-get install chromium"):
+        export(fig, tmp_path / "fig.png")
+    with pytest.raises(LabError, match="needs a Chromium-based browser"):
+        to_bytes(fig, "svg")
+    assert list(tmp_path.iterdir()) == []
+    assert export(fig, tmp_path / "fig.html")[0].read_text()[:20000].lower().count("plotly") > 0
+    assert b"<html" in to_bytes(fig, "html")[:200].lower()

@@ -57,10 +57,11 @@ AIM_PLUS2, AIM_LIFELINE_DROP = 0.95, -0.05
 AIM_CONFIGS = {
     "gpt2": {},
     "mamba2": dict(base="tiny-mamba2", core="mamba2"),
-    # the configuration the removability claim is about. ~1,500 steps as the published Mamba2 run (its loop costs
-    # ~1.4 s a step on 2 CPU cores against ~0.3 s for the GPT-2 configuration), the curriculum scaled with them
-    "mamba2-paper": dict(base="tiny-mamba2", core="mamba2", loop="paper", base_blocks=-1, steps=1500,
-                         curriculum_steps=625),
+    # the configuration the removability claim is about: the tiny recipe stopped at 3,000 steps, where the GPT-2
+    # configuration's seeds stand at 0.97-0.99 validation (its loop costs ~1.3 s a step on 2 CPU cores against
+    # ~0.3 s there). Not the published ~1,500: that run warm-started from earlier checkpoints, and from scratch
+    # with the curriculum scaled to it the loop stood at 0.14 validation at step 800
+    "mamba2-paper": dict(base="tiny-mamba2", core="mamba2", loop="paper", base_blocks=-1, steps=3000),
 }
 
 

@@ -523,6 +523,15 @@ def test_evaluate_report_has_per_hop_measures_baselines_and_ablations(rlf_smoke,
     assert (out / "report.md").exists() and (out / "figures" / "rlf_final_by_hops.html").exists()
 
 
+def test_removability_claim_only_beside_the_paper_configuration():
+    """The published removability claim is about the Mamba2 base and core with the upper blocks re-run in every loop:
+    a Mamba2 core on the lab's standard loop, or a GPT-2 base, must not carry it."""
+    from lab.rlf.evaluate import _published
+    has = {(arch, core, loop): "lifeline" in _published(arch, core, loop)
+           for arch in ("gpt2", "mamba2") for core in ("transformer", "mamba2") for loop in ("standard", "paper")}
+    assert [k for k, v in has.items() if v] == [("mamba2", "mamba2", "paper")]
+
+
 def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
     import numpy as np
 

@@ -232,7 +232,7 @@ def state_norms(model: RLF, problems: list[Problem], loops: int, lifeline: Lifel
 PUBLISHED_SOURCE = "mamba2backbonerecursion write-up (see PUBLISHED.md)"
 
 
-def _published(arch: str, core: str):
+def _published(arch: str, core: str, loop: str):
     gpt = arch != "mamba2"
     pub = {
         "in_dist": Published("in-distribution accuracy, " + ("GPT-2-124M" if gpt else "Mamba2-130M") + ": a per-loop "
@@ -243,7 +243,7 @@ def _published(arch: str, core: str):
         "plus2": Published("8 variables answered after training on its 1-5 hops (lab hops 2-6): +2 hops beyond "
                            "training, n = 1 prompt (p = 0.557)", "1 of 1", PUBLISHED_SOURCE),
     }
-    if arch == "mamba2" and core == "mamba2":  # the claim is about the Mamba2 configuration only
+    if arch == "mamba2" and core == "mamba2" and loop == "paper":  # the claim is about the Mamba2 configuration only
         pub["lifeline"] = Published("lifeline removable at inference (Mamba2): loop predictions unchanged with it "
                                     "zeroed (one prompt, both traces failing)", "9 of 10", PUBLISHED_SOURCE)
     return pub
@@ -330,7 +330,7 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
         beyond[h] = [p for p, L in zip(probs, lens) if ctx is not None and L > ctx]
     hops = sorted(sets)
     in_hops = [h for h in hops if h <= cfg.max_train_hops]
-    pub = _published(base.arch, cfg.core)
+    pub = _published(base.arch, cfg.core, cfg.loop)
     rep = Report(f"Recursive Latent Forcing: {cfg.core} core on {base.name}" + (" (paper loop)" if cfg.loop == "paper" else ""))
     art = getattr(model, "artifact", None)
     rep.provenance = {"base": base.name, "base_fingerprint": base.fingerprint[:12], "core": cfg.core, "loop": cfg.loop,
@@ -491,7 +491,8 @@ def evaluate(model: RLF, baselines: dict[str, RLF] | None = None, n: int | None 
     ]
     if "lifeline" not in pub:
         rep.notes.append("The published lifeline-removability claim is about the Mamba2 configuration (Mamba2 base and "
-                         "core); this run is not that configuration, so the claim is not placed beside it.")
+                         "core, the base's upper blocks re-run inside every loop: loop='paper'); this run is not that "
+                         "configuration, so the claim is not placed beside it.")
     if cfg.task_version != TASK_VERSION:
         rep.notes.append(f"This model was trained on task version {cfg.task_version} and is tested on version {TASK_VERSION}.")
     if cfg.base_blocks != -1:

@@ -269,6 +269,7 @@ def test_export_without_a_browser_says_so(tmp_path, monkeypatch):
     from choreographer.browsers.chromium import Chromium
 
     from lab.figures import export, line, to_bytes
+    from lab.report import Report
     monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kw: None))
     fig = line([1, 2], {"a": [1, 2]}, "t", "x", "y")
     with pytest.raises(LabError, match="needs a Chromium-based browser.*apt-get install chromium"):
@@ -278,3 +279,6 @@ def test_export_without_a_browser_says_so(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     assert export(fig, tmp_path / "fig.html")[0].read_text()[:20000].lower().count("plotly") > 0
     assert b"<html" in to_bytes(fig, "html")[:200].lower()
+    rep = Report("r")
+    rep.figures["f"] = fig
+    assert (rep.save(tmp_path / "rep", formats=("html",)) / "figures" / "f.html").exists()

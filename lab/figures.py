@@ -75,7 +75,8 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-_sessions = 0   # open export_session() contexts; the outermost owns kaleido's browser
+_sessions = 0            # open export_session() contexts; the outermost owns kaleido's browser
+_server_started = False  # started at the first image a session writes: HTML alone needs no browser
 
 
 def require_browser() -> None:
@@ -87,24 +88,33 @@ def require_browser() -> None:
                        "kaleido.get_chrome_sync()'`) or point BROWSER_PATH at it; HTML export needs none")
 
 
+def _image_ready() -> None:
+    """Before kaleido renders an image: a browser must exist, and inside a session its one server must run."""
+    global _server_started
+    if _sessions and _server_started:
+        return
+    require_browser()
+    if _sessions:
+        kaleido.start_sync_server(silence_warnings=True)
+        _server_started = True
+
+
 @contextlib.contextmanager
 def export_session():
     """One Chromium for every image exported inside: kaleido otherwise starts a browser per image (~2 s each on
-    2 cores, minutes for a report's figures). Nested sessions share the outermost one's browser."""
-    global _sessions
-    if _sessions == 0:
-        require_browser()
+    2 cores, minutes for a report's figures). Nested sessions share the outermost one's browser, which starts
+    at the first image (a session that writes only HTML starts none)."""
+    global _sessions, _server_started
     _sessions += 1
     try:
-        if _sessions == 1:
-            kaleido.start_sync_server(silence_warnings=True)
         with warnings.catch_warnings():
             # plotly passes its (default, empty) kaleido options per call; the running server has its own
             warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
             yield
     finally:
         _sessions -= 1
-        if _sessions == 0:
+        if _sessions == 0 and _server_started:
+            _server_started = False
             kaleido.stop_sync_server(silence_warnings=True)
 
 
@@ -124,9 +134,9 @@ def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | None = Non
     if bad:
         raise LabError(f"unknown figure format(s) {bad}; expected some of {FORMATS}")
     stem = path.with_suffix("") if path.suffix else path
-    if formats == ["html"]:   # no browser needed
-        return _export(fig, stem, formats, width, height, scale)
     with export_session():
+        if set(formats) - {"html"}:
+            _image_ready()   # before anything is written: no half an export when there is no browser
         return _export(fig, stem, formats, width, height, scale)
 
 
@@ -149,8 +159,7 @@ def to_bytes(fig: go.Figure, fmt: str, width: int = 900, height: int = 550) -> b
         raise LabError(f"unknown figure format {fmt!r}; expected one of {FORMATS}")
     if fmt == "html":
         return fig.to_html(include_plotlyjs=True, full_html=True).encode()
-    if not _sessions:
-        require_browser()
+    _image_ready()
     return fig.to_image(format=fmt, width=width, height=height, scale=2 if fmt == "png" else 1)
 
 

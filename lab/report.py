@@ -3,7 +3,6 @@ figure each headline number answers. Saved as report.json + report.md + figures 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -129,8 +128,7 @@ class Report:
     def save(self, out_dir: str | Path, formats=("png", "svg", "pdf", "html")) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        # HTML needs no browser: start kaleido's only when an image format is asked for
-        with export_session() if set(formats) - {"html"} else contextlib.nullcontext():
+        with export_session():
             for key, fig in self.figures.items():
                 export(fig, out / "figures" / key, formats=formats)
         write_json(out / "report.json", self.to_dict())

@@ -257,6 +257,31 @@ def test_paper_loop_reruns_upper_blocks_with_lora_and_leaves_the_base_alone(smok
     assert not any("lora" in n for n, _ in smoke_mamba2.model.named_modules())
 
 
+def test_mamba2_core_conv_width_and_lookup_prior(smoke_gpt2):
+    from lab.rlf import Config
+    from lab.rlf.model import build
+    mamba = dict(core="mamba2", d_core=32, mamba_head_dim=16)
+    published = build(Config.preset("smoke", **mamba), smoke_gpt2).core.block.mixer
+    prior = build(Config.preset("smoke", **mamba, mamba_conv=6, mamba_init="match"), smoke_gpt2).core.block.mixer
+    assert published.conv1d.kernel_size == (4,) and prior.conv1d.kernel_size == (6,)
+    inner, n = prior.intermediate_size, prior.ssm_state_size
+    rows = lambda mx, k: mx.in_proj.weight[2 * inner + k * n: 2 * inner + (k + 1) * n]   # noqa: E731  k: 0 B, 1 C
+    assert torch.equal(rows(prior, 0), rows(prior, 1)) and not torch.equal(rows(published, 0), rows(published, 1))
+    taps = prior.conv1d.weight[:, 0]                                   # (x | B | C channels, width)
+    assert torch.equal(taps[:inner], torch.eye(6)[-1].expand(inner, 6))   # x: the position's own token
+    assert torch.allclose(taps[inner:], torch.full((2 * n, 6), 1 / 6))  # B and C: the mean of the last 6
+    # so after the convolution every position reads (C) with exactly the key it writes under (B): a read at
+    # position t weighs position s by how alike their last 6 inputs are
+    x = torch.randn(1, 9, 32)
+    zxbcdt = prior.in_proj(x)
+    xbc = prior.conv1d(zxbcdt[..., inner: inner + inner + 2 * n].transpose(1, 2))[..., :9].transpose(1, 2)
+    assert torch.allclose(xbc[..., inner: inner + n], xbc[..., inner + n:])
+    with pytest.raises(LabError, match=r"mamba_init must be one of \('published', 'match'\), got 'tied'"):
+        Config.preset("smoke", **mamba, mamba_init="tied")
+    with pytest.raises(LabError, match="mamba_conv"):
+        Config.preset("smoke", **mamba, mamba_conv=0)
+
+
 def test_paper_loop_bad_input(smoke_gpt2, smoke_mamba2):
     from types import SimpleNamespace
 

@@ -80,6 +80,8 @@ class Config(ExperimentConfig):
     mamba_d_state: int = 64          # Mamba2 core: published d_state 64, expand 2, head dim 64
     mamba_expand: int = 2
     mamba_head_dim: int = 64
+    mamba_conv: int = 4              # Mamba2 core's causal conv width (published: the Mamba2 default, 4)
+    mamba_init: str = "published"    # Mamba2 core: "published" (standard Mamba2 init); "match": C = B lookup prior
     base_blocks: int = -1            # base blocks that encode the prompt before the loop (-1: all)
     gate_init: float = 1.0           # the lifeline gate starts at ones(d)
     loop: str = "standard"           # LOOPS: "paper" re-runs the base's upper blocks (LoRA) inside every loop (Mamba2)
@@ -127,6 +129,8 @@ class Config(ExperimentConfig):
         self.require_one_of("core", CORES)
         self.require_one_of("answer_space", ("task", "full"))
         self.require_one_of("core_init", ("match", "random"))
+        self.require_one_of("mamba_init", ("published", "match"))
+        self.require_positive("mamba_conv")
         self.require_one_of("supervision", SUPERVISION)
         self.require_one_of("hop_sampling", HOP_SAMPLING)
         self.require_one_of("loop", LOOPS)

@@ -26,6 +26,11 @@ Departures that remain, each with its reason:
 - The Mamba2 core is in_proj -> one HF `Mamba2Block` -> LayerNorm -> out_proj at width `d_core` (the published
   core is a bare Mamba2 mixer at d_model): the lab's cores share one shape, and d_core = d_model is available.
   Its recurrent state is not carried across loops (as published: only the residual stream is).
+- The Mamba2 core's conv width (`mamba_conv`, default 4 as published) and init (`mamba_init`, default
+  "published"): the Mamba2 configurations in bench_rlf use a width of 6 and the "match" lookup prior (C = B,
+  x-conv the identity), the SSM's counterpart of the transformer core's W_K = W_Q start. Why: at base_blocks=0
+  the asked name sits 4 tokens before the read position, out of a width-4 conv's reach, and with the published
+  init the core stays near chance on 1-hop problems (`python bench/bench_rlf.py --mamba-core-sweep`).
 - The paper loop acts on the HF block's single residual stream. mamba_ssm (the published code) threads a
   (hidden, residual) pair between blocks and its lifeline, RoPE, core and loop norm act on the last mixer's
   output while the residual sum rides along; HF's `Mamba2Block` folds the residual in, so there is no such split.
@@ -230,14 +235,14 @@ class TransformerCore(nn.Module):
 class Mamba2Core(nn.Module):
     """in_proj -> one Mamba2 block (RMSNorm + Mamba2 mixer, fresh state every call) -> out_proj (zero init)."""
 
-    def __init__(self, d: int, d_core: int, d_state: int, expand: int, head_dim: int):
+    def __init__(self, d: int, d_core: int, d_state: int, expand: int, head_dim: int, conv: int = 4):
         super().__init__()
         head_dim = min(head_dim, expand * d_core)
         if (expand * d_core) % head_dim:
             raise LabError(f"Mamba2 core: expand*d_core = {expand * d_core} is not divisible by head_dim {head_dim}")
         cfg = Mamba2Config(hidden_size=d_core, num_hidden_layers=1, state_size=d_state, expand=expand,
                            head_dim=head_dim, num_heads=expand * d_core // head_dim, n_groups=1, chunk_size=64,
-                           residual_in_fp32=True, vocab_size=8)
+                           conv_kernel=conv, residual_in_fp32=True, vocab_size=8)
         self.in_proj = nn.Linear(d, d_core)
         self.block = Mamba2Block(cfg, layer_idx=0)
         self._init_ssm(cfg)
@@ -255,6 +260,25 @@ class Mamba2Core(nn.Module):
         dt = torch.exp(torch.rand(H) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
                        + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
         mx.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+
+    @torch.no_grad()
+    def match_init(self) -> None:
+        """The lookup prior the transformer core's W_K = W_Q gives, in SSM terms: C (what a position reads the
+        state with) starts equal to B (what a position writes under), both their convolutions start as the mean of
+        the last few positions, and the value written (x) is the position's own token: a position whose recent
+        tokens match a key's reads that key's value."""
+        mx = self.block.mixer
+        inner, n = mx.intermediate_size, mx.n_groups * mx.ssm_state_size
+        b_rows = slice(2 * inner, 2 * inner + n)            # in_proj rows: gate z | x | B | C | dt
+        c_rows = slice(2 * inner + n, 2 * inner + 2 * n)
+        mx.in_proj.weight[c_rows] = mx.in_proj.weight[b_rows]
+        if mx.in_proj.bias is not None:
+            mx.in_proj.bias[c_rows] = mx.in_proj.bias[b_rows]
+        mx.conv1d.weight.zero_()                            # conv channels: x | B | C
+        mx.conv1d.weight[:inner, 0, -1] = 1.0               # x (the value written) is the position's own token
+        mx.conv1d.weight[inner:inner + 2 * n] = 1.0 / mx.conv_kernel_size
+        if mx.conv1d.bias is not None:
+            mx.conv1d.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, d) -> (B, T, d)
         h = self.block(self.in_proj(x))                     # (B, T, d_core); cache_params=None: no carried state
@@ -282,7 +306,8 @@ class RLF(nn.Module):
             self.core = TransformerCore(d, d_core, config.core_layers, config.n_heads, config.ff_mult,
                                         config.core_token_rope, config.core_conv)
         elif config.core == "mamba2":
-            self.core = Mamba2Core(d, d_core, config.mamba_d_state, config.mamba_expand, config.mamba_head_dim)
+            self.core = Mamba2Core(d, d_core, config.mamba_d_state, config.mamba_expand, config.mamba_head_dim,
+                                   config.mamba_conv)
         else:
             raise LabError(f"core must be 'transformer' or 'mamba2', got {config.core!r}")
         # Answer space: "task" masks every logit but the task's names, values and HALT (the loss and
@@ -330,6 +355,8 @@ class RLF(nn.Module):
         # The output projection starts at zero: at init every loop returns the base's own state.
         nn.init.zeros_(self.core.out_proj.weight)
         nn.init.zeros_(self.core.out_proj.bias)
+        if isinstance(self.core, Mamba2Core) and self.config.mamba_init == "match":
+            self.core.match_init()
         for m in self.core.modules():
             if not isinstance(m, CoreBlock):
                 continue

@@ -30,7 +30,7 @@ Departures that remain, each with its reason:
   "published"): the Mamba2 configurations in bench_rlf use a width of 6 and the "match" lookup prior (C = B,
   x-conv the identity), the SSM's counterpart of the transformer core's W_K = W_Q start. Why: at base_blocks=0
   the asked name sits 4 tokens before the read position, out of a width-4 conv's reach, and with the published
-  init the core stays near chance on 1-hop problems (`python bench/bench_rlf.py --mamba-core-sweep`).
+  init the core learns 1-hop lookups far more slowly (`python bench/bench_rlf.py --mamba-core-sweep`).
 - The paper loop acts on the HF block's single residual stream. mamba_ssm (the published code) threads a
   (hidden, residual) pair between blocks and its lifeline, RoPE, core and loop norm act on the last mixer's
   output while the residual sum rides along; HF's `Mamba2Block` folds the residual in, so there is no such split.

@@ -114,12 +114,14 @@ def fit(
     stop_when: Callable[[dict], bool] | None = None,
     device: torch.device | str | None = None,
     no_decay: Callable[[str], bool] | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train the model's `requires_grad` parameters.
 
     batch_fn(step, rank, world_size) -> batch dict (deterministic); loss_fn(model, batch) -> scalar;
     eval_fn(model) -> dict of held-out metrics shown on the progress bar and kept in history.
     stop_after: stop (after checkpointing) at this step, as if killed; for resume tests.
+    progress: show the progress bar (tqdm).
     train_state: an object with state_dict() -> JSON-able dict and load_state_dict(d) whose state batch_fn or
     loss_fn change as training goes (e.g. an adaptive curriculum); checkpointed with the weights, so a
     resumed run continues exactly.
@@ -158,7 +160,7 @@ def fit(
 
     t0 = time.perf_counter() - result.seconds
     bar = tqdm(range(start, spec.steps), desc=desc, initial=start, total=spec.steps,
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     running = result.running_loss
     # time inside eval_fn, cumulative, so a time-to-accuracy can be read with and without the measuring itself
     eval_total = result.history[-1].get("eval_seconds", 0.0) if result.history else 0.0

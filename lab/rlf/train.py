@@ -183,7 +183,7 @@ def train(config: Config, base=None, out_dir: Path | None = None, stop_after: in
     result = fit(model, batch_fn, loss_fn, spec, ckpt_dir=ckpt, eval_fn=eval_fn,
                  desc=f"rlf {config.core} on {base.name}", stop_after=stop_after, train_state=curriculum, device=base.device,
                  stop_when=None if stop_at_val is None else (lambda m: m["val_acc"] >= stop_at_val),
-                 no_decay=None if config.decay == "all" else model.no_decay)
+                 no_decay=None if config.decay == "all" else model.no_decay, progress=progress)
     if stop_after is not None and stop_after < spec.steps:
         return Artifact(ckpt, KIND, config.run_dict(), model.trainable_tensors(), {"stopped_at": stop_after})
     if result.stopped_early:

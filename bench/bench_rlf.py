@@ -70,9 +70,10 @@ AIM_CONFIGS = {
     # 3,000 steps, a hop opening at the latest every 500 (the tiny preset's pace): the Mamba2 core needs ~500 steps
     # to learn 1 hop, and opening a hop every 200 steps leaves every hop near chance (0.03 validation at step 700)
     "mamba2": dict(MAMBA2_CORE, steps=3000, curriculum_steps=2500),
-    # the configuration the removability claim is about, on the same schedule (the published ~1,500 steps with a
-    # hop opening every 200 left 1-hop validation at 0.27-0.38 through step 700); its loop costs ~1.3 s a step on
-    # 2 CPU cores against ~0.5 s for the standard loop
+    # the configuration the removability claim is about, on the same schedule; its loop costs ~1.3 s a step on 2 CPU
+    # cores against ~0.5 s for the standard loop. On tiny-mamba2 it does not learn: from the whole base pass (as
+    # published) even 1-hop validation stays at 0.25-0.42, with either core init, one re-run block or the standard
+    # loop (`--mamba-core-sweep --loop=paper --steps=800`); the tiny base's final states do not support the lookup
     "mamba2-paper": dict(MAMBA2_CORE, loop="paper", base_blocks=-1, steps=3000, curriculum_steps=2500),
 }
 

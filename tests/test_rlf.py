@@ -136,9 +136,11 @@ def test_zero_init_loop0_reads_the_base_and_hooks_record_every_loop(any_base, co
     from lab.hooks import ActivationCache
     from lab.rlf import Config
     from lab.rlf.model import LOOP_SITES, build, encode_prompts
-    if core == "mamba2" and any_base.arch != "gpt2":
-        pytest.skip("one mamba2-core check (on smoke-gpt2) is enough")
-    cfg = Config.preset("smoke", core=core, d_core=32, n_heads=4, mamba_head_dim=16, answer_space="full")
+    # the Mamba2 core on the Mamba2 base takes the options bench_rlf's Mamba2 configurations use (conv 6, the
+    # lookup prior): the prior leaves the zero output projection alone, so loop 0 still reads the base
+    mamba_opts = dict(mamba_conv=6, mamba_init="match") if core == "mamba2" and any_base.arch != "gpt2" else {}
+    cfg = Config.preset("smoke", core=core, d_core=32, n_heads=4, mamba_head_dim=16, answer_space="full",
+                        **mamba_opts)
     m = build(cfg, any_base)
     prompts = ["K = walnut. R = K. What is R?\nAnswer:", "B = C. C = maple. D = amber. What is B?\nAnswer:"]
     ids, mask = encode_prompts(any_base, prompts)

@@ -186,25 +186,31 @@ def to_target(seeds=(0, 1, 2), preset: str = "tiny") -> dict:
     return runs
 
 
-def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
-    """1-hop validation accuracy over training for each loop start (base_blocks), one run each."""
+def one_hop_curves(configs: dict, base, label: str) -> dict:
+    """Train each named config (1-hop problems, in a temporary directory) and print their validation curves side
+    by side, then as JSON under `label`: {name: [(step, 1-hop validation accuracy), ...]}."""
     curves = {}
-    base = Config.preset("tiny").load_base()
-    for bb in starts:
-        # the settings the sweep is measured with (d_core 256, lr 1e-3, no curriculum), not the tiny preset's
-        cfg = Config.preset("tiny").with_(base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps,
-                                          eval_every=50, ckpt_every=steps, d_core=256, lr=1e-3,
-                                          curriculum_threshold=0.0, hop_sampling="newest")
+    for name, cfg in configs.items():
         with tempfile.TemporaryDirectory() as tmp:
-            art = train(cfg, base, Path(tmp) / "rlf")
-        curves[bb] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]
-    steps_seen = [s for s, _ in curves[starts[0]]]
-    print(f"{'step':>6} " + " ".join(f"{'start ' + (str(b) if b >= 0 else 'all'):>10}" for b in starts)
-          + "   (1-hop validation accuracy, n=60; base blocks before the loop)")
-    for i, st in enumerate(steps_seen):
-        print(f"{st:>6} " + " ".join(f"{curves[b][i][1]:>10.3f}" for b in starts))
-    print(json.dumps({"start_sweep": {str(b): c for b, c in curves.items()}}))
+            art = train(cfg, base, Path(tmp) / "rlf", progress=False)
+        curves[name] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]
+    names = list(curves)
+    width = max(10, *(len(n) + 1 for n in names))
+    print(f"{'step':>6} " + " ".join(f"{n:>{width}}" for n in names) + "   (1-hop validation accuracy, n=60)")
+    for i, (st, _) in enumerate(curves[names[0]]):
+        print(f"{st:>6} " + " ".join(f"{curves[n][i][1]:>{width}.3f}" for n in names))
+    print(json.dumps({label: curves}))
     return curves
+
+
+def start_sweep(steps: int = 600, starts=(0, 1, 2, -1)) -> dict:
+    """1-hop validation accuracy over training for each loop start (base_blocks: blocks before the loop), one run
+    each."""
+    # the settings the sweep is measured with (d_core 256, lr 1e-3, no curriculum), not the tiny preset's
+    configs = {f"start {bb if bb >= 0 else 'all'}": Config.preset("tiny").with_(
+        base_blocks=bb, max_train_hops=1, curriculum_steps=0, steps=steps, eval_every=50, ckpt_every=steps,
+        d_core=256, lr=1e-3, curriculum_threshold=0.0, hop_sampling="newest") for bb in starts}
+    return one_hop_curves(configs, Config.preset("tiny").load_base(), "start_sweep")
 
 
 MAMBA_CORE_VARIANTS = {"published": dict(mamba_conv=4, mamba_init="published"),
@@ -219,22 +225,10 @@ def mamba_core_sweep(steps: int = 1500, seeds=(0,), loop: str = "standard", vari
     init and conv width, a wider conv, the lookup prior, and both (or the named `variants`); one run per variant
     and seed."""
     shape = dict(loop="paper", base_blocks=-1) if loop == "paper" else {}
-    base = Config.preset("tiny", **MAMBA2_CORE).load_base()
-    curves = {}
-    for name in variants or MAMBA_CORE_VARIANTS:
-        for seed in seeds:
-            cfg = Config.preset("tiny", **MAMBA2_CORE, **shape).with_(
-                **MAMBA_CORE_VARIANTS[name], seed=seed, steps=steps, max_train_hops=1, curriculum_steps=0,
-                eval_every=100, ckpt_every=steps)
-            with tempfile.TemporaryDirectory() as tmp:
-                art = train(cfg, base, Path(tmp) / "rlf", progress=False)
-            curves[f"{name} / seed {seed}"] = [(r["step"], r["val_acc"]) for r in art.manifest["metrics"]["history"]]
-    names = list(curves)
-    print(f"{'step':>6} " + " ".join(f"{n:>24}" for n in names) + "   (1-hop validation accuracy, n=60)")
-    for i, (st, _) in enumerate(curves[names[0]]):
-        print(f"{st:>6} " + " ".join(f"{curves[n][i][1]:>24.3f}" for n in names))
-    print(json.dumps({"mamba_core_sweep": curves}))
-    return curves
+    configs = {f"{name} / seed {seed}": Config.preset("tiny", **MAMBA2_CORE, **shape).with_(
+        **MAMBA_CORE_VARIANTS[name], seed=seed, steps=steps, max_train_hops=1, curriculum_steps=0, eval_every=100,
+        ckpt_every=steps) for name in variants or MAMBA_CORE_VARIANTS for seed in seeds}
+    return one_hop_curves(configs, Config.preset("tiny", **MAMBA2_CORE).load_base(), "mamba_core_sweep")
 
 
 def _parse_set(text: str) -> dict:

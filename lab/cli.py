@@ -33,7 +33,7 @@ for _mech in MECHANISMS:
 
 
 @app.command()
-def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mamba2, tiny-gpt2, tiny-mamba2"),
+def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mamba2, quick-gpt2, tiny-gpt2, tiny-mamba2, tiny-mamba2-recall"),
              steps: int = typer.Option(None, help="override the preset's step count"),
              seed: int = typer.Option(None, help="override the preset's seed")):
     """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""

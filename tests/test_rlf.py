@@ -559,6 +559,34 @@ def test_removability_claim_only_beside_the_paper_configuration():
     assert [k for k, v in has.items() if v] == [("mamba2", "mamba2", "paper")]
 
 
+def test_base_lookup_is_the_greedy_first_word_against_a_guess_among_the_page(smoke_gpt2, lab_home):
+    """The base's first decoded word agrees with transformers' own greedy generate, one unpadded prompt at a time
+    (the lab decodes padded batches); base_lookup's accuracy is that word against path[0], and its control is the
+    mean of 1 / (distinct right-hand sides on each page)."""
+    import re
+
+    from lab.rlf.data import heldout_set
+    from lab.rlf.evaluate import LOOKUP_CONTROL, base_cot, base_lookup
+    ms = base_lookup(smoke_gpt2, hops=(1, 2), n=24)
+    assert [m.extra["hops"] for m in ms] == [1, 2] and all(m.n == 24 and m.control == LOOKUP_CONTROL for m in ms)
+    tok = smoke_gpt2.tokenizer
+    for m, hops in zip(ms, (1, 2)):
+        right, guess, first_words = [], [], []
+        problems = heldout_set(hops, 24, 0)
+        for p in problems:
+            ids = tok(p.prompt, return_tensors="pt").input_ids
+            gen = smoke_gpt2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=hops + 2,
+                                            do_sample=False, pad_token_id=tok.pad_token_id)
+            words = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split(".")[0].split()
+            first_words.append(words[0] if words else "")
+            right.append(bool(words) and words[0] == p.path[0])
+            guess.append(1 / len(set(re.findall(r"= (\w+)\.", p.prompt))))
+        assert base_cot(smoke_gpt2, problems, batch_size=7)["first_word"].tolist() == first_words
+        assert any(first_words)   # the smoke base decodes words (a real comparison, not "" against "")
+        assert m.value == pytest.approx(np.mean(right)) and m.control_value == pytest.approx(np.mean(guess))
+        assert 0 <= m.ci_low <= m.value <= m.ci_high <= 1 and 0 < m.p_value <= 1
+
+
 def test_first_errors_classify_where_a_trace_breaks(rlf_smoke):
     import numpy as np
 

@@ -136,9 +136,10 @@ def hop_measures(tag: str, hops: int, oc: dict[str, np.ndarray], control: dict[s
 def base_cot(base, problems: list[Problem], batch_size: int = 128) -> dict[str, np.ndarray]:
     """The frozen base decoding the solution in tokens ("Answer: P D willow."), greedily: it saw
     solved lookups in pretraining, so this is the explicit chain-of-thought the loop replaces.
-    Returns per-problem final (last word before '.') and trace (all words right) outcomes."""
+    Returns per-problem final (last word before '.'), trace (all words right) and first (the first word is the
+    first dereference, path[0]) outcomes, and the first word itself (first_word, "" when none was decoded)."""
     tok = base.tokenizer
-    final, trace = [], []
+    final, trace, first_word = [], [], []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i: i + batch_size]
         ids, mask = encode_prompts(base, [p.prompt for p in chunk])
@@ -161,7 +162,31 @@ def base_cot(base, problems: list[Problem], batch_size: int = 128) -> dict[str, 
             words = gen.split(".")[0].split()
             final.append(bool(words) and words[-1] == p.value)
             trace.append(words == list(p.path))
-    return {"final": np.array(final), "trace": np.array(trace)}
+            first_word.append(words[0] if words else "")
+    first = np.array([w == p.path[0] for w, p in zip(first_word, problems)], dtype=bool)
+    return {"final": np.array(final), "trace": np.array(trace), "first": first, "first_word": np.array(first_word)}
+
+
+LOOKUP_CONTROL = "a query-blind guess among the page's right-hand sides"
+
+
+def base_lookup(base, hops: tuple[int, ...] = (1, 2, 3), n: int = 200, seed: int = 0) -> list[Measure]:
+    """Whether the frozen base looks a name up in context: its first decoded word after "Answer:" against the
+    first dereference (path[0]) on the held-out test sets, one Measure per hop count (Wilson CI). Control, per
+    problem: the expected accuracy of guessing uniformly among the distinct right-hand sides on the page (a paired
+    sign-flip p). The paper-shaped loop starts from this base's final states, so a base near the control gives
+    it nothing to loop on."""
+    out = []
+    for h in hops:
+        problems = heldout_set(h, n, seed)
+        first = base_cot(base, problems)["first"]
+        guess = [1.0 / len(set(parse_prompt(p.prompt)["assignments"].values())) for p in problems]
+        m = proportion(f"{base.name}: {h}-hop first dereference acc (base, greedy)", first)
+        d = paired_delta(m.name, first.astype(float), guess, LOOKUP_CONTROL)
+        m.control, m.control_value, m.p_value, m.test = LOOKUP_CONTROL, d.control_value, d.p_value, d.test
+        m.extra.update({"hops": h, "base": base.name})
+        out.append(m)
+    return out
 
 
 # --- the report ------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ Departures that remain, each with its reason:
   x-conv the identity), the SSM's counterpart of the transformer core's W_K = W_Q start. Why: at base_blocks=0
   the asked name sits 4 tokens before the read position, out of a width-4 conv's reach, and with the published
   init the core learns 1-hop lookups far more slowly (`python bench/bench_rlf.py --mamba-core-sweep`).
+- The paper loop's tiny base is `tiny-mamba2-recall` (bench_rlf's mamba2-paper config), not tiny-mamba2. Why: the
+  loop starts from the whole base pass, so the base must already look names up in context, as the published
+  Pile-trained 130M base does; tiny-mamba2's first dereference (0.18 at 1 hop) is below a query-blind guess among
+  the page's right-hand sides (0.32), and the recipe trained 5x longer gets 0.74 (`bench_rlf.py --base-lookup`).
 - The paper loop acts on the HF block's single residual stream. mamba_ssm (the published code) threads a
   (hidden, residual) pair between blocks and its lifeline, RoPE, core and loop norm act on the last mixer's
   output while the residual sum rides along; HF's `Mamba2Block` folds the residual in, so there is no such split.

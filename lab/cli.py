@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from lab import LabError, configure_threads, thread_count
-from lab.bases import list_bases
+from lab.bases import PRESETS, list_bases
 from lab.pretrain import loss_text, vs_unigram_text
 from lab.pretrain import pretrain as _pretrain
 from lab.readme import write_docs
@@ -33,7 +33,7 @@ for _mech in MECHANISMS:
 
 
 @app.command()
-def pretrain(name: str = typer.Argument(..., help="preset: smoke-gpt2, smoke-mamba2, quick-gpt2, tiny-gpt2, tiny-mamba2, tiny-mamba2-recall"),
+def pretrain(name: str = typer.Argument(..., help="preset: " + ", ".join(PRESETS)),
              steps: int = typer.Option(None, help="override the preset's step count"),
              seed: int = typer.Option(None, help="override the preset's seed")):
     """Pretrain a tiny base on the lab corpus (resumes from its checkpoint if interrupted)."""
@@ -53,13 +53,14 @@ def bases(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'name':14} {'arch':7} {'d':>4} {'L':>2}  {'on disk':8} {'held-out loss, nats/token [95% CI]':38} "
+    w = max(14, *(len(r["name"]) for r in rows))
+    typer.echo(f"{'name':{w}} {'arch':7} {'d':>4} {'L':>2}  {'on disk':8} {'held-out loss, nats/token [95% CI]':38} "
                f"vs the training unigram (paired, same windows)")
     for r in rows:
-        typer.echo(f"{r['name']:14} {r['arch']:7} {r['d_model']:>4} {r['layers']:>2}  "
+        typer.echo(f"{r['name']:{w}} {r['arch']:7} {r['d_model']:>4} {r['layers']:>2}  "
                    f"{'yes' if r['on_disk'] else 'no':8} {loss_text(r):38} {vs_unigram_text(r)}")
         if not r["on_disk"]:
-            typer.echo(f"{'':14} train it with:  lab pretrain {r['name']}")
+            typer.echo(f"{'':{w}} train it with:  lab pretrain {r['name']}")
 
 
 @app.command(name="app")

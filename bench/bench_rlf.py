@@ -276,7 +276,7 @@ def aim(preset: str = "tiny", overrides: dict | None = None, full: bool = False,
         overrides.update(baseline_runs=(), null_runs=0)
     cfg = Config.preset(preset, **overrides)
     t0 = time.process_time()
-    rep = run(cfg, progress=False)
+    rep = run(cfg)  # tens of minutes of evaluation: its bars go to stderr, the JSON to stdout
     if out:
         rep.save(out, formats=("png",))
     plus2 = cfg.max_train_hops + 2
